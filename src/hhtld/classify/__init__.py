@@ -1,0 +1,25 @@
+"""Classification: role, component, effective shape, encodability, groups (SPEC §2)."""
+
+from .groups import GroupKey, GroupPlan, Plan, TensorPlan, plan_checkpoint, plan_tensor
+from .rules import (
+    DEFAULT_RULES,
+    INDEX_ROLES,
+    ROLES,
+    ComponentRule,
+    RoleRule,
+    RuleTable,
+    classify_component,
+    classify_role,
+    load_rules_file,
+    parse_rule,
+    regime_of,
+    should_use_leaf,
+)
+from .shapes import EncodablePolicy, effective_shape, is_encodable, is_matrix_shape
+
+__all__ = [
+    "DEFAULT_RULES", "INDEX_ROLES", "ROLES", "ComponentRule", "EncodablePolicy", "GroupKey",
+    "GroupPlan", "Plan", "RoleRule", "RuleTable", "TensorPlan", "classify_component",
+    "classify_role", "effective_shape", "is_encodable", "is_matrix_shape", "load_rules_file",
+    "parse_rule", "plan_checkpoint", "plan_tensor", "regime_of", "should_use_leaf",
+]

@@ -1,0 +1,27 @@
+"""One exception family. Every message names the file, tensor and problem."""
+
+from __future__ import annotations
+
+
+class HhtldError(Exception):
+    """Base of every error hhtld raises on purpose (bad input, bad options)."""
+
+
+class CheckpointError(HhtldError):
+    """A model checkpoint cannot be read (missing, not safetensors, truncated, bad dtype)."""
+
+
+class PackError(HhtldError):
+    """A file is not a readable .hhtld pack (not a pack, newer version, truncated, damaged)."""
+
+
+class CodecError(HhtldError):
+    """A codec was given options or data it cannot encode (e.g. k out of range)."""
+
+
+class OptionsError(HhtldError):
+    """Command-line or API options that contradict each other or are out of range."""
+
+
+class GateError(HhtldError):
+    """A gate cannot be measured (no runnable config, model/pack mismatch)."""

@@ -1,0 +1,127 @@
+"""Format constants of the ``.hhtld`` pack: the one place they live.
+
+A pack is a valid safetensors file. Its ``__metadata__`` carries the format
+name, the format version and a JSON manifest. Stored array names follow the
+patterns below so that any safetensors tool can list a pack and a reader can
+find every part of a group or tensor without scanning.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+# --- pack identity ---------------------------------------------------------
+FORMAT_NAME = "hhtld"
+FORMAT_VERSION = 1
+FILE_SUFFIX = ".hhtld"
+
+# --- __metadata__ keys -----------------------------------------------------
+META_FORMAT = "format"
+META_VERSION = "format_version"
+META_MANIFEST = "hhtld.manifest"
+
+# --- stored array names ----------------------------------------------------
+SEP = "::"  # between an owner and the part it stores
+GROUP_PREFIX = "__group__."  # group arrays: "__group__.0003::palette"
+AUX_PREFIX = "__file__::"  # side files of a model folder, stored as U8
+
+
+def group_array_name(group_index: int, part: str) -> str:
+    return f"{GROUP_PREFIX}{group_index:04d}{SEP}{part}"
+
+
+def tensor_array_name(tensor_name: str, part: str) -> str:
+    return f"{tensor_name}{SEP}{part}"
+
+
+def aux_array_name(relpath: str) -> str:
+    return f"{AUX_PREFIX}{relpath}"
+
+
+# --- codecs ------------------------------------------------------------------
+class CodecId(IntEnum):
+    """Codec ids stored in the manifest. Explicit numbers, never reused."""
+
+    PASSTHROUGH = 0
+    HHTL_F32 = 1  # reconstruction grade: f32 palette, 1 B/row (+8 B Slot L)
+    HHTL_D = 2  # lookup grade: Base17 palette, 4 B HhtlDEntry (+8 B Slot L)
+    HHTL_VQ = 3  # budget codec: segment twigs, residual stages, gain, leaf
+
+
+# --- palette / twig ----------------------------------------------------------
+MAX_PALETTE_K = 256  # one-byte twig
+MAX_PALETTE_K_U16 = 65536  # two-byte twig (budget codec)
+
+# --- byte sizes (sums of their parts) ---------------------------------------
+BF16_BYTES = 2
+F32_BYTES = 4
+TWIG_U8_BYTES = 1
+SLOT_L_LANES = 8
+SLOT_L_ROW_BYTES = SLOT_L_LANES * 1  # 8 x int8
+SLOT_L_SCALE_BYTES = F32_BYTES  # one f32 scale per tensor
+FAMILY_GAMMA_BYTES = F32_BYTES + F32_BYTES  # z_min, z_range
+HHTL_F32_ROW_BYTES = TWIG_U8_BYTES  # 1 B/row
+HHTL_F32_LEAF_ROW_BYTES = TWIG_U8_BYTES + SLOT_L_ROW_BYTES  # 9 B/row
+HHTL_D_ENTRY_BYTES = 2 + 2  # slot_d u16 + slot_v u16 (bf16)
+HHTL_D_LEAF_ROW_BYTES = HHTL_D_ENTRY_BYTES + SLOT_L_ROW_BYTES  # 12 B/row
+
+# --- SVD basis ---------------------------------------------------------------
+SVD_MAX_SAMPLE_ROWS = 4096
+
+# --- encodable defaults (SPEC §2) -------------------------------------------
+DEFAULT_MIN_ROWS = 512
+DEFAULT_MIN_BYTES = 100_000  # strictly more than this many bytes
+
+# --- dtypes --------------------------------------------------------------------
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # read as float32 rows, may be encoded
+# Every dtype name the safetensors format defines, with its byte width.
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F4": 1,
+    "F6_E2M3": 1,
+    "F6_E3M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+# --- byte-accounting categories of stored parts (gate 3 breakdown) ----------
+CATEGORIES = ("entries", "leaf", "palettes", "bases", "tables", "manifest", "passthrough", "aux_files")
+PART_CATEGORY = {
+    "twig": "entries",
+    "entry": "entries",
+    "codes": "entries",
+    "gain": "entries",
+    "leaf": "leaf",
+    "leaf_scale": "leaf",
+    "palette": "palettes",
+    "palette17": "palettes",
+    "basis": "bases",
+    "singular": "bases",
+    "rotation": "bases",
+    "fisher_z": "tables",
+    "gamma": "tables",
+    "radius": "tables",
+    "count": "tables",
+    "hip": "tables",
+    "distance": "tables",
+    "route": "tables",
+}
+
+
+def part_category(part: str) -> str:
+    """Category of a stored part; parts named ``<base>.<n>`` take their base's category."""
+    return PART_CATEGORY.get(part, PART_CATEGORY.get(part.split(".")[0], "tables"))

@@ -1,0 +1,148 @@
+"""``hhtld inspect``: the group table of a model (dry run) or of a pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import open_checkpoint
+from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
+from .errors import PackError
+from .format import FORMAT_NAME, META_FORMAT
+from .pack.reader import Pack
+from .pack.writer import bf16_bytes
+from .stfile import FormatProblem, read_header
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        return read_header(p).metadata.get(META_FORMAT) == FORMAT_NAME
+    except (FormatProblem, OSError):
+        return p.suffix == ".hhtld"  # let Pack() name the problem
+
+
+def inspect_model(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES) -> dict[str, Any]:
+    """Dry run of the grouping: nothing is encoded, only headers are read."""
+    ckpt = open_checkpoint(path)
+    plan = plan_checkpoint(ckpt, policy, rules)
+    groups = [{
+        "index": g.index,
+        "key": str(g.key),
+        "component": g.key.component,
+        "role": g.key.role,
+        "shape": list(g.key.shape),
+        "regime": g.regime,
+        "tensors": len(g.tensors),
+        "rows": g.n_rows,
+        "weights": g.n_weights,
+        "bytes": g.nbytes,
+    } for g in plan.groups]
+    pt = plan.passthrough
+    reasons: dict[str, int] = {}
+    for t in pt:
+        reasons[t.reason] = reasons.get(t.reason, 0) + 1
+    return {
+        "kind": "model",
+        "path": str(path),
+        "layout": ckpt.kind,
+        "files": ckpt.files,
+        "tensors": len(plan.tensors),
+        "bytes": ckpt.total_bytes,
+        "bf16_bytes": bf16_bytes(ckpt),
+        "policy": policy.to_json(),
+        "groups": groups,
+        "passthrough": {"tensors": len(pt), "bytes": sum(t.nbytes for t in pt), "reasons": reasons},
+    }
+
+
+def inspect_pack(path) -> dict[str, Any]:
+    p = Pack(path)
+    b = p.byte_breakdown()
+    groups = []
+    for gi, g in enumerate(p.groups):
+        rows, cols = g["key"]["shape"]
+        per = b["groups"][gi]
+        groups.append({
+            "index": gi,
+            "key": f"{g['key']['component']}/{g['key']['role']}/{rows}x{cols}",
+            "component": g["key"]["component"],
+            "role": g["key"]["role"],
+            "shape": [rows, cols],
+            "regime": g["regime"],
+            "codec": g["codec"],
+            "params": g["params"],
+            "tensors": len(g["tensors"]),
+            "rows": rows * len(g["tensors"]),
+            "weights": rows * cols * len(g["tensors"]),
+            "bytes": sum(per.values()),
+            "bytes_by_category": per,
+            "bits_per_weight": 8 * sum(per.values()) / max(1, rows * cols * len(g["tensors"])),
+        })
+    pt = p.passthrough_names()
+    return {
+        "kind": "pack",
+        "path": str(path),
+        "format_version": p.version,
+        "codec": p.manifest["codec"],
+        "codec_options": p.manifest["codec_options"],
+        "source": {k: p.manifest["source"][k] for k in ("kind", "name", "files", "bytes", "bf16_bytes")},
+        "tensors": len(p.tensors),
+        "file_bytes": b["file_bytes"],
+        "bytes_by_category": b["total"],
+        "ratio_vs_bf16": p.storage_ratio(),
+        "groups": groups,
+        "passthrough": {"tensors": len(pt), "bytes": b["total"]["passthrough"]},
+        "aux_files": p.aux_files(),
+    }
+
+
+def inspect_path(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES) -> dict[str, Any]:
+    if is_pack(path):
+        return inspect_pack(path)
+    if Path(path).suffix == ".hhtld":
+        raise PackError(f"{path}: not an hhtld pack")
+    return inspect_model(path, policy, rules)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def format_table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    out = []
+    if info["kind"] == "model":
+        out.append(f"{info['path']}: {info['layout']} checkpoint, {info['tensors']} tensors, "
+                   f"{human_bytes(info['bytes'])} ({human_bytes(info['bf16_bytes'])} at bf16) — dry run of the grouping")
+        rows = [[g["index"], g["key"], g["regime"], g["tensors"], g["rows"], human_bytes(g["bytes"])] for g in info["groups"]]
+        out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "tensors", "rows", "bytes"], {0, 3, 4, 5}))
+        p = info["passthrough"]
+        why = ", ".join(f"{n} {r}" for r, n in sorted(p["reasons"].items()))
+        out.append(f"passthrough: {p['tensors']} tensors, {human_bytes(p['bytes'])}" + (f" ({why})" if why else ""))
+    else:
+        out.append(f"{info['path']}: hhtld pack v{info['format_version']}, codec {info['codec']}, "
+                   f"{info['tensors']} tensors from {info['source']['name']}")
+        rows = [[g["index"], g["key"], g["regime"], g["codec"], g["tensors"], g["rows"], human_bytes(g["bytes"]),
+                 f"{g['bits_per_weight']:.3f}"] for g in info["groups"]]
+        out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "codec", "tensors", "rows", "bytes", "bits/w"],
+                                {0, 4, 5, 6, 7}))
+        cats = ", ".join(f"{c} {human_bytes(n)}" for c, n in info["bytes_by_category"].items() if n)
+        out.append(f"bytes: {cats}")
+        out.append(f"pack {human_bytes(info['file_bytes'])}; source {human_bytes(info['source']['bf16_bytes'])} at bf16 "
+                   f"→ ratio {info['ratio_vs_bf16']:.2f}:1 (weights only, side files excluded)")
+    return "\n".join(out)

@@ -1,0 +1,7 @@
+"""The ``.hhtld`` pack: writer (encode), lazy reader, dense decode (SPEC §5)."""
+
+from .decode import DecodeResult, decode_pack
+from .reader import Pack, open_pack
+from .writer import EncodeResult, bf16_bytes, encode_checkpoint
+
+__all__ = ["DecodeResult", "EncodeResult", "Pack", "bf16_bytes", "decode_pack", "encode_checkpoint", "open_pack"]
