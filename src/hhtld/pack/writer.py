@@ -8,7 +8,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -72,8 +72,13 @@ def encode_checkpoint(
     rules: RuleTable = DEFAULT_RULES,
     include_aux: bool = True,
     progress: bool = False,
+    group_options: Mapping[str, dict[str, Any]] | None = None,
 ) -> EncodeResult:
     """Read ``model`` (file, index or folder), encode every group, write ``out``.
+
+    ``group_options`` maps a group key string (``str(GroupKey)``, e.g.
+    ``"encoder/qko/384x384"``) to codec options that override
+    ``codec_options`` for that group (rate allocation chooses them).
 
     The pack is written to a temporary file next to ``out`` and renamed over
     it only when complete; the input is only ever read.
@@ -87,6 +92,7 @@ def encode_checkpoint(
         if _same_file(out, ckpt.weight_path(f)) or out.resolve() == ckpt.weight_path(f).resolve():
             raise OptionsError(f"{out}: is the input checkpoint itself; choose another output path")
     enc = make_codec(codec, **(codec_options or {}))
+    group_options = dict(group_options or {})
     plan = plan_checkpoint(ckpt, policy, rules)
 
     checksums: dict[str, str] = {}
@@ -109,8 +115,11 @@ def encode_checkpoint(
         for g in plan.groups:
             bar.set_postfix_str(str(g.key), refresh=True)
             names = [t.name for t in g.tensors]
-            rows = [_read_rows(ckpt, t) for t in g.tensors]
-            eg = enc.encode_group(g.key, names, rows)
+            rows = [read_rows(ckpt, t) for t in g.tensors]
+            genc = enc
+            if str(g.key) in group_options:
+                genc = make_codec(codec, **{**(codec_options or {}), **group_options[str(g.key)]})
+            eg = genc.encode_group(g.key, names, rows)
             del rows
             part_names = []
             for part, arr in eg.arrays.items():
@@ -122,8 +131,9 @@ def encode_checkpoint(
                 "index": g.index,
                 "key": g.key.to_json(),
                 "regime": g.regime,
-                "codec": enc.name,
-                "codec_id": int(enc.codec_id),
+                "codec": genc.name,
+                "codec_id": int(genc.codec_id),
+                "options": genc.options(),
                 "params": eg.params,
                 "parts": part_names,
                 "tensors": names,
@@ -196,7 +206,7 @@ def encode_checkpoint(
     return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan)
 
 
-def _read_rows(ckpt: Checkpoint, t) -> np.ndarray:
+def read_rows(ckpt: Checkpoint, t) -> np.ndarray:
     """float32 (rows, cols) of one planned tensor: effective shape, transposed if needed."""
     a = ckpt.read_float(t.name)
     if t.transposed:
