@@ -19,6 +19,7 @@ from ..format import SLOT_L_LANES, CodecId
 from .base import Codec, EncodedGroup, EncodedTensor, Parts
 from .group import build_group_with_leaf
 from .palette import check_k, to_bf16
+from .svd_basis import combine_lanes
 
 
 class HhtlF32Codec(Codec):
@@ -66,7 +67,7 @@ class HhtlF32Codec(Codec):
         if "leaf" in tensor:
             basis = np.asarray(group["basis"], dtype=np.float32)  # (lanes, d)
             q = np.asarray(tensor["leaf"][sel], dtype=np.float32)
-            out += (q * np.float32(tensor["leaf_scale"][0])) @ basis
+            out += combine_lanes(q * np.float32(tensor["leaf_scale"][0]), basis)
         return out
 
 

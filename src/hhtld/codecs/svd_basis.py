@@ -17,6 +17,20 @@ def sample_rows(n: int, max_rows: int = SVD_MAX_SAMPLE_ROWS) -> np.ndarray:
     return np.linspace(0, n - 1, max_rows).round().astype(np.int64)
 
 
+def combine_lanes(coeffs: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """coeffs (m, n) @ vectors (n, d) → (m, d) float32, summed lane by lane.
+
+    A fixed summation order per element (unlike a BLAS product, whose blocking
+    depends on m), so decoding one row gives exactly the bits of decoding all.
+    """
+    coeffs = np.asarray(coeffs, dtype=np.float32)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    out = np.zeros((coeffs.shape[0], vectors.shape[1]), dtype=np.float32)
+    for lane in range(vectors.shape[0]):
+        out += coeffs[:, lane : lane + 1] * vectors[lane]
+    return out
+
+
 @dataclass
 class SvdBasis:
     """vectors: (n, d) bfloat16, rows orthonormal up to bf16 rounding;
@@ -54,8 +68,8 @@ class SvdBasis:
         return np.asarray(rows, dtype=np.float32) @ self._v().T
 
     def reconstruct(self, coeffs: np.ndarray) -> np.ndarray:
-        """coefficients (m, n) → rows (m, d) float32."""
-        return np.asarray(coeffs, dtype=np.float32) @ self._v()
+        """coefficients (m, n) → rows (m, d) float32 (see ``combine_lanes``)."""
+        return combine_lanes(coeffs, self._v())
 
     def energy(self) -> float:
         """Share of the sample's energy (sum of squared singular values) the basis keeps."""

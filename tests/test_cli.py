@@ -1,0 +1,82 @@
+"""The CLI: encode / decode / inspect, one-line errors with non-zero exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hhtld.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_encode_decode_inspect(small_folder, tmp_path, capsys):
+    pack = tmp_path / "m.hhtld"
+    code, out, err = run(capsys, "encode", small_folder, "-o", pack, "-q")
+    assert code == 0 and out.startswith(f"wrote {pack}: ")
+    assert "against bf16" in out and "M weights/s" in out
+    code, out, _ = run(capsys, "decode", pack, "-o", tmp_path / "dec", "-q")
+    assert code == 0 and (tmp_path / "dec" / "model.safetensors").is_file()
+    code, out, _ = run(capsys, "inspect", pack)
+    assert code == 0
+    assert "other/embed/600x64" in out and "encoder/up/600x64" in out and "ratio" in out
+
+
+def test_inspect_model_is_a_dry_run_json(small_ckpt, capsys):
+    code, out, _ = run(capsys, "inspect", small_ckpt, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kind"] == "model"
+    assert [(g["key"], g["regime"], g["tensors"], g["rows"]) for g in info["groups"]] == [
+        ("other/embed/600x64", "index", 1, 600), ("encoder/up/600x64", "argmax", 2, 1200)]
+    code, out, _ = run(capsys, "inspect", small_ckpt, "--json", "--encode-all")
+    assert "encoder/qko/64x64" in [g["key"] for g in json.loads(out)["groups"]]
+    code, out, _ = run(capsys, "inspect", small_ckpt, "--json", "--min-rows", "64", "--min-bytes", "0")
+    assert "encoder/qko/64x64" in [g["key"] for g in json.loads(out)["groups"]]
+
+
+def test_encode_json_and_options(small_ckpt, tmp_path, capsys):
+    code, out, _ = run(capsys, "encode", small_ckpt, "-o", tmp_path / "a.hhtld", "--k", "16", "--json", "-q",
+                       "--rule", r"query=embed")
+    info = json.loads(out)
+    assert code == 0 and info["codec_options"]["k"] == 16
+    assert all(g["params"]["k"] == 16 for g in info["groups"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["encode", "{tmp}/missing.safetensors", "-o", "{tmp}/x.hhtld"], "{tmp}/missing.safetensors: no such file or directory"),
+    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--k", "257"],
+     "palette size k=257 is out of range: it must satisfy 0 < k <= 256"),
+    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--k", "0"],
+     "palette size k=0 is out of range: it must satisfy 0 < k <= 256"),
+    (["encode", "{text}", "-o", "{tmp}/x.hhtld"], "{text}: not a safetensors file (header length out of range)"),
+    (["decode", "{ckpt}", "-o", "{tmp}/d"],
+     "{ckpt}: not an hhtld pack (a safetensors file without 'format = hhtld' metadata)"),
+    (["inspect", "{tmp}/nothing"], "{tmp}/nothing: no such file or directory"),
+    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--rule", "x=bogus"],
+     "rule 'x': unknown role 'bogus' (roles: qko, v, gate, up, down, embed, lm_head, projection, other)"),
+])
+def test_bad_input_is_one_line_and_nonzero(small_ckpt, tmp_path, capsys, argv, message):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("just some text, definitely not a checkpoint")
+    fill = {"tmp": tmp_path, "ckpt": small_ckpt, "text": text}
+    code, out, err = run(capsys, *[a.format(**fill) for a in argv])
+    assert code == 1
+    assert err == f"hhtld: error: {message.format(**fill)}\n"
+    assert not (tmp_path / "x.hhtld").exists()
+
+
+def test_truncated_checkpoint_from_a_subprocess_has_no_traceback(small_ckpt, tmp_path):
+    data = small_ckpt.read_bytes()
+    small_ckpt.write_bytes(data[:1000])
+    r = subprocess.run([sys.executable, "-m", "hhtld", "encode", str(small_ckpt), "-o", str(tmp_path / "x.hhtld")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr == f"hhtld: error: {small_ckpt}: truncated: data needs {len(data)} bytes, file has 1000\n"
+    assert "Traceback" not in r.stderr
