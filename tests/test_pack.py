@@ -188,6 +188,15 @@ def test_refuses_a_newer_version(tmp_path):
                             f"(up to {FORMAT_VERSION}); upgrade hhtld")
 
 
+def test_refuses_a_manifest_without_its_parts(tmp_path):
+    p = tmp_path / "empty.hhtld"
+    with SafetensorsWriter(p, {"format": "hhtld", META_VERSION: "1", META_MANIFEST: "{}"}) as w:
+        w.add("x", np.zeros(1, np.float32))
+    with pytest.raises(PackError) as e:
+        open_pack(p)
+    assert str(e.value) == f"{p}: damaged hhtld pack (manifest lacks 'source')"
+
+
 def test_refuses_a_truncated_pack(pack_path):
     data = pack_path.read_bytes()
     pack_path.write_bytes(data[: len(data) // 2])

@@ -79,7 +79,10 @@ class Pack:
         except (KeyError, json.JSONDecodeError):
             raise PackError(f"{self.path}: damaged hhtld pack (manifest missing or not valid JSON)") from None
         self.version = version
-        checks = self.manifest.get("checksums", {})
+        for key in ("source", "groups", "tensors", "checksums"):
+            if not isinstance(self.manifest, dict) or key not in self.manifest:
+                raise PackError(f"{self.path}: damaged hhtld pack (manifest lacks '{key}')")
+        checks = self.manifest["checksums"]
         missing = [n for n in checks if n not in self.header.tensors]
         if missing:
             raise PackError(f"{self.path}: damaged hhtld pack (stored array '{missing[0]}' is missing)")
