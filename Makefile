@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/hhtld decode $(OUT)/minilm.hhtld -o $(OUT)/minilm-decoded
 	$(BIN)/hhtld inspect $(OUT)/minilm.hhtld
 	$(BIN)/python scripts/embed_decoded.py "$(MODEL)" $(OUT)/minilm-decoded
+	# the four gates (SPEC §6); --no-fail so the demo completes when a gate honestly FAILs
+	$(BIN)/hhtld verify "$(MODEL)" $(OUT)/minilm.hhtld --no-fail --json $(OUT)/verify.json --plots $(OUT)/plots
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,18 @@ from .codecs import (  # noqa: E402
 )
 from .errors import CheckpointError, CodecError, GateError, HhtldError, OptionsError, PackError  # noqa: E402
 from .pack import Pack, decode_pack, encode_checkpoint, open_pack  # noqa: E402
+from .codecs.hhtl_d import HhtlDEntry, HhtlDTensor, build_hhtl_d_group  # noqa: E402
+from .codecs.fisher_quality import FisherZQuality, fisher_z_quality  # noqa: E402
+from .probe import AttentionProbeResult, probe_attention  # noqa: E402
+from .gates import (  # noqa: E402  (torch/transformers/matplotlib load only when used)
+    ModelRunner,
+    Thresholds,
+    VerifyReport,
+    calibration_texts,
+    compare_outputs,
+    heldout_texts,
+    verify,
+)
 
 __all__ = [
     "CODECS", "Checkpoint", "CheckpointError", "CodecError", "EncodablePolicy", "FisherZTable",
@@ -35,4 +47,10 @@ __all__ = [
     "build_group_with_fisher_z", "build_group_with_leaf", "classify_component", "classify_role",
     "decode_pack", "effective_shape", "encode_checkpoint", "is_encodable", "make_codec",
     "open_checkpoint", "open_pack", "plan_checkpoint", "should_use_leaf",
+    # verify (issue 3)
+    "ModelRunner", "Thresholds", "VerifyReport", "calibration_texts", "compare_outputs",
+    "heldout_texts", "verify",
+    # lookup grade and the attention probe (issue 4)
+    "AttentionProbeResult", "FisherZQuality", "HhtlDEntry", "HhtlDTensor", "build_hhtl_d_group",
+    "fisher_z_quality", "probe_attention",
 ]

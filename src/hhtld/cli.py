@@ -97,6 +97,51 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .gates import Thresholds, verify, write_json, write_plots
+
+    overrides = {k: getattr(args, k) for k in Thresholds.__dataclass_fields__ if getattr(args, k, None) is not None}
+    report = verify(args.model, args.pack, args.config, texts=args.texts, thresholds=Thresholds(**overrides),
+                    greedy_tokens=args.greedy_tokens, greedy_texts=args.greedy_texts, progress=not args.quiet)
+    if args.json:
+        if args.json in (True, "-"):
+            _emit_json(report.to_json(), True)
+        else:
+            write_json(report, args.json)
+    if args.json not in (True, "-"):
+        print(report.format(details=not args.quiet))
+        if args.json:
+            print(f"wrote {args.json}")
+    if args.plots:
+        paths = write_plots(report, args.plots)
+        if args.json not in (True, "-"):
+            print(f"wrote {len(paths)} plot(s) to {args.plots}")
+    return 0 if (report.passed or args.no_fail) else 2
+
+
+def cmd_probe_attention(args) -> int:
+    from .probe import probe_attention
+
+    rules = _rules_only(args)
+    res = probe_attention(args.model, args.tensor, queries=args.queries, noise=args.noise, k=args.k,
+                          codec=args.codec, seed=args.seed, rules=rules)
+    if args.json:
+        _emit_json(res.to_json(), args.json)
+    if args.json not in (True, "-"):
+        print(res.format())
+        if args.json:
+            print(f"wrote {args.json}")
+    return 0
+
+
+def _rules_only(args):
+    """The rule table of ``--rule``/``--rules`` (commands without the encodable policy)."""
+    extra = [parse_rule(r) for r in args.rule]
+    if args.rules:
+        extra += load_rules_file(args.rules)
+    return DEFAULT_RULES.with_overrides(extra) if extra else DEFAULT_RULES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hhtld", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"hhtld {__version__}")
@@ -129,6 +174,50 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) JSON")
     _add_policy_args(i)
     i.set_defaults(func=cmd_inspect)
+
+    pr = sub.add_parser("probe", help="codec-space experiments (SPEC §7)",
+                        description="Experiments that ask whether codec-space lookups can stand in for real products.")
+    psub = pr.add_subparsers(dest="probe", required=True, metavar="PROBE")
+    pa = psub.add_parser("attention", help="top-1/top-5 agreement of Fisher-z lookups with exact q·K scores",
+                         description="Queries are rows of the key matrix TENSOR plus seeded noise; raw scores are the "
+                                     "exact dot products, codec scores Fisher-z lookups of twig pairs. Verdict on top-1: "
+                                     ">= 90%% viable, 70-90%% needs escalation, < 70%% not competitive.")
+    pa.add_argument("model", help="model.safetensors, model.safetensors.index.json, or a model folder")
+    pa.add_argument("--tensor", required=True, help="the key matrix, e.g. encoder.layer.0.attention.self.key.weight")
+    pa.add_argument("--queries", type=int, default=512, help="number of queries (default %(default)s)")
+    pa.add_argument("--noise", type=float, default=0.05, help="noise std per element, relative to the row RMS (default %(default)s)")
+    pa.add_argument("--k", type=int, default=256, help="palette size, 0 < k <= 256 (default %(default)s)")
+    pa.add_argument("--codec", default="hhtl-d", choices=["hhtl-d", "hhtl-f32"], help="codec (default %(default)s)")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the query draw and noise (default %(default)s)")
+    pa.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
+    pa.add_argument("--rule", action="append", default=[], metavar="PATTERN=ROLE", help="classification rule (see encode)")
+    pa.add_argument("--rules", metavar="FILE.json", help="JSON rules file (see encode)")
+    pa.set_defaults(func=cmd_probe_attention)
+
+    v = sub.add_parser("verify", help="measure the four gates of a pack against its model (SPEC §6)",
+                       description="Row fidelity, behaviour parity, storage and output agreement of PACK against "
+                                   "MODEL, with real inference on held-out text. Exit status 0 only if every gate "
+                                   "passes (2 if one fails, 1 on an error).")
+    v.add_argument("model", help="the original model: folder, .safetensors file or index")
+    v.add_argument("pack", help="the .hhtld pack made from it")
+    v.add_argument("--config", help="config.json (or a folder with it and the tokenizer) for a bare .safetensors")
+    v.add_argument("--json", nargs="?", const=True, metavar="FILE", help="write the report as JSON to FILE (or print it)")
+    v.add_argument("--plots", metavar="DIR", help="write PNG plots (row-cosine histograms, bytes per group) into DIR")
+    v.add_argument("--no-fail", action="store_true", help="exit 0 even when a gate fails")
+    v.add_argument("--texts", type=int, default=None, metavar="N", help="use the first N held-out sentences (default all 256)")
+    v.add_argument("--greedy-tokens", type=int, default=32, metavar="N", help="causal LMs: greedy continuation length (0: off; default %(default)s)")
+    v.add_argument("--greedy-texts", type=int, default=32, metavar="N", help="causal LMs: texts continued greedily (default %(default)s)")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only the gate table")
+    t = v.add_argument_group("targets (SPEC §6 defaults)")
+    t.add_argument("--argmax-median", type=float, metavar="X", help="gate 1: argmax-regime median row cosine (default 0.95)")
+    t.add_argument("--argmax-p5", type=float, metavar="X", help="gate 1: argmax-regime 5th-percentile row cosine (default 0.90)")
+    t.add_argument("--index-median", type=float, metavar="X", help="gate 1: index-regime median row cosine (default 0.98)")
+    t.add_argument("--index-p5", type=float, metavar="X", help="gate 1: index-regime 5th-percentile row cosine (default 0.95)")
+    t.add_argument("--min-top1", type=float, metavar="X", help="gate 2: top-1 agreement, a fraction (default 0.95)")
+    t.add_argument("--min-ratio", type=float, metavar="X", help="gate 3: storage ratio vs bf16 (default 2.0)")
+    t.add_argument("--min-cosine", type=float, metavar="X", help="gate 4: mean embedding cosine (default 0.995)")
+    t.add_argument("--max-kl", type=float, metavar="X", help="gate 4: mean next-token KL in nats (default 0.02)")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

@@ -65,6 +65,43 @@ HHTL_F32_LEAF_ROW_BYTES = TWIG_U8_BYTES + SLOT_L_ROW_BYTES  # 9 B/row
 HHTL_D_ENTRY_BYTES = 2 + 2  # slot_d u16 + slot_v u16 (bf16)
 HHTL_D_LEAF_ROW_BYTES = HHTL_D_ENTRY_BYTES + SLOT_L_ROW_BYTES  # 12 B/row
 
+# --- HHTL-D lookup grade (SPEC §3) ----------------------------------------------
+BASE17_DIMS = 17  # a row folds to 17 int16 values
+BASE17_GOLDEN_STEP = 11  # GOLDEN_POS[i] = (i * 11) % 17
+BASE17_SCALE = 256  # fixed point: round(mean * 256), clamped to int16
+BASE17_VALUE_BYTES = 2  # int16
+HIP_LEVELS = 4  # four binary farthest-pair splits ...
+HIP_FAMILIES = 1 << HIP_LEVELS  # ... give 16 families (branch bits 8, 4, 2, 1)
+HHTL_DISTANCE_MAX = 0xFFFF  # k x k distance table is u16
+ROUTE_ATTEND_PERCENTILE = 25.0  # off-diagonal distance <= P25: near pair, Attend
+ROUTE_SKIP_PERCENTILE = 75.0  # off-diagonal distance >= P75: far pair, Skip
+
+
+class HeelBasin(IntEnum):
+    """Bits 15..14 of ``slot_d``: how the row is used downstream."""
+
+    QK = 0  # rows scored against a query/hidden state: q/k/o, lm_head
+    V = 1  # rows carried into the residual stream: v, token/position embeddings
+    Gate = 2  # MLP gate
+    FFN = 3  # every other dense transform: up, down, projection, other
+
+
+class RouteAction(IntEnum):
+    """Entries of the HHTL cache's k x k route table (u8)."""
+
+    Skip = 0  # far pair: the score is negligible, not computed
+    Attend = 1  # near pair: the table lookup is trusted as is
+    Compose = 2  # undecided middle, same HIP family: resolved inside the family
+    Escalate = 3  # undecided middle, different families: needs the exact product
+
+
+# HhtlDEntry (4 bytes, little-endian): slot_d u16, then slot_v u16 (bfloat16 bits)
+SLOT_D_BASIN_SHIFT, SLOT_D_BASIN_MASK = 14, 0x3  # bits 15..14
+SLOT_D_HIP_SHIFT, SLOT_D_HIP_MASK = 10, 0xF  # bits 13..10
+SLOT_D_TWIG_SHIFT, SLOT_D_TWIG_MASK = 2, 0xFF  # bits 9..2
+SLOT_D_POLARITY_SHIFT = 1  # bit 1
+SLOT_D_RESERVED_BIT = 0  # bit 0, always 0
+
 # --- SVD basis ---------------------------------------------------------------
 SVD_MAX_SAMPLE_ROWS = 4096
 

@@ -141,6 +141,12 @@ def format_inspect(info: dict[str, Any]) -> str:
                  f"{g['bits_per_weight']:.3f}"] for g in info["groups"]]
         out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "codec", "tensors", "rows", "bytes", "bits/w"],
                                 {0, 4, 5, 6, 7}))
+        fzq = [(g["key"], g["params"]["fisher_z_quality"]) for g in info["groups"] if "fisher_z_quality" in g["params"]]
+        if fzq:
+            rows = [[k, "n/a" if q["spearman"] is None else f"{q['spearman']:.5f}", f"{q['mean_abs_error']:.5f}",
+                     f"{q['max_abs_error']:.5f}", q["pairs"]] for k, q in fzq]
+            out.append("Fisher-z table quality (table cosines vs exact cosines of the representative rows):")
+            out.append(format_table(rows, ["group", "spearman", "mean |err|", "max |err|", "pairs"], {1, 2, 3, 4}))
         cats = ", ".join(f"{c} {human_bytes(n)}" for c, n in info["bytes_by_category"].items() if n)
         out.append(f"bytes: {cats}")
         out.append(f"pack {human_bytes(info['file_bytes'])}; source {human_bytes(info['source']['bf16_bytes'])} at bf16 "

@@ -89,7 +89,7 @@ class Checkpoint:
                 f"{self.root / info.file}: tensor '{name}': dtype {info.dtype} is not a float "
                 f"dtype ({', '.join(FLOAT_DTYPES)}) and cannot be encoded"
             )
-        return np.asarray(self.read(name), dtype=np.float32)
+        return np.array(self.read(name), dtype=np.float32)  # a copy, never the memory map
 
     def weight_path(self, file: str) -> Path:
         return self.root / file

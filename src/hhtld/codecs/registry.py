@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..errors import OptionsError, PackError
 from .base import Codec
+from .hhtl_d_codec import HhtlDCodec
 from .hhtl_f32_codec import HhtlF32Codec
+from .hhtl_vq_codec import HhtlVqCodec
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (HhtlF32Codec,)}
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (HhtlF32Codec, HhtlDCodec, HhtlVqCodec)}
 DEFAULT_CODEC = "hhtl-f32"
 
 

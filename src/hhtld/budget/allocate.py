@@ -1,0 +1,312 @@
+"""Rate allocation: which ladder rung each group gets (SPEC §4, issue 5).
+
+Targets:
+
+* ``rows`` — per group, the cheapest rung whose row cosines meet the gate-1
+  thresholds of its regime (median and 5th percentile, measured on a row
+  sample with a small margin, then checked on the written pack).
+* ``behaviour`` — the cheapest allocation whose predicted output change on
+  the **calibration** texts stays under the target; greedy marginal utility
+  (output change removed per extra bit, from measured per-group
+  sensitivities × measured row distortion), then checked by running the
+  model with the decoded pack on the calibration texts; if the check fails
+  the target is tightened and the allocation continues.
+* ``--bpw X`` — a fixed budget of X bits per encoded weight (all stored bytes
+  of the groups), spent greedily by the same utility (behaviour when the
+  model can be run, else row distortion weighted by the regime's target).
+
+Every choice lands in the manifest (group ``options.setting``) and in
+``inspect``; :class:`Allocation` keeps the measurements for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..checkpoint import open_checkpoint
+from ..classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
+from ..classify.groups import GroupPlan
+from ..errors import GateError, OptionsError
+from ..pack.writer import EncodeResult, encode_checkpoint, read_rows
+from .sensitivity import GroupTrials, measure_sensitivity, output_change, sample_group_rows
+from .settings import LADDER, Setting
+
+TARGETS = ("rows", "behaviour")
+ROW_MARGIN = 0.001  # cosine margin of the sample-based rows decision
+CAL_TEXTS = 96  # calibration texts per model run
+START = {"argmax": "vq2.0", "index": "vq2.7"}  # first rung tried by the rows target
+
+
+@dataclass
+class Choice:
+    key: str
+    regime: str
+    n_tensors: int
+    n_weights: int
+    setting: Setting
+    bits: int
+    sensitivity: float | None = None
+
+    def to_json(self) -> dict:
+        return {"group": self.key, "regime": self.regime, "setting": self.setting.name,
+                "stages": self.setting.stages, "bpw": round(self.bits / max(1, self.n_weights), 4),
+                "weights": self.n_weights, "sensitivity": self.sensitivity}
+
+
+@dataclass
+class Allocation:
+    target: str
+    choices: dict[str, Choice]
+    notes: list[str] = field(default_factory=list)
+    predicted: dict[str, float] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def group_options(self) -> dict[str, dict[str, Any]]:
+        return {k: c.setting.options() for k, c in self.choices.items()}
+
+    @property
+    def bits(self) -> int:
+        return sum(c.bits for c in self.choices.values())
+
+    @property
+    def n_weights(self) -> int:
+        return sum(c.n_weights for c in self.choices.values())
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / max(1, self.n_weights)
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "bpw": round(self.bpw, 4), "notes": self.notes,
+                "predicted": self.predicted, "checks": self.checks, "seconds": self.seconds,
+                "groups": [c.to_json() for c in self.choices.values()]}
+
+
+def _choice(g: GroupPlan, s: Setting, sens: float | None = None) -> Choice:
+    return Choice(str(g.key), g.regime, len(g.tensors), g.n_weights, s, s.group_bits(g.key, len(g.tensors)), sens)
+
+
+def _ladder_index(name: str) -> int:
+    return [s.name for s in LADDER].index(name)
+
+
+# --- rows ---------------------------------------------------------------------------
+def rows_ok(t, regime: str, thresholds, margin: float = 0.0) -> bool:
+    med, p5 = thresholds.row_targets(regime)
+    return t.median >= med + margin and t.p5 >= p5 + margin
+
+
+def allocate_rows(groups: list[GroupPlan], trials: dict[str, GroupTrials], thresholds,
+                  margin: float = ROW_MARGIN, floor: dict[str, int] | None = None) -> dict[str, Choice]:
+    """Cheapest rung per group whose sampled row cosines pass its regime's gate (with margin)."""
+    out = {}
+    for g in groups:
+        k = str(g.key)
+        lo = (floor or {}).get(k, 0)
+        i = max(lo, _ladder_index(START.get(g.regime, "vq2.0")))
+        tr = trials[k]
+        if rows_ok(tr(LADDER[i]), g.regime, thresholds, margin):
+            while i > lo and rows_ok(tr(LADDER[i - 1]), g.regime, thresholds, margin):
+                i -= 1
+        else:
+            while i < len(LADDER) - 1 and not rows_ok(tr(LADDER[i]), g.regime, thresholds, margin):
+                i += 1
+        out[k] = _choice(g, LADDER[i])
+    return out
+
+
+# --- greedy marginal utility ----------------------------------------------------------
+def greedy(groups: list[GroupPlan], start: dict[str, int], loss: Callable[[GroupPlan, Setting], float],
+           done: Callable[[float], bool], budget_bits: float | None = None, lookahead: int = 4) -> dict[str, int]:
+    """Upgrade, one step at a time, the group whose next rungs remove the most
+    loss per extra bit, until ``done(total loss)`` or the budget is spent."""
+    state = dict(start)
+    bits = {str(g.key): [s.group_bits(g.key, len(g.tensors)) for s in LADDER] for g in groups}
+    by_key = {str(g.key): g for g in groups}
+    cur_loss = {k: loss(by_key[k], LADDER[i]) for k, i in state.items()}
+    used = sum(bits[k][i] for k, i in state.items())
+    while not done(sum(cur_loss.values())):
+        best = None
+        for k, i in state.items():
+            for j in range(i + 1, min(len(LADDER), i + 1 + lookahead)):
+                db = bits[k][j] - bits[k][i]
+                if budget_bits is not None and used + db > budget_bits:
+                    continue
+                gain = cur_loss[k] - loss(by_key[k], LADDER[j])
+                if db <= 0:
+                    continue
+                u = gain / db
+                if best is None or u > best[0]:
+                    best = (u, k, j, db)
+        if best is None or best[0] <= 0:
+            break
+        _, k, j, db = best
+        state[k] = j
+        used += db
+        cur_loss[k] = loss(by_key[k], LADDER[j])
+    return state
+
+
+# --- the driver ------------------------------------------------------------------------
+def _say(log, msg: str) -> None:
+    if log:
+        log(msg)
+
+
+def encode_budget(model, out, target: str = "behaviour", bpw: float | None = None, config=None,
+                  policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
+                  codec_options: dict[str, Any] | None = None, include_aux: bool = True,
+                  progress: bool = False, thresholds=None, log: Callable[[str], None] | None = None,
+                  calibration: int = CAL_TEXTS, max_rounds: int = 3) -> tuple[EncodeResult, Allocation]:
+    """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``."""
+    from ..gates.targets import Thresholds
+
+    if target not in TARGETS:
+        raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+    if bpw is not None and not 0.5 <= bpw <= 16:
+        raise OptionsError(f"--bpw must lie in [0.5, 16], got {bpw}")
+    th = thresholds or Thresholds()
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    ckpt = open_checkpoint(model)
+    plan = plan_checkpoint(ckpt, policy, rules)
+    groups = plan.groups
+    notes: list[str] = []
+    runner = None
+    if target == "behaviour":
+        try:
+            from ..gates.runner import ModelRunner
+
+            runner = ModelRunner.from_model(model, config)
+        except GateError as e:
+            notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
+            _say(log, f"note: {notes[-1]}")
+            target = "rows"
+        except ImportError as e:
+            notes.append(f"target behaviour needs torch and transformers ({e}); falling back to --target rows")
+            _say(log, f"note: {notes[-1]}")
+            target = "rows"
+    seconds["runner"] = time.perf_counter() - t0
+    extra = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
+    trials = {str(g.key): GroupTrials(sample_group_rows(ckpt, g), seed=int(extra.get("seed", 0)))
+              for g in groups}
+    alloc = Allocation(target, {}, notes)
+    total_w = sum(g.n_weights for g in groups) or 1
+    budget_bits = None if bpw is None else bpw * total_w
+
+    texts, ref, sens = [], None, {}
+    if runner is not None:
+        from ..gates.texts import calibration_texts
+
+        t1 = time.perf_counter()
+        texts = calibration_texts()[:calibration]
+        ref = runner.run(texts)
+        sens = measure_sensitivity(runner, ckpt, groups, texts, ref, log=log)
+        seconds["sensitivity"] = time.perf_counter() - t1
+
+    def behaviour_loss(g, s):
+        return sens[str(g.key)] * trials[str(g.key)](s).rel_mse
+
+    def rows_loss(g, s):
+        med, _ = th.row_targets(g.regime)
+        d_target = 1.0 / med**2 - 1.0
+        return g.n_weights * trials[str(g.key)](s).rel_mse / d_target
+
+    floor: dict[str, int] = {}
+    cos_target = 1.0 - th.min_cosine  # output change allowed, tightened on failure
+    cos_target = min(cos_target, 0.0025) if runner is not None and runner.family == "embedding" else cos_target
+    kl_target = th.max_kl * 0.5
+    result = None
+    for rnd in range(max_rounds):
+        t1 = time.perf_counter()
+        if bpw is not None:
+            start = {str(g.key): floor.get(str(g.key), 0) for g in groups}
+            lossf = behaviour_loss if runner is not None else rows_loss
+            state = greedy(groups, start, lossf, lambda _l: False, budget_bits)
+            choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
+        elif target == "rows":
+            choices = allocate_rows(groups, trials, th, floor=floor)
+        else:
+            goal = kl_target if runner.family == "causal" else cos_target
+            start = {str(g.key): max(floor.get(str(g.key), 0), _ladder_index("vq2.0")) for g in groups}
+            state = greedy(groups, start, behaviour_loss, lambda l: l <= goal)
+            choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
+            alloc.predicted = {"output_change": sum(behaviour_loss(g, LADDER[state[str(g.key)]]) for g in groups),
+                               "goal": goal}
+        alloc.choices = choices
+        seconds[f"allocate.{rnd}"] = time.perf_counter() - t1
+        _say(log, f"allocation ({target}{'' if bpw is None else f', bpw {bpw}'}), round {rnd + 1}: "
+                  + ", ".join(f"{k}={c.setting.name}" for k, c in choices.items())
+                  + f" → {alloc.bpw:.3f} bits per encoded weight")
+        t1 = time.perf_counter()
+        result = encode_checkpoint(model, out, codec="hhtl-vq", codec_options=codec_options or {},
+                                   policy=policy, rules=rules, include_aux=include_aux, progress=progress,
+                                   group_options=alloc.group_options())
+        seconds[f"encode.{rnd}"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        check, failing = _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target)
+        seconds[f"check.{rnd}"] = time.perf_counter() - t1
+        alloc.checks.append(check)
+        _say(log, f"check on {'calibration texts' if target == 'behaviour' else 'the written rows'}: "
+                  + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
+        if check["ok"] or bpw is not None:
+            break
+        if target == "rows":
+            for k in failing:
+                floor[k] = _ladder_index(choices[k].setting.name) + 1
+        else:
+            cos_target *= 0.6
+            kl_target *= 0.6
+    seconds["total"] = time.perf_counter() - t0
+    alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    if not alloc.checks[-1]["ok"] and bpw is None:
+        alloc.notes.append(f"the {target} target was not met on the check after {max_rounds} rounds")
+    return result, alloc
+
+
+def _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target) -> tuple[dict, list[str]]:
+    from ..gates.rows import row_cosines
+    from ..gates.runner import compare_outputs
+    from ..pack.reader import Pack
+    from .sensitivity import to_original
+
+    pack = Pack(out)
+    if target == "rows":
+        failing = []
+        res: dict[str, Any] = {}
+        per_regime: dict[str, list[np.ndarray]] = {}
+        for g in plan.groups:
+            cs = np.concatenate([row_cosines(read_rows(ckpt, t), pack.rows(t.name)) for t in g.tensors])
+            per_regime.setdefault(g.regime, []).append(cs)
+            med, p5 = th.row_targets(g.regime)
+            if np.median(cs) < med or np.percentile(cs, 5) < p5:
+                failing.append(str(g.key))
+        ok = True
+        for regime, parts in per_regime.items():
+            cs = np.concatenate(parts)
+            res[f"{regime}_median"] = float(np.median(cs))
+            res[f"{regime}_p5"] = float(np.percentile(cs, 5))
+            med, p5 = th.row_targets(regime)
+            ok &= res[f"{regime}_median"] >= med and res[f"{regime}_p5"] >= p5
+        res["ok"] = bool(ok and not failing)
+        return res, failing
+    weights = {}
+    for g in plan.groups:
+        for t in g.tensors:
+            weights[t.name] = to_original(t, pack.rows(t.name))
+    cmp = compare_outputs(ref, runner.run(texts, weights))
+    change = output_change(cmp, runner.family)
+    if runner.family == "causal":
+        ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["kl_mean"] <= th.max_kl * 0.75
+    else:
+        ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["cos_mean"] >= th.min_cosine + 0.0015
+    return {**{k: float(v) for k, v in cmp.items()}, "output_change": change, "ok": bool(ok)}, []
+
+
+__all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget", "greedy"]

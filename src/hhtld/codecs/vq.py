@@ -1,0 +1,320 @@
+"""Segment product quantiser of the budget codec (SPEC §4): segments, residual
+stages, 8/16-bit twigs, per-row gain, optional randomised Hadamard rotation.
+
+A row (after the optional rotation, divided by its gain) is cut into
+segments; each segment gets a twig into a palette shared by the whole group;
+residual stages quantise what the previous stages left. A stage's segment
+widths are a *pattern* that repeats along the (zero-padded) row, so a stage
+``"4,3"`` alternates segments of 4 and 3 columns (8 bits per 3.5 weights)
+and one palette is trained per pattern position.
+
+Stage specification (``stages`` option), a string: stages separated by ``+``,
+widths of one stage by ``,``, a width may carry ``:k`` (palette size,
+default 256; k > 256 uses two-byte twigs), e.g. ``"4"``, ``"4,3"``,
+``"2+4"``, ``"8:4096"``.
+
+Palettes start from furthest-point sampling on a sample of the segments and
+are refined by faiss k-means (fixed seed, few iterations, sampled training
+points), stored as bfloat16; every segment is then assigned (exhaustively,
+by faiss) to the bf16-rounded palette, so decoding is a gather per stage.
+Everything is seeded: the same rows and options give the same arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import CodecError
+from ..format import BF16_BYTES, MAX_PALETTE_K, MAX_PALETTE_K_U16
+from .palette import check_k, furthest_point_sample, to_bf16
+
+DEFAULT_K = 256
+MAX_SEGMENT = 64
+
+
+# --- stage specification ------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    widths: tuple[int, ...]
+    ks: tuple[int, ...]
+
+    @property
+    def period(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def twig_bytes(self) -> int:
+        """Bytes of every twig of this stage (one array per stage: u16 if any k > 256)."""
+        return 1 if max(self.ks) <= MAX_PALETTE_K else 2
+
+    def __str__(self) -> str:
+        return ",".join(f"{w}" if k == DEFAULT_K else f"{w}:{k}" for w, k in zip(self.widths, self.ks))
+
+
+def parse_stages(spec: str) -> tuple[Stage, ...]:
+    """``"4,3+8"`` → (Stage((4, 3), (256, 256)), Stage((8,), (256,)))."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise CodecError(f"stages must be a non-empty string like '4' or '2+4', got {spec!r}")
+    stages = []
+    for st in spec.replace(" ", "").split("+"):
+        widths, ks = [], []
+        for item in st.split(","):
+            w, _, k = item.partition(":")
+            try:
+                w_i = int(w)
+                k_i = int(k) if k else DEFAULT_K
+            except ValueError:
+                raise CodecError(f"stages {spec!r}: '{item}' is not WIDTH or WIDTH:K") from None
+            if not 2 <= w_i <= MAX_SEGMENT:
+                raise CodecError(f"stages {spec!r}: segment width {w_i} is out of range (2..{MAX_SEGMENT})")
+            check_k(k_i, MAX_PALETTE_K_U16)
+            widths.append(w_i)
+            ks.append(k_i)
+        stages.append(Stage(tuple(widths), tuple(ks)))
+    if len(stages) > 8:
+        raise CodecError(f"stages {spec!r}: at most 8 residual stages")
+    return tuple(stages)
+
+
+def stages_str(stages: tuple[Stage, ...]) -> str:
+    return "+".join(str(s) for s in stages)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the segments of one stage lie in a row of ``n_cols`` columns."""
+
+    stage: Stage
+    n_cols: int
+
+    @property
+    def n_periods(self) -> int:
+        return -(-self.n_cols // self.stage.period)
+
+    @property
+    def n_pad(self) -> int:
+        return self.n_periods * self.stage.period
+
+    @property
+    def n_segments(self) -> int:
+        return self.n_periods * len(self.stage.widths)
+
+    def offsets(self) -> list[int]:
+        return list(np.cumsum((0,) + self.stage.widths[:-1]))
+
+    def row_bytes(self) -> int:
+        return self.n_segments * self.stage.twig_bytes
+
+    def k_eff(self, j: int, n_rows: int) -> int:
+        """Palette size actually stored: no more centroids than training segments."""
+        return max(1, min(self.stage.ks[j], n_rows * self.n_periods))
+
+
+def twig_dtype(k: int):
+    return np.uint8 if k <= MAX_PALETTE_K else np.uint16
+
+
+# --- rotation -----------------------------------------------------------------
+def hadamard_block(n_cols: int, max_block: int = 1024) -> int:
+    """Block size of the block-diagonal Hadamard: the largest power of two dividing n_cols."""
+    return int(min(n_cols & -n_cols, max_block))
+
+
+@lru_cache(maxsize=8)
+def _hadamard(b: int) -> np.ndarray:
+    h = np.ones((1, 1), dtype=np.float32)
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(np.float32(b))).astype(np.float32)
+
+
+def rotation_signs(n_cols: int, seed: int) -> np.ndarray:
+    """(n_cols,) int8 of ±1: the random signs of the randomised Hadamard transform."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED, n_cols]))
+    return np.where(rng.random(n_cols) < 0.5, -1, 1).astype(np.int8)
+
+
+def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H)``; inverse undoes it
+    (H is symmetric and orthonormal). x: (n, c) float32."""
+    n, c = x.shape
+    b = hadamard_block(c)
+    h = _hadamard(b)
+    s = signs.astype(np.float32)
+    if not inverse:
+        y = (x * s).reshape(n, c // b, b) @ h
+        return y.reshape(n, c)
+    y = (x.reshape(n, c // b, b) @ h).reshape(n, c)
+    return y * s
+
+
+# --- palettes -------------------------------------------------------------------
+def _faiss():
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency of the 'vq' extra
+        raise CodecError("the hhtl-vq codec needs faiss-cpu (pip install 'hhtld[vq]')") from e
+    return faiss
+
+
+def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroid: int) -> np.ndarray:
+    """Palette of at most k rows for ``points`` (m, w) float32, bf16-exact float32.
+
+    Training uses at most ``per_centroid * k`` points drawn with ``seed``;
+    the start is a furthest-point cover of a 16k-point subsample, then
+    ``iters`` k-means iterations (faiss)."""
+    m, w = points.shape
+    k = min(int(k), m)
+    if m == 0:
+        return np.zeros((0, w), dtype=np.float32)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), m, w, k]))
+    n_train = min(m, max(k, per_centroid * k))
+    sample = points if n_train == m else points[np.sort(rng.choice(m, n_train, replace=False))]
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if k == n_train:
+        return to_bf16(sample).astype(np.float32)
+    sub = sample[: min(n_train, 16 * k)]
+    init = sub[furthest_point_sample(sub, k)]
+    if init.shape[0] < k:  # fewer distinct points than k
+        return to_bf16(init).astype(np.float32)
+    if iters > 0:
+        faiss = _faiss()
+        km = faiss.Kmeans(w, k, niter=int(iters), seed=int(seed) & 0x7FFFFFFF, verbose=False,
+                          max_points_per_centroid=max(1, n_train // k + 1), min_points_per_centroid=1)
+        km.train(sample, init_centroids=np.ascontiguousarray(init))
+        cent = km.centroids
+    else:
+        cent = init
+    return to_bf16(cent).astype(np.float32)
+
+
+def assign(points: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Nearest palette row (squared L2) of every point: (m,) int64."""
+    if points.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    faiss = _faiss()
+    index = faiss.IndexFlatL2(palette.shape[1])
+    index.add(np.ascontiguousarray(palette, dtype=np.float32))
+    _, idx = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
+    return idx[:, 0].astype(np.int64)
+
+
+# --- encode / decode --------------------------------------------------------------
+@dataclass
+class VqResult:
+    """Encoded rows of one group (stacked tensors)."""
+
+    palettes: list[list[np.ndarray]]  # [stage][position] (k, w) float32 (bf16-exact)
+    twigs: list[np.ndarray]  # [stage] (n, n_segments) uint8/uint16
+    gain: np.ndarray | None  # (n,) float32 bf16-exact, or None
+    signs: np.ndarray | None  # (n_cols,) int8, or None
+
+
+def _segments(xp: np.ndarray, lay: Layout, j: int) -> np.ndarray:
+    """Segments of pattern position j: (n * n_periods, w) view-copy from padded rows (n, n_pad)."""
+    n = xp.shape[0]
+    off = lay.offsets()[j]
+    w = lay.stage.widths[j]
+    v = xp.reshape(n, lay.n_periods, lay.stage.period)[:, :, off : off + w]
+    return np.ascontiguousarray(v).reshape(-1, w)
+
+
+def encode_rows(x: np.ndarray, stages: tuple[Stage, ...], gain: bool, rotate_rows: bool, seed: int,
+                iters: int, per_centroid: int, train_rows: int | None = None) -> tuple[VqResult, np.ndarray]:
+    """x: (n, c) float32. Returns the encoding and the reconstruction (n, c) float32.
+
+    ``train_rows``: palettes are trained on the segments of the first
+    ``train_rows`` rows only (all when None) — the allocator's trials use it
+    to measure distortion on rows the palettes did not see."""
+    n, c = x.shape
+    signs = rotation_signs(c, seed) if rotate_rows else None
+    y = rotate(x, signs) if signs is not None else x
+    if gain:
+        g0 = np.sqrt(np.einsum("ij,ij->i", y, y) / c).astype(np.float32)
+        g0 = np.where(g0 > 0, g0, 1.0).astype(np.float32)
+        y = y / g0[:, None]
+    resid = y
+    approx = np.zeros_like(y)
+    palettes: list[list[np.ndarray]] = []
+    twigs: list[np.ndarray] = []
+    for si, st in enumerate(stages):
+        lay = Layout(st, c)
+        rp = np.zeros((n, lay.n_pad), dtype=np.float32)
+        rp[:, :c] = resid
+        q = np.zeros_like(rp)
+        qv = q.reshape(n, lay.n_periods, st.period)
+        tw = np.zeros((n, lay.n_periods, len(st.widths)), dtype=twig_dtype(max(st.ks)))
+        pals = []
+        for j, (w, k) in enumerate(zip(st.widths, st.ks)):
+            pts = _segments(rp, lay, j)
+            tr = pts if train_rows is None else pts[: train_rows * lay.n_periods]
+            pal = train_palette(tr, k, seed * 1009 + si * 31 + j, iters, per_centroid)
+            idx = assign(pts, pal)
+            off = lay.offsets()[j]
+            qv[:, :, off : off + w] = pal[idx].reshape(n, lay.n_periods, w)
+            tw[:, :, j] = idx.reshape(n, lay.n_periods)
+            pals.append(pal)
+        palettes.append(pals)
+        twigs.append(tw.reshape(n, lay.n_segments))
+        approx += q[:, :c]
+        resid = y - approx
+    g = None
+    if gain:
+        # least-squares refit of the gain to the quantised shape, stored bf16
+        qq = np.einsum("ij,ij->i", approx, approx)
+        xq = np.einsum("ij,ij->i", y, approx)
+        fit = np.where(qq > 0, xq / np.where(qq > 0, qq, 1.0), 1.0)
+        g = to_bf16(g0 * fit).astype(np.float32)
+        approx = approx * g[:, None]
+    rec = rotate(approx, signs, inverse=True) if signs is not None else approx
+    return VqResult(palettes, twigs, g, signs), rec.astype(np.float32, copy=False)
+
+
+def decode_rows(palettes: list[list[np.ndarray]], twigs: list[np.ndarray], n_cols: int,
+                gain: np.ndarray | None, signs: np.ndarray | None) -> np.ndarray:
+    """Vectorised gathers: one per stage and pattern position. twigs[s]: (m, n_segments)."""
+    m = twigs[0].shape[0] if twigs else 0
+    out = None
+    for pals, tw in zip(palettes, twigs):
+        widths = tuple(p.shape[1] for p in pals)
+        period = sum(widths)
+        n_periods = -(-n_cols // period)
+        q = np.empty((m, n_periods, period), dtype=np.float32)
+        t3 = np.asarray(tw).reshape(m, n_periods, len(widths))
+        off = 0
+        for j, (p, w) in enumerate(zip(pals, widths)):
+            q[:, :, off : off + w] = np.take(np.asarray(p, dtype=np.float32), t3[:, :, j], axis=0)
+            off += w
+        q2 = q.reshape(m, n_periods * period)[:, :n_cols]
+        out = q2.copy() if out is None else out.__iadd__(q2)
+    if out is None:
+        out = np.zeros((m, n_cols), dtype=np.float32)
+    if gain is not None:
+        out *= np.asarray(gain, dtype=np.float32)[:, None]
+    if signs is not None:
+        out = rotate(out, np.asarray(signs), inverse=True)
+    return out
+
+
+def palette_bytes(stages: tuple[Stage, ...], n_cols: int, n_rows: int) -> int:
+    """Stored bytes of all palettes of a group (bf16) with ``n_rows`` rows in the group."""
+    total = 0
+    for st in stages:
+        lay = Layout(st, n_cols)
+        for j, w in enumerate(st.widths):
+            total += lay.k_eff(j, n_rows) * w * BF16_BYTES
+    return total
+
+
+def twig_row_bytes(stages: tuple[Stage, ...], n_cols: int) -> int:
+    return sum(Layout(st, n_cols).row_bytes() for st in stages)
+
+
+__all__ = [
+    "Layout", "Stage", "VqResult", "assign", "decode_rows", "encode_rows", "hadamard_block",
+    "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "train_palette",
+    "twig_row_bytes",
+]

@@ -1,0 +1,30 @@
+"""The four gates of ``hhtld verify`` (SPEC §6) and the pieces they are built from.
+
+* :mod:`.texts` — held-out and calibration sentences (disjoint sources);
+* :mod:`.runner` — run a model with original or swapped weights, compare runs;
+* :mod:`.rows` — gate 1, row fidelity; :mod:`.behaviour` — gates 2 and 4;
+  :mod:`.storage` — gate 3; :mod:`.targets` — the thresholds;
+* :mod:`.report` — results, terminal table, JSON; :mod:`.plots` — PNGs;
+* :mod:`.verify` — ``verify(model, pack)`` ties them together.
+
+torch, transformers and matplotlib are imported only when a model is run or
+a plot is drawn.
+"""
+
+from .behaviour import gate_behaviour, gate_output
+from .plots import write_plots
+from .report import GateResult, VerifyReport
+from .rows import cosine_stats, gate_row_fidelity, measure_rows, row_cosines
+from .runner import ModelRunner, RunOutputs, compare_outputs, family_of_config
+from .storage import gate_storage, measure_storage
+from .targets import Thresholds
+from .texts import calibration_texts, heldout_texts
+from .verify import check_match, verify, write_json
+
+
+__all__ = [
+    "GateResult", "ModelRunner", "RunOutputs", "Thresholds", "VerifyReport", "calibration_texts",
+    "check_match", "compare_outputs", "cosine_stats", "family_of_config", "gate_behaviour",
+    "gate_output", "gate_row_fidelity", "gate_storage", "heldout_texts", "measure_rows",
+    "measure_storage", "row_cosines", "verify", "write_json", "write_plots",
+]

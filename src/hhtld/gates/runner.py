@@ -1,0 +1,403 @@
+"""Run a model with its original or with replacement weights (gates 2 and 4).
+
+:class:`ModelRunner` builds the model once from its ``config.json`` with
+``transformers`` (CPU, float32, eval mode, ``torch.no_grad``), loads the
+checkpoint's tensors through hhtld's own reader (so a single file, a sharded
+index and a folder behave the same), and for each :meth:`ModelRunner.run`
+copies replacement tensors into the parameters in place — the model is never
+rebuilt or re-read from disk per call.
+
+Two families, detected from the config:
+
+* ``embedding`` (BERT-like encoders, e.g. all-MiniLM-L6-v2): sentence
+  embedding = mean of the last hidden state over the attention mask, then L2
+  normalisation (what sentence-transformers does for these models).
+* ``causal`` (``*ForCausalLM`` / ``*LMHeadModel``): next-token
+  log-probabilities at every prompt position (teacher forcing) and, when
+  asked, greedy continuations.
+
+torch and transformers are imported inside the functions, so ``import hhtld``
+stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import GateError, HhtldError
+
+FAMILIES = ("embedding", "causal")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+DEFAULT_BATCH = 32
+DEFAULT_MAX_TOKENS = 128
+
+
+@dataclass
+class RunOutputs:
+    """What one run produced, as numpy arrays (never torch tensors).
+
+    embedding: ``embeddings`` float32 ``(n_texts, hidden)``, rows L2-normalised.
+    causal: ``logprobs`` float32 ``(n_positions, vocab)`` next-token
+    log-probabilities at every prompt position of every text, concatenated;
+    ``offsets`` int64 ``(n_texts + 1,)`` where text ``i`` owns rows
+    ``offsets[i]:offsets[i+1]``; ``greedy`` int64 ``(n_greedy, greedy_tokens)``
+    greedy continuations (``None`` when not asked; shorter continuations that
+    hit an end-of-sequence token are padded with -1).
+    """
+
+    family: str
+    n_texts: int
+    embeddings: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    greedy: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- family and config -------------------------------------------------------------
+def family_of_config(cfg: Mapping[str, Any]) -> str:
+    """``causal`` or ``embedding`` from a parsed ``config.json``.
+
+    ``architectures`` decides when present (``*ForCausalLM`` or
+    ``*LMHeadModel`` → causal, anything else → embedding); without it a
+    decoder-only ``model_type`` (one transformers can load as a causal LM but
+    not as a masked LM) or ``is_decoder: true`` means causal.
+    """
+    archs = cfg.get("architectures") or []
+    if archs:
+        return "causal" if any(str(a).endswith(CAUSAL_SUFFIXES) for a in archs) else "embedding"
+    if cfg.get("is_decoder"):
+        return "causal"
+    mt = cfg.get("model_type")
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+    except ImportError:  # pragma: no cover - transformers is a verify dependency
+        return "embedding"
+    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal"
+    return "embedding"
+
+
+def find_config(model: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
+    """The ``config.json`` to build ``model`` from: ``config`` (a file or a
+    folder holding one) when given, else the model folder's or the folder next
+    to a ``.safetensors`` / index file. Raises :class:`GateError` naming what is missing."""
+    if config is not None:
+        c = Path(config)
+        cfile = c / "config.json" if c.is_dir() else c
+        if not cfile.is_file():
+            raise GateError(f"{c}: no config.json there; --config takes a config.json or a folder holding one")
+        return cfile
+    m = Path(model)
+    folder = m if m.is_dir() else m.parent
+    cfile = folder / "config.json"
+    if m.is_dir() or m.name.endswith(".safetensors.index.json"):
+        if cfile.is_file():
+            return cfile
+    elif cfile.is_file():
+        return cfile
+    raise GateError(
+        f"{m}: no config.json next to the weights, so the model cannot be run; "
+        f"give --config CONFIG (a config.json or a model folder)"
+    )
+
+
+def _load_config_json(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GateError(f"{path}: not a readable config.json ({e})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise GateError(f"{path}: not a transformers config.json (no 'model_type')")
+    return cfg
+
+
+# -- the runner --------------------------------------------------------------------------
+class ModelRunner:
+    """A model built once and run many times with swapped weights.
+
+    Attributes: ``family`` (``embedding``/``causal``), ``checkpoint`` (the
+    hhtld :class:`Checkpoint`), ``param_of`` (checkpoint tensor name → model
+    state-dict key), ``unused`` (checkpoint tensors the model has no slot for,
+    e.g. a stored ``position_ids`` buffer).
+    """
+
+    def __init__(self, ckpt: Checkpoint, config_path: Path, model, tokenizer, family: str,
+                 batch_size: int = DEFAULT_BATCH, max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = False):
+        self.checkpoint = ckpt
+        self.config_path = config_path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.progress = progress
+        self._state = model.state_dict(keep_vars=True)
+        self.param_of: dict[str, str] = {}
+        self.unused: list[str] = []
+        self._map_names()
+        self._dirty: set[str] = set()
+        self._load_original(list(self.param_of))
+        self._check_covered()
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, config=None, *, tokenizer=None, family: str | None = None,
+                   batch_size: int = DEFAULT_BATCH, max_tokens: int = DEFAULT_MAX_TOKENS,
+                   progress: bool = False) -> "ModelRunner":
+        """Build the runner for ``model`` (a folder, a ``.safetensors`` file or an
+        index). A bare ``.safetensors`` without a ``config.json`` beside it needs
+        ``config=`` (a config.json or a folder holding one). The tokenizer is
+        loaded from the config's folder unless ``tokenizer`` is given; ``family``
+        overrides detection."""
+        import torch
+        import transformers
+
+        ckpt = open_checkpoint(model)
+        cfile = find_config(model, config)
+        cfg_json = _load_config_json(cfile)
+        fam = family or family_of_config(cfg_json)
+        if fam not in FAMILIES:
+            raise GateError(f"unknown model family {fam!r}; choose one of {', '.join(FAMILIES)}")
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(str(cfile.parent) if cfile.name == "config.json" else str(cfile))
+        except Exception as e:  # transformers raises many types for a config it cannot use
+            raise GateError(f"{cfile}: transformers cannot build a model from this config ({type(e).__name__}: {e})") from None
+        auto = transformers.AutoModelForCausalLM if fam == "causal" else transformers.AutoModel
+        try:
+            torch.manual_seed(0)
+            net = auto.from_config(cfg)
+        except Exception as e:
+            raise GateError(f"{cfile}: transformers cannot build a {fam} model from this config ({type(e).__name__}: {e})") from None
+        net = net.float().eval()
+        if tokenizer is None:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(cfile.parent))
+            except Exception as e:
+                raise GateError(
+                    f"{cfile.parent}: no usable tokenizer next to the config ({type(e).__name__}); "
+                    f"the model cannot be run on text"
+                ) from None
+        if fam == "causal":
+            tokenizer.padding_side = "right"
+            if tokenizer.pad_token_id is None:
+                if tokenizer.eos_token is not None:
+                    tokenizer.pad_token = tokenizer.eos_token
+                else:
+                    raise GateError(f"{cfile.parent}: the tokenizer has neither a pad nor an end-of-sequence token")
+        return cls(ckpt, cfile, net, tokenizer, fam, batch_size, max_tokens, progress)
+
+    def _map_names(self) -> None:
+        """Checkpoint names → state-dict keys: the name itself, with or without
+        the model's ``base_model_prefix``, and the legacy LayerNorm ``gamma``/``beta``."""
+        keys = self._state
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for name in self.checkpoint.tensors:
+            cands = [name]
+            if prefix:
+                cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+            for c in list(cands):
+                if c.endswith(".gamma"):
+                    cands.append(c[: -len(".gamma")] + ".weight")
+                elif c.endswith(".beta"):
+                    cands.append(c[: -len(".beta")] + ".bias")
+            hit = next((c for c in cands if c in keys), None)
+            if hit is None:
+                self.unused.append(name)
+                continue
+            want = tuple(keys[hit].shape)
+            have = tuple(self.checkpoint.tensors[name].shape)
+            if int(np.prod(want)) != int(np.prod(have)):
+                raise GateError(
+                    f"{self.checkpoint.path}: tensor '{name}' has shape {list(have)} but the model built from "
+                    f"{self.config_path} expects {list(want)} for '{hit}'"
+                )
+            self.param_of[name] = hit
+
+    def _check_covered(self) -> None:
+        loaded = {id(self._state[k]) for k in self.param_of.values()}
+        for pname, p in self.model.named_parameters():
+            if id(p) not in loaded:
+                raise GateError(
+                    f"{self.checkpoint.path}: the model built from {self.config_path} has parameter '{pname}' "
+                    f"that no checkpoint tensor fills; is this the right config?"
+                )
+
+    def _copy(self, name: str, arr: np.ndarray) -> None:
+        import torch
+
+        dst = self._state[self.param_of[name]]
+        a = np.asarray(arr)
+        if a.dtype.kind == "f" and a.dtype != np.float32:
+            a = a.astype(np.float32)
+        src = torch.from_numpy(np.array(a, copy=True, order="C").reshape(tuple(dst.shape)))
+        with torch.no_grad():
+            dst.data.copy_(src.to(dst.dtype))
+
+    def _load_original(self, names) -> None:
+        for n in names:
+            info = self.checkpoint.tensors[n]
+            self._copy(n, self.checkpoint.read_float(n) if info.is_float else np.array(self.checkpoint.read(n)))
+
+    def set_weights(self, weights: Mapping[str, np.ndarray] | None) -> None:
+        """Make the model hold the original weights with ``weights`` (original
+        tensor names → arrays in the original shapes) replacing theirs."""
+        weights = dict(weights or {})
+        for n in weights:
+            if n not in self.checkpoint.tensors:
+                raise GateError(f"{self.checkpoint.path}: no tensor named '{n}' to replace")
+            info = self.checkpoint.tensors[n]
+            shape = tuple(np.shape(weights[n]))
+            if shape != tuple(info.shape):
+                raise GateError(f"tensor '{n}': replacement has shape {list(shape)}, the checkpoint has {list(info.shape)}")
+        restore = [n for n in self._dirty if n not in weights]
+        self._load_original(restore)
+        self._dirty -= set(restore)
+        for n, a in weights.items():
+            if n in self.param_of:
+                self._copy(n, a)
+                self._dirty.add(n)
+
+    # -- running -------------------------------------------------------------------
+    def _batches(self, texts: list[str], desc: str):
+        from tqdm import tqdm
+
+        starts = range(0, len(texts), self.batch_size)
+        return tqdm(starts, desc=desc, unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    def run(self, texts: list[str], weights: Mapping[str, np.ndarray] | None = None,
+            greedy_tokens: int = 0, greedy_texts: int | None = None, desc: str = "run") -> RunOutputs:
+        """Run the model on ``texts`` with ``weights`` swapped in (``None`` = the
+        original weights). Causal models also produce greedy continuations of
+        ``greedy_tokens`` tokens for the first ``greedy_texts`` texts (all when
+        ``None``); 0 skips that slow part."""
+        import torch
+
+        if not texts:
+            raise GateError("no texts to run the model on")
+        self.set_weights(weights)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            if self.family == "embedding":
+                return self._run_embedding(list(texts), desc)
+            out = self._run_causal(list(texts), desc)
+            if greedy_tokens > 0:
+                n = len(texts) if greedy_texts is None else min(len(texts), greedy_texts)
+                out.greedy = self._greedy(list(texts)[:n], greedy_tokens, desc)
+            return out
+
+    def _encode(self, batch: list[str]):
+        return self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+
+    def _run_embedding(self, texts: list[str], desc: str) -> RunOutputs:
+        import torch
+
+        chunks = []
+        for s in self._batches(texts, desc):
+            enc = self._encode(texts[s:s + self.batch_size])
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+        emb = np.concatenate(chunks, axis=0)
+        return RunOutputs("embedding", len(texts), embeddings=emb)
+
+    def _run_causal(self, texts: list[str], desc: str) -> RunOutputs:
+        import torch
+
+        chunks, lengths = [], []
+        for s in self._batches(texts, desc):
+            enc = self._encode(texts[s:s + self.batch_size])
+            enc.pop("token_type_ids", None)
+            logits = self.model(**enc).logits.float()
+            lp = torch.log_softmax(logits, dim=-1)
+            mask = enc["attention_mask"].bool()
+            for i in range(lp.shape[0]):
+                rows = lp[i][mask[i]]
+                chunks.append(rows.numpy())
+                lengths.append(rows.shape[0])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return RunOutputs("causal", len(texts), logprobs=np.concatenate(chunks, axis=0), offsets=offsets)
+
+    def _greedy(self, texts: list[str], n_tokens: int, desc: str) -> np.ndarray:
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        out = np.full((len(texts), n_tokens), -1, dtype=np.int64)
+        try:
+            for s in self._batches(texts, desc + " greedy"):
+                enc = self._encode(texts[s:s + self.batch_size])
+                enc.pop("token_type_ids", None)
+                gen = self.model.generate(**enc, max_new_tokens=n_tokens, do_sample=False,
+                                          pad_token_id=tok.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:].numpy()
+                out[s:s + new.shape[0], :new.shape[1]] = new
+        except HhtldError:
+            raise
+        except Exception as e:
+            raise GateError(f"{self.config_path}: greedy generation failed ({type(e).__name__}: {e})") from None
+        finally:
+            tok.padding_side = old_side
+        return out
+
+
+# -- comparing two runs ----------------------------------------------------------------
+def retrieval_neighbours(emb: np.ndarray, k: int) -> np.ndarray:
+    """int64 ``(n, min(k, n-1))``: for each row of ``emb`` (n, d) the indices of
+    its ``k`` most similar OTHER rows by dot product, best first (ties by index)."""
+    n = emb.shape[0]
+    k = min(k, n - 1)
+    sim = emb.astype(np.float64) @ emb.astype(np.float64).T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    return order[:, :k]
+
+
+def compare_outputs(ref: RunOutputs, new: RunOutputs) -> dict[str, float]:
+    """Agreement of ``new`` with ``ref`` (same texts, same family).
+
+    embedding: ``top1`` fraction of sentences whose nearest other sentence is
+    the same under both; ``top10`` mean ``|top10_ref ∩ top10_new| / 10``;
+    ``cos_mean`` / ``cos_min`` cosine between each sentence's two embeddings.
+    causal: ``top1`` teacher-forced next-token argmax agreement over all
+    positions; ``kl_mean`` / ``kl_max`` KL(ref ‖ new) in nats per position;
+    ``greedy_identical`` fraction of identical greedy continuations (only
+    when both runs made them).
+    """
+    if ref.family != new.family or ref.n_texts != new.n_texts:
+        raise GateError(f"cannot compare a {ref.family} run on {ref.n_texts} texts with a {new.family} run on {new.n_texts}")
+    if ref.family == "embedding":
+        a, b = ref.embeddings.astype(np.float64), new.embeddings.astype(np.float64)
+        cos = np.sum(a * b, axis=1) / np.maximum(
+            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        cos = np.clip(cos, -1.0, 1.0)
+        out = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+        if ref.n_texts < 2:
+            raise GateError("retrieval agreement needs at least 2 texts")
+        k = min(10, ref.n_texts - 1)
+        na, nb = retrieval_neighbours(a, k), retrieval_neighbours(b, k)
+        out["top1"] = float(np.mean(na[:, 0] == nb[:, 0]))
+        overlap = [len(set(x) & set(y)) / k for x, y in zip(na.tolist(), nb.tolist())]
+        out["top10"] = float(np.mean(overlap))
+        return {k_: out[k_] for k_ in ("top1", "top10", "cos_mean", "cos_min")}
+    if not np.array_equal(ref.offsets, new.offsets):
+        raise GateError("the two causal runs tokenised the texts differently")
+    p, q = ref.logprobs.astype(np.float64), new.logprobs.astype(np.float64)
+    top1 = float(np.mean(p.argmax(axis=1) == q.argmax(axis=1)))
+    kl = np.sum(np.exp(p) * (p - q), axis=1)
+    kl = np.maximum(kl, 0.0)  # rounding can give -1e-12
+    out = {"top1": top1, "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+    if ref.greedy is not None and new.greedy is not None:
+        n = min(len(ref.greedy), len(new.greedy))
+        out["greedy_identical"] = float(np.mean(np.all(ref.greedy[:n] == new.greedy[:n], axis=1)))
+    return out

@@ -1,0 +1,159 @@
+"""``verify(model, pack)``: the four gates of SPEC §6 for one pack."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import GateError, OptionsError
+from ..pack.reader import Pack
+from ..stfile import NUMPY_DTYPES
+from .behaviour import gate_behaviour, gate_output
+from .report import VerifyReport
+from .rows import gate_row_fidelity, measure_rows
+from .runner import ModelRunner, compare_outputs, find_config
+from .storage import gate_storage, measure_storage
+from .targets import Thresholds
+from .texts import HELDOUT_MODULES, heldout_texts
+
+DEFAULT_GREEDY_TOKENS = 32
+DEFAULT_GREEDY_TEXTS = 32
+
+
+def check_match(ckpt: Checkpoint, pack: Pack) -> None:
+    """Raise :class:`GateError` unless ``pack`` holds exactly the tensors of
+    ``ckpt`` (same names, same shapes)."""
+    where = f"{pack.path}: does not match {ckpt.path}"
+    for name, t in ckpt.tensors.items():
+        if name not in pack.tensors:
+            raise GateError(f"{where}: tensor '{name}' is in the model but not in the pack")
+        shape = list(pack.tensors[name]["shape"])
+        if shape != list(t.shape):
+            raise GateError(f"{where}: tensor '{name}' has shape {shape} in the pack but {list(t.shape)} in the model")
+    extra = [n for n in pack.tensors if n not in ckpt.tensors]
+    if extra:
+        raise GateError(f"{where}: the pack has tensor '{extra[0]}' that the model lacks"
+                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def _pick_texts(texts: int | Sequence[str] | None) -> tuple[list[str], str]:
+    every = heldout_texts()
+    source = f"docstrings of Python standard-library modules ({', '.join(HELDOUT_MODULES)})"
+    if texts is None:
+        return every, source
+    if isinstance(texts, (int, np.integer)) and not isinstance(texts, bool):
+        if not 2 <= texts <= len(every):
+            raise OptionsError(f"--texts must be between 2 and {len(every)} (the held-out sentences), got {texts}")
+        return every[:texts], source
+    out = [str(t) for t in texts]
+    if len(out) < 2:
+        raise OptionsError("verify needs at least 2 texts")
+    return out, "given by the caller"
+
+
+def verify(
+    model: str | os.PathLike,
+    pack: str | os.PathLike | Pack,
+    config: str | os.PathLike | None = None,
+    *,
+    texts: int | Sequence[str] | None = None,
+    thresholds: Thresholds = Thresholds(),
+    greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
+    greedy_texts: int = DEFAULT_GREEDY_TEXTS,
+    batch_size: int = 32,
+    progress: bool = False,
+    runner: ModelRunner | None = None,
+    tokenizer=None,
+) -> VerifyReport:
+    """Measure the four gates of ``pack`` against the ``model`` it was made from.
+
+    ``model``: folder, ``.safetensors`` file or index; a bare file needs
+    ``config`` (a config.json or a folder holding one, with the tokenizer).
+    ``texts``: how many held-out sentences (default all 256), or a list of
+    texts. Causal models also compare ``greedy_tokens``-token greedy
+    continuations of the first ``greedy_texts`` texts (0 turns it off).
+    ``runner``: an already built :class:`ModelRunner` of ``model`` to reuse.
+
+    Raises :class:`GateError` when the pack does not match the model or the
+    model cannot be run; gate failures are results, not errors.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    if greedy_tokens < 0 or greedy_texts < 0:
+        raise OptionsError(f"--greedy-tokens and --greedy-texts must be >= 0, got {greedy_tokens} and {greedy_texts}")
+    p = pack if isinstance(pack, Pack) else Pack(pack)
+    ckpt = runner.checkpoint if runner is not None else open_checkpoint(model)
+    check_match(ckpt, p)
+    chosen, source = _pick_texts(texts)
+    cfile = runner.config_path if runner is not None else find_config(model, config)
+
+    t = time.perf_counter()
+    storage = measure_storage(p)
+    g3 = gate_storage(storage, thresholds)
+    timings["storage"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if runner is None:
+        runner = ModelRunner.from_model(model, config, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+    timings["load_model"] = time.perf_counter() - t
+
+    # Gate 1, keeping each decoded tensor for the decoded-weights run.
+    t = time.perf_counter()
+    decoded: dict[str, np.ndarray] = {}
+
+    def keep(name: str, rows: np.ndarray) -> None:
+        if name not in runner.param_of:
+            return
+        info = p.info(name)
+        a = rows.T if info.get("transposed") else rows
+        a = np.ascontiguousarray(a).reshape(info["shape"])
+        # through the original dtype, as `hhtld decode` writes it
+        decoded[name] = a.astype(NUMPY_DTYPES[info["dtype"]]).astype(np.float32)
+
+    rows = measure_rows(ckpt, p, progress=progress, on_decoded=keep)
+    g1 = gate_row_fidelity(rows, thresholds)
+    timings["rows"] = time.perf_counter() - t
+    for name in p.passthrough_names():  # passthrough tensors, from the pack too (checksummed)
+        if name in runner.param_of and name not in decoded and ckpt.tensors[name].is_float:
+            decoded[name] = np.asarray(p.tensor(name), dtype=np.float32)
+
+    t = time.perf_counter()
+    greedy = greedy_tokens if runner.family == "causal" else 0
+    ref = runner.run(chosen, None, greedy_tokens=greedy, greedy_texts=greedy_texts, desc="original")
+    new = runner.run(chosen, decoded, greedy_tokens=greedy, greedy_texts=greedy_texts, desc="decoded")
+    runner.set_weights(None)
+    cmp = compare_outputs(ref, new)
+    if greedy:
+        cmp["greedy_tokens"] = greedy
+        cmp["greedy_texts"] = min(greedy_texts, len(chosen))
+    timings["behaviour"] = time.perf_counter() - t
+    if not all(np.isfinite(v) for v in cmp.values()):
+        raise GateError(f"{p.path}: the decoded model produces non-finite outputs")
+    g2 = gate_behaviour(cmp, runner.family, thresholds)
+    g4 = gate_output(cmp, runner.family, thresholds)
+
+    behaviour = {"n_texts": len(chosen), "texts_source": source, **cmp}
+    if runner.family == "causal":
+        behaviour["positions"] = int(ref.offsets[-1])
+    cosines = rows.pop("cosines")
+    return VerifyReport(
+        model=str(model), pack=str(p.path), config=str(cfile), family=runner.family,
+        gates=[g1, g2, g3, g4], rows=rows, storage=storage, behaviour=behaviour,
+        thresholds=thresholds.to_json(), seconds=time.perf_counter() - t0, timings=timings,
+        row_cosines=cosines,
+    )
+
+
+def write_json(report: VerifyReport, path: str | os.PathLike) -> Path:
+    """Write the report's JSON to ``path`` (parents created)."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    return out
