@@ -25,7 +25,7 @@ from ..format import ROUTE_ATTEND_PERCENTILE, ROUTE_SKIP_PERCENTILE, SLOT_L_LANE
 from .base import Codec, EncodedGroup, EncodedTensor, Parts
 from .hhtl_cache import check_percentiles
 from .hhtl_d import build_hhtl_d_group, decode_rows17, entry_twigs
-from .svd_basis import combine_lanes
+from .slot_l import add_stored_leaf, basis_parts, leaf_parts
 from .palette import check_k
 
 
@@ -69,16 +69,11 @@ class HhtlDCodec(Codec):
             "gamma": s.fisher_z.gamma.to_array(),
         }
         if s.basis is not None:
-            out.arrays["basis"] = s.basis.vectors
-            out.arrays["singular"] = s.basis.singular
+            out.arrays.update(basis_parts(s.basis))
             out.params["basis_energy"] = round(s.basis.energy(), 6)
         for name in names:
             t = g.tensors[name]
-            arrays = {"entry": t.entries}
-            if t.leaf is not None:
-                arrays["leaf"] = t.leaf
-                arrays["leaf_scale"] = np.array([t.leaf_scale], dtype=np.float32)
-            out.tensors[name] = EncodedTensor({}, arrays)
+            out.tensors[name] = EncodedTensor({}, {"entry": t.entries, **leaf_parts(t.leaf, t.leaf_scale)})
         return out
 
     @classmethod
@@ -87,11 +82,7 @@ class HhtlDCodec(Codec):
         cols = int(group.params["cols"])
         twig = entry_twigs(tensor["entry"], sel)  # (m,)
         out = decode_rows17(group["palette17"], twig, cols)  # (m, cols)
-        if "leaf" in tensor:
-            basis = np.asarray(group["basis"], dtype=np.float32)  # (lanes, cols)
-            q = np.asarray(tensor["leaf"][sel], dtype=np.float32)
-            out += combine_lanes(q * np.float32(tensor["leaf_scale"][0]), basis)
-        return out
+        return add_stored_leaf(out, group, tensor, sel)
 
 
 __all__ = ["HhtlDCodec"]

@@ -19,7 +19,7 @@ from ..format import SLOT_L_LANES, CodecId
 from .base import Codec, EncodedGroup, EncodedTensor, Parts
 from .group import build_group_with_leaf
 from .palette import check_k, to_bf16
-from .svd_basis import combine_lanes
+from .slot_l import add_stored_leaf, basis_parts, leaf_parts
 
 
 class HhtlF32Codec(Codec):
@@ -46,16 +46,11 @@ class HhtlF32Codec(Codec):
             "gamma": g.fisher_z.gamma.to_array(),
         }
         if g.basis is not None:
-            out.arrays["basis"] = g.basis.vectors
-            out.arrays["singular"] = g.basis.singular
+            out.arrays.update(basis_parts(g.basis))
             out.params["basis_energy"] = round(g.basis.energy(), 6)
         for name in names:
             t = g.tensors[name]
-            arrays = {"twig": t.twig}
-            if t.leaf is not None:
-                arrays["leaf"] = t.leaf
-                arrays["leaf_scale"] = np.array([t.leaf_scale], dtype=np.float32)
-            out.tensors[name] = EncodedTensor({}, arrays)
+            out.tensors[name] = EncodedTensor({}, {"twig": t.twig, **leaf_parts(t.leaf, t.leaf_scale)})
         return out
 
     @classmethod
@@ -64,11 +59,7 @@ class HhtlF32Codec(Codec):
         palette = np.asarray(group["palette"], dtype=np.float32)  # (k, d)
         twig = np.asarray(tensor["twig"][sel], dtype=np.int64)
         out = palette[twig]
-        if "leaf" in tensor:
-            basis = np.asarray(group["basis"], dtype=np.float32)  # (lanes, d)
-            q = np.asarray(tensor["leaf"][sel], dtype=np.float32)
-            out += combine_lanes(q * np.float32(tensor["leaf_scale"][0]), basis)
-        return out
+        return add_stored_leaf(out, group, tensor, sel)
 
 
 __all__ = ["HhtlF32Codec", "should_use_leaf"]

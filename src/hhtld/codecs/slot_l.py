@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..format import SLOT_L_LANES, SLOT_L_SCALE_BYTES
-from .svd_basis import SvdBasis
+from .svd_basis import SvdBasis, combine_lanes
 
 
 def encode_slot_l(residual: np.ndarray, basis: SvdBasis) -> tuple[np.ndarray, float]:
@@ -30,3 +30,30 @@ def decode_slot_l(q: np.ndarray, scale: float, basis: SvdBasis) -> np.ndarray:
 def slot_l_byte_size(n_rows: int, lanes: int = SLOT_L_LANES) -> int:
     """Stored bytes of one tensor's leaf: lanes x int8 per row + one f32 scale."""
     return n_rows * lanes + SLOT_L_SCALE_BYTES
+
+
+# --- stored parts of a leaf (shared by every codec that carries Slot L) ---------
+
+def basis_parts(basis: SvdBasis) -> dict[str, np.ndarray]:
+    """Group parts of a shared basis: basis (n, d) bf16, singular (r,) f32."""
+    return {"basis": basis.vectors, "singular": basis.singular}
+
+
+def leaf_parts(q: np.ndarray | None, scale: float) -> dict[str, np.ndarray]:
+    """Tensor parts of a leaf: leaf (n, lanes) i8 and leaf_scale (1,) f32; none without a leaf."""
+    if q is None:
+        return {}
+    return {"leaf": q, "leaf_scale": np.array([scale], dtype=np.float32)}
+
+
+def add_stored_leaf(out: np.ndarray, group, tensor, sel) -> np.ndarray:
+    """Add the stored leaf of rows ``sel`` to ``out`` (m, d) in place, when the tensor has one.
+
+    ``group`` / ``tensor`` are the codec's ``Parts``; the sum runs lane by lane
+    (``combine_lanes``) so one decoded row has exactly the bits of a full decode.
+    """
+    if "leaf" in tensor:
+        basis = np.asarray(group["basis"], dtype=np.float32)  # (lanes, d)
+        q = np.asarray(tensor["leaf"][sel], dtype=np.float32)  # (m, lanes)
+        out += combine_lanes(q * np.float32(tensor["leaf_scale"][0]), basis)
+    return out
