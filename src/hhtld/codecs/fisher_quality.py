@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from .fisher_z import FisherZTable, cosine_matrix
 
@@ -44,6 +43,8 @@ def fisher_z_quality(table: FisherZTable, representatives: np.ndarray) -> Fisher
     err = np.abs(restored - exact)
     rho = None
     if exact.size >= 3 and np.ptp(exact) > 0 and np.ptp(restored) > 0:
+        from scipy.stats import spearmanr  # imported here: scipy.stats costs ~0.6 s at start-up
+
         rho = float(spearmanr(restored, exact)[0])
     return FisherZQuality(rho, float(err.mean()), float(err.max()), int(exact.size))
 

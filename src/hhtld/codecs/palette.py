@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..errors import CodecError
 from ..format import MAX_PALETTE_K
@@ -38,6 +39,13 @@ def furthest_point_sample(rows: np.ndarray, k: int, start: int | None = None) ->
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     k = min(int(k), n)
+    # k small matrix-vector products in a row: memory-bound, and threaded BLAS
+    # stalls on every call when another process holds a core (measured: 40x).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fps(rows, k, start)
+
+
+def _fps(rows: np.ndarray, k: int, start: int | None) -> np.ndarray:
     sq = np.einsum("ij,ij->i", rows, rows)  # (n,)
     first = int(np.argmax(sq)) if start is None else int(start)
     chosen = [first]
