@@ -42,7 +42,8 @@ def test_inspect_model_is_a_dry_run_json(small_ckpt, capsys):
 
 
 def test_encode_json_and_options(small_ckpt, tmp_path, capsys):
-    code, out, _ = run(capsys, "encode", small_ckpt, "-o", tmp_path / "a.hhtld", "--k", "16", "--json", "-q",
+    code, out, _ = run(capsys, "encode", small_ckpt, "-o", tmp_path / "a.hhtld", "--codec", "hhtl-f32", "--k", "16",
+                       "--json", "-q",
                        "--rule", r"query=embed")
     info = json.loads(out)
     assert code == 0 and info["codec_options"]["k"] == 16
@@ -51,9 +52,9 @@ def test_encode_json_and_options(small_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["encode", "{tmp}/missing.safetensors", "-o", "{tmp}/x.hhtld"], "{tmp}/missing.safetensors: no such file or directory"),
-    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--k", "257"],
+    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--codec", "hhtl-f32", "--k", "257"],
      "palette size k=257 is out of range: it must satisfy 0 < k <= 256"),
-    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--k", "0"],
+    (["encode", "{ckpt}", "-o", "{tmp}/x.hhtld", "--codec", "hhtl-f32", "--k", "0"],
      "palette size k=0 is out of range: it must satisfy 0 < k <= 256"),
     (["encode", "{text}", "-o", "{tmp}/x.hhtld"], "{text}: not a safetensors file (header length out of range)"),
     (["decode", "{ckpt}", "-o", "{tmp}/d"],

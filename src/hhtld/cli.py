@@ -54,22 +54,54 @@ def cmd_encode(args) -> int:
     from .pack import encode_checkpoint
 
     policy, rules = _policy(args)
-    opts = {"k": args.k, "leaf_lanes": args.leaf_lanes}
-    res = encode_checkpoint(args.model, args.output, codec=args.codec,
-                            codec_options={k: v for k, v in opts.items() if v is not None},
-                            policy=policy, rules=rules, include_aux=not args.no_aux_files,
-                            progress=not args.quiet)
+    opts = {"k": args.k, "leaf_lanes": args.leaf_lanes, "stages": args.stages, "rotate": args.rotate,
+            "gain": args.gain, "seed": args.seed}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    known = CODECS[args.codec].defaults
+    wrong = [k for k in opts if k not in known]
+    if wrong:
+        raise HhtldError(f"--{wrong[0].replace('_', '-')} is not an option of codec {args.codec}")
+    allocation = None
+    if args.codec == "hhtl-vq" and "stages" not in opts:
+        # the budget codec: a rate allocation chooses a ladder rung per group (SPEC §4)
+        from .budget import encode_budget
+
+        fixed = [k for k in ("rotate", "gain", "leaf_lanes") if k in opts]
+        if fixed:
+            raise HhtldError(f"--{fixed[0].replace('_', '-')} applies to a fixed --stages setting; "
+                             "the allocation's ladder sets it per rung")
+        res, allocation = encode_budget(args.model, args.output, target=args.target, bpw=args.bpw,
+                                        config=args.config, policy=policy, rules=rules, codec_options=opts,
+                                        include_aux=not args.no_aux_files, progress=not args.quiet,
+                                        log=None if (args.json or args.quiet) else print)
+    else:
+        if args.target != "behaviour" or args.bpw is not None:
+            raise HhtldError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
+                             f"{'a fixed --stages setting' if args.codec == 'hhtl-vq' else 'codec ' + args.codec}")
+        res = encode_checkpoint(args.model, args.output, codec=args.codec, codec_options=opts,
+                                policy=policy, rules=rules, include_aux=not args.no_aux_files,
+                                progress=not args.quiet)
     info = inspect_pack(res.path)
-    info["encode_seconds"] = res.seconds
+    info["encode_seconds"] = res.seconds if allocation is None else allocation.seconds.get("total", res.seconds)
     info["weights_encoded"] = res.n_weights_encoded
+    if allocation is not None:
+        info["allocation"] = allocation.to_json()
     if args.json:
         _emit_json(info, args.json)
         return 0
     if not args.quiet:
         print(format_inspect(info))
-    rate = res.n_weights_encoded / res.seconds / 1e6 if res.seconds > 0 else float("inf")
+    secs = info["encode_seconds"]
+    rate = res.n_weights_encoded / secs / 1e6 if secs > 0 else float("inf")
+    if allocation is not None:
+        for note in allocation.notes:
+            print(f"hhtld: note: {note}", file=sys.stderr)
+    if allocation is not None and not args.quiet:
+        print(f"allocation --target {allocation.target}"
+              f"{'' if args.bpw is None else f' --bpw {args.bpw}'}: {allocation.bpw:.3f} bits per encoded weight")
     print(f"wrote {res.path}: {human_bytes(info['file_bytes'])}, {info['ratio_vs_bf16']:.2f}:1 against bf16; "
-          f"{res.n_weights_encoded / 1e6:.2f}M weights encoded in {res.seconds:.1f} s ({rate:.2f} M weights/s)")
+          f"{res.n_weights_encoded / 1e6:.2f}M weights encoded in {secs:.1f} s ({rate:.2f} M weights/s"
+          f"{', allocation included' if allocation is not None else ''})")
     return 0
 
 
@@ -152,8 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model.safetensors, model.safetensors.index.json, or a model folder")
     e.add_argument("-o", "--output", required=True, help="the .hhtld pack to write (atomically)")
     e.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS), help="codec (default %(default)s)")
-    e.add_argument("--k", type=int, default=None, help="palette size, 0 < k <= 256 (default 256)")
-    e.add_argument("--leaf-lanes", type=int, default=None, help="Slot L lanes of index-regime groups (default 8)")
+    e.add_argument("--k", type=int, default=None, help="hhtl-f32/hhtl-d: palette size, 0 < k <= 256 (default 256)")
+    e.add_argument("--leaf-lanes", type=int, default=None, help="Slot L lanes of index-regime groups (hhtl-f32 default 8, hhtl-vq default 0)")
+    e.add_argument("--target", choices=["behaviour", "rows"], default="behaviour",
+                   help="hhtl-vq rate allocation: 'behaviour' = cheapest allocation that keeps the model's outputs "
+                        "on calibration texts within the verify thresholds (needs a runnable config.json; falls back "
+                        "to 'rows' with a note), 'rows' = per group the cheapest setting that passes gate 1 "
+                        "(default %(default)s)")
+    e.add_argument("--bpw", type=float, default=None, metavar="X",
+                   help="hhtl-vq: spend a fixed budget of X bits per encoded weight (all stored bytes of the groups)")
+    e.add_argument("--config", default=None, metavar="CONFIG",
+                   help="config.json (or a folder holding one) to run the model for --target behaviour")
+    e.add_argument("--stages", default=None,
+                   help="hhtl-vq: one fixed setting for every group instead of an allocation, e.g. '4', '4,3', '2+4' "
+                        "(segment widths per residual stage; WIDTH:K for palettes of K > 256)")
+    e.add_argument("--rotate", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL",
+                   help="hhtl-vq: randomised Hadamard rotation before quantising (default true)")
+    e.add_argument("--gain", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL",
+                   help="hhtl-vq: per-row bf16 gain (default true)")
+    e.add_argument("--seed", type=int, default=None, help="hhtl-vq: seed of palettes and rotation (default 0)")
     e.add_argument("--no-aux-files", action="store_true", help="do not carry a model folder's config/tokenizer files")
     e.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no group table")

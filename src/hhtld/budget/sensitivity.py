@@ -28,7 +28,7 @@ from ..gates.rows import row_cosines
 from ..pack.writer import read_rows
 from .settings import Setting
 
-TRIAL_ROWS = 768
+TRIAL_ROWS = 384
 
 
 @dataclass
@@ -63,8 +63,8 @@ class GroupTrials:
 
     sample: np.ndarray
     seed: int = 0
-    iters: int = 10
-    per_centroid: int = 64
+    iters: int = 6
+    per_centroid: int = 32
     cache: dict[str, Trial] = field(default_factory=dict)
 
     def __call__(self, s: Setting) -> Trial:

@@ -54,15 +54,12 @@ class Setting:
 # Cheapest first. Names carry the nominal bits per weight of the twigs.
 LADDER: tuple[Setting, ...] = (
     Setting("vq1.0", "8"),
-    Setting("vq1.3", "6"),
     Setting("vq1.6", "5"),
     Setting("vq2.0", "4"),
     Setting("vq2.1", "4,4,4,3"),
-    Setting("vq2.2", "4,4,3"),
     Setting("vq2.3", "4,3"),
     Setting("vq2.7", "3"),
     Setting("vq2.9", "3,3,3,2"),
-    Setting("vq3.0", "3,3,2"),
     Setting("vq3.2", "3,2"),
     Setting("vq4.0", "2"),
     Setting("vq4.5", "2+16"),

@@ -94,6 +94,8 @@ class HhtlVqCodec(Codec):
         o["stages"] = stages_str(self._stages)
         o["gain"] = _as_bool("gain", o["gain"])
         o["rotate"] = _as_bool("rotate", o["rotate"])
+        if o["setting"] is not None and not isinstance(o["setting"], str):
+            raise OptionsError(f"codec {self.name}: setting must be a rung name, got {o['setting']!r}")
         for name, lo, hi in (("leaf_lanes", 0, 64), ("iters", 0, 100), ("per_centroid", 1, 100000),
                              ("seed", 0, 2**31 - 1)):
             v = o[name]
@@ -106,6 +108,8 @@ class HhtlVqCodec(Codec):
         n_cols = int(key.shape[1])
         out = EncodedGroup(params={"stages": o["stages"], "n_cols": n_cols, "gain": o["gain"],
                                    "rotate": o["rotate"], "leaf": False})
+        if o.get("setting"):
+            out.params["setting"] = o["setting"]
         if not names:
             out.params["bpw"] = 0.0
             return out

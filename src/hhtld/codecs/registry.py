@@ -9,7 +9,7 @@ from .hhtl_f32_codec import HhtlF32Codec
 from .hhtl_vq_codec import HhtlVqCodec
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (HhtlF32Codec, HhtlDCodec, HhtlVqCodec)}
-DEFAULT_CODEC = "hhtl-f32"
+DEFAULT_CODEC = "hhtl-vq"  # budget codec, rate allocation --target behaviour (issue 5)
 
 
 def codec_class(name: str) -> type[Codec]:

@@ -160,6 +160,27 @@ def _faiss():
     return faiss
 
 
+SMALL_PROBLEM = 1 << 18  # points below which faiss runs on one thread (no OpenMP overhead)
+
+
+class _threads:
+    """faiss on one thread for small problems: on a busy 2-core machine OpenMP's
+    barriers cost more than the second core gives back."""
+
+    def __init__(self, n_points: int):
+        self.one = n_points < SMALL_PROBLEM
+
+    def __enter__(self):
+        if self.one:
+            faiss = _faiss()
+            self.prev = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.one:
+            _faiss().omp_set_num_threads(self.prev)
+
+
 def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroid: int) -> np.ndarray:
     """Palette of at most k rows for ``points`` (m, w) float32, bf16-exact float32.
 
@@ -184,7 +205,8 @@ def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroi
         faiss = _faiss()
         km = faiss.Kmeans(w, k, niter=int(iters), seed=int(seed) & 0x7FFFFFFF, verbose=False,
                           max_points_per_centroid=max(1, n_train // k + 1), min_points_per_centroid=1)
-        km.train(sample, init_centroids=np.ascontiguousarray(init))
+        with _threads(n_train):
+            km.train(sample, init_centroids=np.ascontiguousarray(init))
         cent = km.centroids
     else:
         cent = init
@@ -198,7 +220,8 @@ def assign(points: np.ndarray, palette: np.ndarray) -> np.ndarray:
     faiss = _faiss()
     index = faiss.IndexFlatL2(palette.shape[1])
     index.add(np.ascontiguousarray(palette, dtype=np.float32))
-    _, idx = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
+    with _threads(points.shape[0]):
+        _, idx = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
     return idx[:, 0].astype(np.int64)
 
 

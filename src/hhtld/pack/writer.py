@@ -16,7 +16,11 @@ from tqdm import tqdm
 from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..classify import DEFAULT_RULES, EncodablePolicy, Plan, RuleTable, plan_checkpoint
-from ..codecs.registry import DEFAULT_CODEC, make_codec
+from ..codecs.registry import make_codec
+
+# One fixed codec setting for every group; the product default (hhtl-vq with a
+# rate allocation) is hhtld.budget.encode_budget, which calls this per round.
+REFERENCE_CODEC = "hhtl-f32"
 from ..errors import HhtldError, OptionsError
 from ..format import (
     BF16_BYTES,
@@ -66,7 +70,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def encode_checkpoint(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    codec: str = DEFAULT_CODEC,
+    codec: str = REFERENCE_CODEC,
     codec_options: dict[str, Any] | None = None,
     policy: EncodablePolicy = EncodablePolicy(),
     rules: RuleTable = DEFAULT_RULES,

@@ -1,0 +1,107 @@
+"""Rate allocation: ladder accounting, greedy, the rows target, --bpw, behaviour on MiniLM (slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hhtld.budget import LADDER, encode_budget, greedy
+from hhtld.budget.allocate import allocate_rows
+from hhtld.budget.sensitivity import Trial
+from hhtld.classify import EncodablePolicy
+from hhtld.classify.groups import GroupKey, GroupPlan
+from hhtld.gates.targets import Thresholds
+from hhtld.pack.reader import Pack
+
+
+def test_ladder_is_cheapest_first_and_rates_are_exact():
+    bits = [s.bpw(6, 1536, 384) for s in LADDER]
+    assert bits == sorted(bits)
+    s = next(x for x in LADDER if x.name == "vq2.0")  # "4": 96 u8 twigs + bf16 gain a row, 4 palettes... one
+    n = 6 * 1536
+    want = n * (96 + 2) + 256 * 4 * 2 + 384  # twigs + gains, palette (256 x 4 bf16), rotation signs
+    assert s.bits(6, 1536, 384) == 8 * want
+
+
+class _FakeTrials:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, s):
+        i = [x.name for x in LADDER].index(s.name)
+        d = self.scale * 2.0 ** (-i)
+        return Trial(d, 1 - d, 1 - 2 * d)
+
+
+def _groups():
+    gs = []
+    for i, (role, n) in enumerate((("embed", 1), ("up", 4), ("qko", 12))):
+        g = GroupPlan(i, GroupKey("encoder", role, (384, 384)))
+        g.tensors = [None] * n
+        gs.append(g)
+    return gs
+
+
+def test_rows_target_takes_the_cheapest_passing_rung():
+    gs = _groups()
+    trials = {str(g.key): _FakeTrials(0.1) for g in gs}
+    ch = allocate_rows(gs, trials, Thresholds(), margin=0.0)
+    for g in gs:
+        c = ch[str(g.key)]
+        i = [x.name for x in LADDER].index(c.setting.name)
+        med, p5 = Thresholds().row_targets(g.regime)
+        t = trials[str(g.key)](c.setting)
+        assert t.median >= med and t.p5 >= p5
+        assert i == 0 or not (trials[str(g.key)](LADDER[i - 1]).median >= med and trials[str(g.key)](LADDER[i - 1]).p5 >= p5)
+
+
+def test_greedy_spends_bits_where_they_buy_most_and_keeps_the_budget():
+    gs = _groups()
+    sens = {str(gs[0].key): 0.01, str(gs[1].key): 10.0, str(gs[2].key): 1.0}
+    trials = {str(g.key): _FakeTrials(0.1) for g in gs}
+
+    def loss(g, s):
+        return sens[str(g.key)] * trials[str(g.key)](s).rel_mse
+
+    start = {str(g.key): 0 for g in gs}
+    total_w = sum(g.n_weights for g in gs)
+    st = greedy(gs, start, loss, lambda _l: False, budget_bits=3.0 * total_w)
+    used = sum(LADDER[st[str(g.key)]].group_bits(g.key, len(g.tensors)) for g in gs)
+    assert used <= 3.0 * total_w
+    assert st[str(gs[1].key)] > st[str(gs[0].key)]  # the sensitive group got more
+    st2 = greedy(gs, start, loss, lambda l: l <= 1e-3)
+    assert sum(loss(g, LADDER[st2[str(g.key)]]) for g in gs) <= 1e-3
+
+
+def test_rows_target_on_a_small_checkpoint_falls_back_with_a_note(small_folder, tmp_path):
+    out = tmp_path / "m.hhtld"
+    res, al = encode_budget(small_folder, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
+    assert al.target == "rows" and any("falling back" in n for n in al.notes)
+    assert al.checks[-1]["ok"]
+    p = Pack(out)
+    assert {g["codec"] for g in p.groups} == {"hhtl-vq"}
+    assert all("setting" in g["options"] and g["options"]["setting"] for g in p.groups)
+    res2, al2 = encode_budget(small_folder, tmp_path / "n.hhtld", target="rows", policy=EncodablePolicy(encode_all=True))
+    assert out.read_bytes() == (tmp_path / "n.hhtld").read_bytes()  # same input and options, same bytes
+
+
+def test_bpw_budget_is_kept(small_ckpt, tmp_path):
+    for bpw in (2.5, 5.0):
+        res, al = encode_budget(small_ckpt, tmp_path / f"b{bpw}.hhtld", target="rows", bpw=bpw,
+                                policy=EncodablePolicy(encode_all=True))
+        assert al.bpw <= bpw
+        p = Pack(res.path)
+        b = p.byte_breakdown()
+        stored = sum(sum(v for k, v in g.items()) for g in b["groups"])
+        assert 8 * stored == al.bits  # the allocation's accounting is the pack's
+
+
+@pytest.mark.slow
+def test_behaviour_target_on_minilm(minilm_dir, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "minilm.hhtld"
+    res, al = encode_budget(minilm_dir, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
+    assert al.target == "behaviour"
+    check = al.checks[-1]
+    assert check["ok"] and check["top1"] >= 0.95 and check["cos_mean"] >= 0.995
+    assert Pack(out).storage_ratio() >= 2.5
