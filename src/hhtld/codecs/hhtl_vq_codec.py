@@ -30,7 +30,7 @@ from ..errors import CodecError, OptionsError
 from ..format import BF16_BYTES, F32_BYTES, SLOT_L_SCALE_BYTES, CodecId
 from .base import Codec, EncodedGroup, EncodedTensor, Parts
 from .palette import to_bf16
-from .slot_l import encode_slot_l
+from .slot_l import add_stored_leaf, basis_parts, encode_slot_l, leaf_parts
 from .svd_basis import SvdBasis
 from .vq import Layout, decode_rows as vq_decode_rows, encode_rows, palette_bytes, parse_stages, stages_str
 
@@ -124,8 +124,7 @@ class HhtlVqCodec(Codec):
         basis = None
         if o["leaf_lanes"] and should_use_leaf(key.role):
             basis = SvdBasis.fit(x - rec, o["leaf_lanes"])
-            out.arrays["basis"] = basis.vectors
-            out.arrays["singular"] = basis.singular
+            out.arrays.update(basis_parts(basis))
             out.params["leaf"] = True
             out.params["leaf_lanes"] = o["leaf_lanes"]
             out.params["basis_energy"] = round(basis.energy(), 6)
@@ -138,9 +137,7 @@ class HhtlVqCodec(Codec):
             if res.gain is not None:
                 arrays["gain"] = to_bf16(res.gain[sl])
             if basis is not None:
-                q, s = encode_slot_l(x[sl] - rec[sl], basis)
-                arrays["leaf"] = q
-                arrays["leaf_scale"] = np.array([s], dtype=np.float32)
+                arrays.update(leaf_parts(*encode_slot_l(x[sl] - rec[sl], basis)))
             out.tensors[name] = EncodedTensor({}, arrays)
         nbytes = sum(a.nbytes for a in out.arrays.values()) + sum(
             a.nbytes for t in out.tensors.values() for a in t.arrays.values())
@@ -162,11 +159,7 @@ class HhtlVqCodec(Codec):
         gain = np.asarray(tensor["gain"][sel], dtype=np.float32) if "gain" in tensor else None
         signs = np.asarray(group["rotation"]) if "rotation" in group else None
         out = vq_decode_rows(palettes, twigs, n_cols, gain, signs)
-        if "leaf" in tensor:
-            basis = np.asarray(group["basis"], dtype=np.float32)
-            q = np.asarray(tensor["leaf"][sel], dtype=np.float32)
-            out += (q * np.float32(tensor["leaf_scale"][0])) @ basis
-        return out
+        return add_stored_leaf(out, group, tensor, sel)
 
 
 __all__ = ["HhtlVqCodec", "bits_per_weight", "stored_bytes"]

@@ -144,11 +144,13 @@ def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False) -> np.ndarra
     b = hadamard_block(c)
     h = _hadamard(b)
     s = signs.astype(np.float32)
+    # one (n * c/b, b) @ (b, b) product: a 3-D ``@`` would run n small products
     if not inverse:
-        y = (x * s).reshape(n, c // b, b) @ h
+        y = np.ascontiguousarray(x * s).reshape(n * (c // b), b) @ h
         return y.reshape(n, c)
-    y = (x.reshape(n, c // b, b) @ h).reshape(n, c)
-    return y * s
+    y = (np.ascontiguousarray(x, dtype=np.float32).reshape(n * (c // b), b) @ h).reshape(n, c)
+    y *= s
+    return y
 
 
 # --- palettes -------------------------------------------------------------------
@@ -302,17 +304,24 @@ def decode_rows(palettes: list[list[np.ndarray]], twigs: list[np.ndarray], n_col
     m = twigs[0].shape[0] if twigs else 0
     out = None
     for pals, tw in zip(palettes, twigs):
+        pals = [np.asarray(p, dtype=np.float32) for p in pals]
         widths = tuple(p.shape[1] for p in pals)
         period = sum(widths)
         n_periods = -(-n_cols // period)
-        q = np.empty((m, n_periods, period), dtype=np.float32)
         t3 = np.asarray(tw).reshape(m, n_periods, len(widths))
-        off = 0
-        for j, (p, w) in enumerate(zip(pals, widths)):
-            q[:, :, off : off + w] = np.take(np.asarray(p, dtype=np.float32), t3[:, :, j], axis=0)
-            off += w
+        if len(widths) == 1:  # one gather gives the whole stage, (m, n_periods, w)
+            q = np.take(pals[0], t3[:, :, 0], axis=0)
+        else:
+            q = np.empty((m, n_periods, period), dtype=np.float32)
+            off = 0
+            for j, (p, w) in enumerate(zip(pals, widths)):
+                np.take(p, t3[:, :, j], axis=0, out=q[:, :, off : off + w], mode="clip")
+                off += w
         q2 = q.reshape(m, n_periods * period)[:, :n_cols]
-        out = q2.copy() if out is None else out.__iadd__(q2)
+        if out is None:
+            out = q2 if n_periods * period == n_cols else q2.copy()  # q is ours: no copy needed
+        else:
+            out += q2
     if out is None:
         out = np.zeros((m, n_cols), dtype=np.float32)
     if gain is not None:
