@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except HhtldError as e:
         print(f"hhtld: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into a reader that closed early (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"hhtld: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -124,6 +124,14 @@ def format_table(rows: list[list[str]], header: list[str], right: set[int] = fro
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
+def _setting(params: dict[str, Any]) -> str:
+    """The codec setting of a group in a few characters: ladder rung and stages, or palette size."""
+    if "stages" in params:
+        rung = params.get("setting")
+        return f"{rung} ({params['stages']})" if rung else str(params["stages"])
+    return f"k={params['k']}" if "k" in params else "-"
+
+
 def format_inspect(info: dict[str, Any]) -> str:
     out = []
     if info["kind"] == "model":
@@ -137,10 +145,10 @@ def format_inspect(info: dict[str, Any]) -> str:
     else:
         out.append(f"{info['path']}: hhtld pack v{info['format_version']}, codec {info['codec']}, "
                    f"{info['tensors']} tensors from {info['source']['name']}")
-        rows = [[g["index"], g["key"], g["regime"], g["codec"], g["tensors"], g["rows"], human_bytes(g["bytes"]),
-                 f"{g['bits_per_weight']:.3f}"] for g in info["groups"]]
-        out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "codec", "tensors", "rows", "bytes", "bits/w"],
-                                {0, 4, 5, 6, 7}))
+        rows = [[g["index"], g["key"], g["regime"], g["codec"], _setting(g["params"]), g["tensors"], g["rows"],
+                 human_bytes(g["bytes"]), f"{g['bits_per_weight']:.3f}"] for g in info["groups"]]
+        out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "codec", "setting", "tensors",
+                                       "rows", "bytes", "bits/w"], {0, 5, 6, 7, 8}))
         fzq = [(g["key"], g["params"]["fisher_z_quality"]) for g in info["groups"] if "fisher_z_quality" in g["params"]]
         if fzq:
             rows = [[k, "n/a" if q["spearman"] is None else f"{q['spearman']:.5f}", f"{q['mean_abs_error']:.5f}",
