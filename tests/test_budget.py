@@ -10,6 +10,7 @@ from hhtld.budget.allocate import allocate_rows
 from hhtld.budget.sensitivity import Trial
 from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey, GroupPlan
+from hhtld.errors import OptionsError
 from hhtld.gates.targets import Thresholds
 from hhtld.pack.reader import Pack
 
@@ -94,6 +95,81 @@ def test_bpw_budget_is_kept(small_ckpt, tmp_path):
         b = p.byte_breakdown()
         stored = sum(sum(v for k, v in g.items()) for g in b["groups"])
         assert 8 * stored == al.bits  # the allocation's accounting is the pack's
+
+
+def test_rounds_are_written_next_to_out_and_only_out_is_left(small_ckpt, tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    out = d / "m.hhtld"
+    res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+    assert res.path == out and al.checks[-1]["ok"]
+    assert sorted(p.name for p in d.iterdir()) == ["m.hhtld"]
+    Pack(out)  # a readable pack
+    # a target no rung can meet: the allocation goes to the top rung at once and stops after one round
+    strict = Thresholds(argmax_median=1.0, argmax_p5=1.0, index_median=1.0, index_p5=1.0)
+    out2 = d / "strict.hhtld"
+    res2, al2 = encode_budget(small_ckpt, out2, target="rows", policy=EncodablePolicy(encode_all=True),
+                              thresholds=strict, max_rounds=3)
+    assert res2.path == out2 and len(al2.checks) == 1 and not al2.checks[-1]["ok"]
+    assert al2.notes == ["the rows target was not met on the check after 1 round"]
+    assert {c.setting.name for c in al2.choices.values()} == {LADDER[-1].name}
+    assert sorted(p.name for p in d.iterdir()) == ["m.hhtld", "strict.hhtld"]
+
+
+def test_a_failed_round_is_removed_and_the_next_one_becomes_out(small_ckpt, tmp_path, monkeypatch):
+    import hhtld.budget.allocate as allocate
+
+    real = allocate._check
+    seen = []
+
+    def fail_first(path, ckpt, plan, *a):
+        seen.append((path, sorted(p.name for p in path.parent.iterdir())))
+        if len(seen) == 1:
+            return {"ok": False}, [str(g.key) for g in plan.groups]
+        return real(path, ckpt, plan, *a)
+
+    monkeypatch.setattr(allocate, "_check", fail_first)
+    out = tmp_path / "out" / "m.hhtld"
+    res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+    assert res.path == out and len(al.checks) == 2 and al.checks[-1]["ok"]
+    (p1, ls1), (p2, ls2) = seen
+    assert p1 != p2 and ls1 == [p1.name] and ls2 == [p2.name]  # round 1's file was gone before round 2's check
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
+    assert not p1.exists() and not p2.exists()
+
+
+def test_interrupted_allocation_leaves_out_untouched_and_no_temporary_files(small_ckpt, tmp_path, monkeypatch):
+    import hhtld.budget.allocate as allocate
+
+    out = tmp_path / "out" / "m.hhtld"
+    out.parent.mkdir()
+    out.write_bytes(b"previous pack")
+    seen = []
+
+    def interrupted(path, *a, **k):
+        seen.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(allocate, "_check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+    assert len(seen) == 1 and seen[0] != out and seen[0].parent == out.parent  # checked in a round file
+    assert seen[0].name.startswith(".m.hhtld.") and seen[0].name.endswith(".round")
+    assert out.read_bytes() == b"previous pack"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
+
+
+def test_budget_output_path_errors(small_ckpt, tmp_path):
+    with pytest.raises(OptionsError) as e:
+        encode_budget(small_ckpt, tmp_path, target="rows")
+    assert str(e.value) == f"{tmp_path}: is a directory; the pack needs a file name"
+    with pytest.raises(OptionsError) as e:
+        encode_budget(small_ckpt, small_ckpt, target="rows")
+    assert str(e.value) == f"{small_ckpt}: is an input of this command; refusing to overwrite it with the pack"
+    with pytest.raises(OptionsError) as e:
+        encode_budget(small_ckpt, tmp_path / "m.hhtld", target="rows", max_rounds=0)
+    assert str(e.value) == "max_rounds must be a positive integer, got 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 @pytest.mark.slow

@@ -81,3 +81,33 @@ def test_truncated_checkpoint_from_a_subprocess_has_no_traceback(small_ckpt, tmp
     assert r.returncode == 1
     assert r.stderr == f"hhtld: error: {small_ckpt}: truncated: data needs {len(data)} bytes, file has 1000\n"
     assert "Traceback" not in r.stderr
+
+
+def test_json_report_never_overwrites_an_input(small_ckpt, capsys):
+    before = small_ckpt.read_bytes()
+    code, out, err = run(capsys, "inspect", small_ckpt, "--json", small_ckpt)
+    assert code == 1
+    assert err == (f"hhtld: error: {small_ckpt}: is an input of this command; refusing to overwrite it "
+                   "with the JSON report\n")
+    assert small_ckpt.read_bytes() == before
+
+
+def test_json_into_a_directory_is_refused_before_any_work(small_ckpt, tmp_path, capsys):
+    code, _, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "x.hhtld", "--codec", "hhtl-f32",
+                       "--json", tmp_path)
+    assert code == 1 and err == f"hhtld: error: {tmp_path}: is a directory; the JSON report needs a file name\n"
+    assert not (tmp_path / "x.hhtld").exists()
+
+
+def test_decode_force_flag(small_folder, tmp_path, capsys):
+    pack = tmp_path / "m.hhtld"
+    assert run(capsys, "encode", small_folder, "-o", pack, "--codec", "hhtl-f32", "-q")[0] == 0
+    assert run(capsys, "decode", pack, "-o", tmp_path / "d", "-q")[0] == 0
+    code, _, err = run(capsys, "decode", pack, "-o", tmp_path / "d", "-q")
+    assert code == 1 and "exists; decode into a new folder or pass --force to overwrite" in err
+    assert run(capsys, "decode", pack, "-o", tmp_path / "d", "-q", "--force")[0] == 0
+
+
+def test_vq_boolean_options_are_checked(small_ckpt, tmp_path, capsys):
+    code, _, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "x.hhtld", "--stages", "4", "--rotate", "maybe")
+    assert code == 1 and err == "hhtld: error: codec hhtl-vq: option rotate must be a boolean, got 'maybe'\n"

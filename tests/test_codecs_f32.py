@@ -72,6 +72,11 @@ def test_furthest_point_sampling_starts_at_largest_norm_and_covers():
 def test_fps_stops_at_the_number_of_distinct_rows():
     rows = np.repeat(np.eye(4, dtype=np.float32), 10, axis=0)
     assert len(furthest_point_sample(rows, 256)) == 4
+    # rows whose squared distances cancel with rounding noise (not exact zeros)
+    rng = np.random.default_rng(5)
+    distinct = rng.standard_normal((4, 96)).astype(np.float32) * 3
+    rows = distinct[np.arange(40) % 4]
+    assert len(furthest_point_sample(rows, 256)) == 4
 
 
 def test_assignment_matches_brute_force():

@@ -94,8 +94,9 @@ def test_input_is_never_modified(small_folder, tmp_path):
 
 def test_refuses_to_overwrite_its_input(small_ckpt):
     from hhtld import OptionsError
-    with pytest.raises(OptionsError, match="is the input checkpoint itself"):
+    with pytest.raises(OptionsError) as e:
         encode_checkpoint(small_ckpt, small_ckpt)
+    assert str(e.value) == f"{small_ckpt}: is an input of this command; refusing to overwrite it with the pack"
 
 
 def test_folder_round_trip_carries_side_files(small_folder, tmp_path):
@@ -252,3 +253,90 @@ def test_nan_weights_are_refused_with_the_tensor_named(tmp_path):
                             "1 non-finite value(s) (NaN/inf) cannot be encoded")
     assert not (tmp_path / "n.hhtld").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["n.safetensors"]  # no temporary file left
+
+
+# --- output safety ----------------------------------------------------------------
+
+def test_decode_refuses_to_overwrite_unless_forced(small_folder, tmp_path):
+    pack = small_folder / "m.hhtld"
+    encode_checkpoint(small_folder, pack)
+    before = sha(small_folder / "model.safetensors")
+    from hhtld import OptionsError
+    with pytest.raises(OptionsError) as e:
+        decode_pack(pack, small_folder)
+    assert str(e.value) == (f"{small_folder / 'model.safetensors'}: exists; decode into a new folder or pass "
+                            "--force to overwrite")
+    assert sha(small_folder / "model.safetensors") == before
+    res = decode_pack(pack, small_folder, force=True)
+    assert small_folder / "model.safetensors" in res.files
+    assert pack.is_file()  # the pack was not part of the output
+
+
+def test_decode_never_overwrites_the_pack_itself(small_ckpt, tmp_path):
+    pack = tmp_path / "model.safetensors.hhtld"
+    encode_checkpoint(small_ckpt, pack)
+    from hhtld.outputs import check_output_file
+    from hhtld import OptionsError
+    with pytest.raises(OptionsError, match="is an input of this command"):
+        check_output_file(pack, [pack])
+
+
+def test_failed_decode_leaves_no_files(pack_path, tmp_path):
+    p = open_pack(pack_path)
+    e = p.header.tensors["encoder.layer.1.intermediate.dense.weight::twig"]
+    data = bytearray(pack_path.read_bytes())
+    data[e.start] ^= 0xFF
+    pack_path.write_bytes(bytes(data))
+    out = tmp_path / "dec"
+    with pytest.raises(PackError, match="checksum mismatch"):
+        decode_pack(pack_path, out)
+    assert list(out.iterdir()) == []
+
+
+def test_folder_carries_only_model_side_files(small_folder, tmp_path):
+    (small_folder / "old.hhtld").write_bytes(b"x" * 100)
+    (small_folder / "pytorch_model.bin").write_bytes(b"x" * 100)
+    (small_folder / "notes.zip").write_bytes(b"x" * 100)
+    (small_folder / "vocab.txt").write_text("[PAD]\n")
+    assert open_checkpoint(small_folder).aux_files == ["1_Pooling/config.json", "config.json", "tokenizer.json",
+                                                       "vocab.txt"]
+    # encoding into the model folder twice gives the same pack: the pack does not swallow itself
+    encode_checkpoint(small_folder, small_folder / "m.hhtld")
+    first = sha(small_folder / "m.hhtld")
+    encode_checkpoint(small_folder, small_folder / "m.hhtld")
+    assert sha(small_folder / "m.hhtld") == first
+
+
+def test_unsafe_paths_in_a_manifest_are_refused(pack_path):
+    data = pack_path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    manifest = json.loads(header["__metadata__"][META_MANIFEST])
+    manifest["source"]["files"] = ["../../evil.safetensors"]
+    header["__metadata__"][META_MANIFEST] = json.dumps(manifest)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-(len(raw) + 8)) % 8)
+    pack_path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(PackError) as e:
+        open_pack(pack_path)
+    assert str(e.value) == f"{pack_path}: damaged hhtld pack (unsafe file path '../../evil.safetensors' in the manifest)"
+
+
+def test_output_that_is_not_a_regular_file_is_refused(small_ckpt, tmp_path):
+    from hhtld import OptionsError
+    target = tmp_path / "elsewhere.hhtld"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "link.hhtld"
+    link.symlink_to(target)
+    with pytest.raises(OptionsError) as e:
+        encode_checkpoint(small_ckpt, link)
+    assert str(e.value) == f"{link}: exists and is not a regular file; refusing to replace it"
+    assert target.read_bytes() == b"keep me" and link.is_symlink()
+
+
+def test_row_index_out_of_range_is_a_pack_error(pack_path):
+    p = open_pack(pack_path)
+    with pytest.raises(PackError, match="has 600 rows; row index out of range or not an integer"):
+        p.rows("encoder.layer.0.intermediate.dense.weight", [0, 600])
+    with pytest.raises(PackError, match="row index out of range or not an integer"):
+        p.rows("encoder.layer.0.intermediate.dense.weight", np.array([0.5]))

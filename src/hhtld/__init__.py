@@ -30,6 +30,11 @@ from .pack import Pack, decode_pack, encode_checkpoint, open_pack  # noqa: E402
 from .codecs.hhtl_d import HhtlDEntry, HhtlDTensor, build_hhtl_d_group  # noqa: E402
 from .codecs.fisher_quality import FisherZQuality, fisher_z_quality  # noqa: E402
 from .probe import AttentionProbeResult, probe_attention  # noqa: E402
+from .budget import LADDER, Allocation, encode_budget  # noqa: E402
+from .codecs import FamilyGamma, HhtlCache, slot_l_byte_size, svd_basis_byte_size  # noqa: E402
+from .codecs.hhtl_vq_codec import HhtlVqCodec  # noqa: E402
+from .format import CodecId, HeelBasin, RouteAction  # noqa: E402
+from .inspect import inspect_path  # noqa: E402
 from .gates import (  # noqa: E402  (torch/transformers/matplotlib load only when used)
     ModelRunner,
     Thresholds,
@@ -50,6 +55,11 @@ __all__ = [
     # verify (issue 3)
     "ModelRunner", "Thresholds", "VerifyReport", "calibration_texts", "compare_outputs",
     "heldout_texts", "verify",
+    # budget codec and rate allocation (issue 5)
+    "Allocation", "HhtlVqCodec", "LADDER", "encode_budget",
+    # format and codec parts
+    "CodecId", "FamilyGamma", "HeelBasin", "HhtlCache", "RouteAction", "inspect_path", "slot_l_byte_size",
+    "svd_basis_byte_size",
     # lookup grade and the attention probe (issue 4)
     "AttentionProbeResult", "FisherZQuality", "HhtlDEntry", "HhtlDTensor", "build_hhtl_d_group",
     "fisher_z_quality", "probe_attention",

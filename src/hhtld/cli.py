@@ -15,7 +15,8 @@ from pathlib import Path
 from . import __version__
 from .classify import DEFAULT_RULES, EncodablePolicy, load_rules_file, parse_rule
 from .codecs.registry import CODECS, DEFAULT_CODEC
-from .errors import HhtldError
+from .errors import HhtldError, OptionsError
+from .outputs import check_output_file, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS
 from .inspect import format_inspect, human_bytes, inspect_path
 
@@ -35,19 +36,29 @@ def _policy(args) -> tuple[EncodablePolicy, object]:
     for opt in ("min_rows", "min_bytes"):
         if getattr(args, opt) < 0:
             raise HhtldError(f"--{opt.replace('_', '-')} must be >= 0, got {getattr(args, opt)}")
-    policy = EncodablePolicy(args.min_rows, args.min_bytes, args.encode_all)
-    extra = [parse_rule(r) for r in args.rule]
-    if args.rules:
-        extra += load_rules_file(args.rules)
-    return policy, DEFAULT_RULES.with_overrides(extra) if extra else DEFAULT_RULES
+    return EncodablePolicy(args.min_rows, args.min_bytes, args.encode_all), _rules_only(args)
 
 
 def _emit_json(obj, dest) -> None:
-    text = json.dumps(obj, indent=2, default=str)
+    """``--json``: print to stdout, or write FILE atomically."""
     if dest in (True, "-"):
-        print(text)
+        print(json.dumps(obj, indent=2, default=str))
     else:
-        Path(dest).write_text(text + "\n", encoding="utf-8")
+        write_json(obj, dest)
+
+
+def _inputs(args) -> list[str]:
+    """The paths a command reads: never overwritten by its own outputs."""
+    return [getattr(args, a) for a in ("model", "pack", "path", "config", "rules") if getattr(args, a, None)]
+
+
+def _check_outputs(args) -> None:
+    """Refuse bad output paths before any work is done."""
+    if getattr(args, "json", None) not in (None, True, "-"):
+        check_output_file(args.json, _inputs(args), what="JSON report")
+    plots = getattr(args, "plots", None)
+    if plots and Path(plots).exists() and not Path(plots).is_dir():
+        raise OptionsError(f"{plots}: exists and is not a folder; --plots takes a folder")
 
 
 def cmd_encode(args) -> int:
@@ -109,7 +120,7 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from .pack import decode_pack
 
-    res = decode_pack(args.pack, args.output, progress=not args.quiet)
+    res = decode_pack(args.pack, args.output, progress=not args.quiet, force=args.force)
     if args.json:
         _emit_json({"out_dir": str(res.out_dir), "files": [str(f) for f in res.files],
                     "seconds": res.seconds, "weights_decoded": res.n_weights}, args.json)
@@ -131,16 +142,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .gates import Thresholds, verify, write_json, write_plots
+    from .gates import Thresholds, verify, write_plots
 
     overrides = {k: getattr(args, k) for k in Thresholds.__dataclass_fields__ if getattr(args, k, None) is not None}
     report = verify(args.model, args.pack, args.config, texts=args.texts, thresholds=Thresholds(**overrides),
                     greedy_tokens=args.greedy_tokens, greedy_texts=args.greedy_texts, progress=not args.quiet)
     if args.json:
-        if args.json in (True, "-"):
-            _emit_json(report.to_json(), True)
-        else:
-            write_json(report, args.json)
+        _emit_json(report.to_json(), args.json)
     if args.json not in (True, "-"):
         print(report.format(details=not args.quiet))
         if args.json:
@@ -199,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stages", default=None,
                    help="hhtl-vq: one fixed setting for every group instead of an allocation, e.g. '4', '4,3', '2+4' "
                         "(segment widths per residual stage; WIDTH:K for palettes of K > 256)")
-    e.add_argument("--rotate", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL",
+    e.add_argument("--rotate", default=None, metavar="BOOL",
                    help="hhtl-vq: randomised Hadamard rotation before quantising (default true)")
-    e.add_argument("--gain", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL",
+    e.add_argument("--gain", default=None, metavar="BOOL",
                    help="hhtl-vq: per-row bf16 gain (default true)")
     e.add_argument("--seed", type=int, default=None, help="hhtl-vq: seed of palettes and rotation (default 0)")
     e.add_argument("--no-aux-files", action="store_true", help="do not carry a model folder's config/tokenizer files")
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="output folder")
     d.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--force", action="store_true", help="overwrite files that already exist in the output folder")
     d.set_defaults(func=cmd_decode)
 
     i = sub.add_parser("inspect", help="group table of a model (dry run) or of a pack",
@@ -275,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_outputs(args)
         return int(args.func(args) or 0)
     except HhtldError as e:
         print(f"hhtld: error: {e}", file=sys.stderr)

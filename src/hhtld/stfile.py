@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from .format import DTYPE_BYTES
+from .outputs import check_output_file, make_public
 
 HEADER_LEN_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library applies
@@ -183,17 +184,6 @@ def read_array(header: Header, entry: TensorEntry) -> np.ndarray:
     return raw.view(dt).reshape(entry.shape)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_public(path: str | os.PathLike) -> None:
-    """Give a ``mkstemp`` file (0600) the permissions a plain ``open`` would."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
 class SafetensorsWriter:
     """Streams tensors into a safetensors file, atomically.
 
@@ -205,7 +195,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
-        self.path = Path(path)
+        self.path = check_output_file(path)
         self.metadata = dict(metadata or {})
         self._dir = self.path.parent if str(self.path.parent) else Path(".")
         self._dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ Every choice lands in the manifest (group ``options.setting``) and in
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from ..checkpoint import open_checkpoint
 from ..classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from ..classify.groups import GroupPlan
 from ..errors import GateError, OptionsError
+from ..outputs import check_output_file
 from ..pack.writer import EncodeResult, encode_checkpoint, read_rows
 from .sensitivity import GroupTrials, measure_sensitivity, output_change, sample_group_rows
 from .settings import LADDER, Setting
@@ -166,17 +169,26 @@ def encode_budget(model, out, target: str = "behaviour", bpw: float | None = Non
                   codec_options: dict[str, Any] | None = None, include_aux: bool = True,
                   progress: bool = False, thresholds=None, log: Callable[[str], None] | None = None,
                   calibration: int = CAL_TEXTS, max_rounds: int = 3) -> tuple[EncodeResult, Allocation]:
-    """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``."""
+    """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``.
+
+    Every round is written to a temporary file next to ``out`` and checked
+    there; only the chosen round is renamed onto ``out``. Nothing else is
+    left in ``out``'s folder, whether the call succeeds, fails or is
+    interrupted.
+    """
     from ..gates.targets import Thresholds
 
     if target not in TARGETS:
         raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
     if bpw is not None and not 0.5 <= bpw <= 16:
         raise OptionsError(f"--bpw must lie in [0.5, 16], got {bpw}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise OptionsError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     th = thresholds or Thresholds()
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     ckpt = open_checkpoint(model)
+    out = _check_out(out, ckpt)
     plan = plan_checkpoint(ckpt, policy, rules)
     groups = plan.groups
     notes: list[str] = []
@@ -222,51 +234,79 @@ def encode_budget(model, out, target: str = "behaviour", bpw: float | None = Non
     cos_target = GOAL_SHARE * (1.0 - th.min_cosine)  # output change allowed, tightened on failure
     kl_target = GOAL_SHARE * th.max_kl
     result = None
-    for rnd in range(max_rounds):
-        t1 = time.perf_counter()
-        if bpw is not None:
-            start = {str(g.key): floor.get(str(g.key), 0) for g in groups}
-            lossf = behaviour_loss if runner is not None else rows_loss
-            state = greedy(groups, start, lossf, lambda _l: False, budget_bits)
-            choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
-        elif target == "rows":
-            choices = allocate_rows(groups, trials, th, floor=floor)
-        else:
-            goal = kl_target if runner.family == "causal" else cos_target
-            start = {str(g.key): max(floor.get(str(g.key), 0), _ladder_index("vq2.0")) for g in groups}
-            state = greedy(groups, start, behaviour_loss, lambda l: l <= goal)
-            choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
-            alloc.predicted = {"output_change": sum(behaviour_loss(g, LADDER[state[str(g.key)]]) for g in groups),
-                               "goal": goal}
-        alloc.choices = choices
-        seconds[f"allocate.{rnd}"] = time.perf_counter() - t1
-        _say(log, f"allocation ({target}{'' if bpw is None else f', bpw {bpw}'}), round {rnd + 1}: "
-                  + ", ".join(f"{k}={c.setting.name}" for k, c in choices.items())
-                  + f" → {alloc.bpw:.3f} bits per encoded weight")
-        t1 = time.perf_counter()
-        result = encode_checkpoint(model, out, codec="hhtl-vq", codec_options=codec_options or {},
-                                   policy=policy, rules=rules, include_aux=include_aux, progress=progress,
-                                   group_options=alloc.group_options())
-        seconds[f"encode.{rnd}"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        check, failing = _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target)
-        seconds[f"check.{rnd}"] = time.perf_counter() - t1
-        alloc.checks.append(check)
-        _say(log, f"check on {'calibration texts' if target == 'behaviour' else 'the written rows'}: "
-                  + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
-        if check["ok"] or bpw is not None:
-            break
-        if target == "rows":
-            for k in failing:
-                floor[k] = _ladder_index(choices[k].setting.name) + 1
-        else:
-            cos_target *= TIGHTEN
-            kl_target *= TIGHTEN
+    rounds: list[Path] = []  # this call's temporary round files, all next to ``out``
+    try:
+        for rnd in range(max_rounds):
+            t1 = time.perf_counter()
+            if bpw is not None:
+                start = {str(g.key): floor.get(str(g.key), 0) for g in groups}
+                lossf = behaviour_loss if runner is not None else rows_loss
+                state = greedy(groups, start, lossf, lambda _l: False, budget_bits)
+                choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
+            elif target == "rows":
+                choices = allocate_rows(groups, trials, th, floor=floor)
+            else:
+                goal = kl_target if runner.family == "causal" else cos_target
+                start = {str(g.key): max(floor.get(str(g.key), 0), _ladder_index("vq2.0")) for g in groups}
+                state = greedy(groups, start, behaviour_loss, lambda l: l <= goal)
+                choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
+                alloc.predicted = {"output_change": sum(behaviour_loss(g, LADDER[state[str(g.key)]]) for g in groups),
+                                   "goal": goal}
+            alloc.choices = choices
+            seconds[f"allocate.{rnd}"] = time.perf_counter() - t1
+            _say(log, f"allocation ({target}{'' if bpw is None else f', bpw {bpw}'}), round {rnd + 1}: "
+                      + ", ".join(f"{k}={c.setting.name}" for k, c in choices.items())
+                      + f" → {alloc.bpw:.3f} bits per encoded weight")
+            t1 = time.perf_counter()
+            if rounds:  # the previous round failed its check: free its disk space now
+                rounds[-1].unlink(missing_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".round", dir=out.parent)
+            os.close(fd)
+            rounds.append(Path(tmp_name))
+            result = encode_checkpoint(model, rounds[-1], codec="hhtl-vq", codec_options=codec_options or {},
+                                       policy=policy, rules=rules, include_aux=include_aux, progress=progress,
+                                       group_options=alloc.group_options())
+            seconds[f"encode.{rnd}"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            check, failing = _check(rounds[-1], ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target)
+            seconds[f"check.{rnd}"] = time.perf_counter() - t1
+            alloc.checks.append(check)
+            _say(log, f"check on {'calibration texts' if target == 'behaviour' else 'the written rows'}: "
+                      + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
+            if check["ok"] or bpw is not None:
+                break
+            if target == "rows":
+                raised = False
+                for k in failing:
+                    i = _ladder_index(choices[k].setting.name)
+                    if i < len(LADDER) - 1:  # the top rung cannot be raised further
+                        floor[k] = i + 1
+                        raised = True
+                if not raised:
+                    break  # another round would write the same pack
+            else:
+                cos_target *= TIGHTEN
+                kl_target *= TIGHTEN
+        os.replace(rounds[-1], out)  # the chosen (last) round; the earlier ones failed their check
+        result.path = out
+    finally:
+        for r in rounds:
+            r.unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - t0
     alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
     if not alloc.checks[-1]["ok"] and bpw is None:
-        alloc.notes.append(f"the {target} target was not met on the check after {max_rounds} rounds")
+        n = len(alloc.checks)
+        alloc.notes.append(f"the {target} target was not met on the check after {n} round{'s' if n != 1 else ''}")
     return result, alloc
+
+
+def _check_out(out, ckpt) -> Path:
+    """``out`` checked as the writer checks it (the rounds go to temporary files); its folder is created."""
+    out = check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
+                            what="pack")
+    if str(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target) -> tuple[dict, list[str]]:

@@ -25,7 +25,11 @@ from ..errors import CheckpointError
 from ..format import FLOAT_DTYPES
 from ..stfile import FormatProblem, Header, TensorEntry, read_array, read_header, read_raw
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+# Side files of a model folder that travel in the pack: what transformers and
+# sentence-transformers read (configs, tokenizers, custom code, model card).
+# Anything else (other weights, packs, archives, stray files) stays behind.
+AUX_SUFFIXES = (".json", ".txt", ".model", ".py", ".md", ".tiktoken", ".jinja", ".vocab", ".merges", ".spm",
+                ".yaml", ".yml")
 MAX_AUX_FILE_BYTES = 64 * 1024 * 1024  # side files larger than this are not carried along
 
 
@@ -135,7 +139,7 @@ def _aux_files(folder: Path, weight_files: set[str]) -> list[str]:
         rel = p.relative_to(folder).as_posix()
         if rel in weight_files or any(part.startswith(".") for part in Path(rel).parts):
             continue
-        if p.name.endswith(".safetensors.index.json") or p.suffix in WEIGHT_SUFFIXES:
+        if p.name.endswith(".safetensors.index.json") or p.suffix.lower() not in AUX_SUFFIXES:
             continue
         if p.stat().st_size > MAX_AUX_FILE_BYTES:
             continue

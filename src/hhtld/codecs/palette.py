@@ -45,19 +45,27 @@ def furthest_point_sample(rows: np.ndarray, k: int, start: int | None = None) ->
         return _fps(rows, k, start)
 
 
+_ROUNDING = 8 * float(np.finfo(np.float32).eps)  # |x|^2 - 2x.c + |c|^2 cancels to within this x (|x|^2 + |c|^2)
+
+
 def _fps(rows: np.ndarray, k: int, start: int | None) -> np.ndarray:
     sq = np.einsum("ij,ij->i", rows, rows)  # (n,)
+
+    def dist_to(c: int) -> np.ndarray:  # squared L2 to row c; rounding noise of equal rows is 0
+        d = sq - 2.0 * (rows @ rows[c]) + sq[c]
+        d[d <= _ROUNDING * (sq + sq[c])] = 0.0
+        return d
+
     first = int(np.argmax(sq)) if start is None else int(start)
     chosen = [first]
-    mind = np.maximum(sq - 2.0 * (rows @ rows[first]) + sq[first], 0.0)  # (n,)
+    mind = dist_to(first)  # (n,)
     mind[first] = 0.0
     for _ in range(k - 1):
         nxt = int(np.argmax(mind))
         if mind[nxt] <= 0.0:
             break
         chosen.append(nxt)
-        d = np.maximum(sq - 2.0 * (rows @ rows[nxt]) + sq[nxt], 0.0)
-        np.minimum(mind, d, out=mind)
+        np.minimum(mind, dist_to(nxt), out=mind)
         mind[nxt] = 0.0
     return np.asarray(chosen, dtype=np.int64)
 

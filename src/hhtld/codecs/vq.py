@@ -158,7 +158,7 @@ def _faiss():
     try:
         import faiss  # noqa: PLC0415
     except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency of the 'vq' extra
-        raise CodecError("the hhtl-vq codec needs faiss-cpu (pip install 'hhtld[vq]')") from e
+        raise CodecError("the hhtl-vq codec needs faiss-cpu, a dependency of hhtld: pip install faiss-cpu") from e
     return faiss
 
 

@@ -150,10 +150,7 @@ def verify(
 
 
 def write_json(report: VerifyReport, path: str | os.PathLike) -> Path:
-    """Write the report's JSON to ``path`` (parents created)."""
-    import json
+    """Write the report's JSON to ``path`` (atomically, parents created)."""
+    from ..outputs import write_json as _write
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-    return out
+    return _write(report.to_json(), path)

@@ -6,7 +6,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -42,6 +42,14 @@ class _LazyParts:
 
     def __contains__(self, part: str) -> bool:
         return part in self.names
+
+
+def _safe_relpath(rel) -> bool:
+    """A manifest path must stay inside the output folder: relative, no '..'."""
+    if not isinstance(rel, str) or not rel or "\\" in rel:
+        return False
+    pp = PurePosixPath(rel)
+    return not pp.is_absolute() and ".." not in pp.parts
 
 
 class Pack:
@@ -82,6 +90,12 @@ class Pack:
         for key in ("source", "groups", "tensors", "checksums"):
             if not isinstance(self.manifest, dict) or key not in self.manifest:
                 raise PackError(f"{self.path}: damaged hhtld pack (manifest lacks '{key}')")
+        src = self.manifest["source"]
+        paths = list(src.get("files", [])) + list(src.get("aux_files", [])) + [src.get("index")]
+        paths += [t.get("file") for t in self.manifest["tensors"].values()]
+        for rel in paths:
+            if rel is not None and not _safe_relpath(rel):
+                raise PackError(f"{self.path}: damaged hhtld pack (unsafe file path {rel!r} in the manifest)")
         checks = self.manifest["checksums"]
         missing = [n for n in checks if n not in self.header.tensors]
         if missing:
@@ -155,6 +169,11 @@ class Pack:
         """float32 rows (m, cols) of the tensor's row matrix (effective shape,
         rows = output features); only the parts of this tensor are read."""
         t = self.info(name)
+        if idx is not None:
+            n = (t.get("row_shape") or t["shape"])[0]
+            idx = np.asarray(idx)
+            if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < -n or idx.max() >= n)):
+                raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row index out of range or not an integer")
         if t["kind"] == "encoded":
             codec = self.codec_of(name)
             return codec.decode_rows(self.group_parts(t["group"]), self.tensor_parts(name), idx)

@@ -17,11 +17,7 @@ from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..classify import DEFAULT_RULES, EncodablePolicy, Plan, RuleTable, plan_checkpoint
 from ..codecs.registry import make_codec
-
-# One fixed codec setting for every group; the product default (hhtl-vq with a
-# rate allocation) is hhtld.budget.encode_budget, which calls this per round.
-REFERENCE_CODEC = "hhtl-f32"
-from ..errors import HhtldError, OptionsError
+from ..errors import HhtldError
 from ..format import (
     BF16_BYTES,
     FLOAT_DTYPES,
@@ -34,7 +30,12 @@ from ..format import (
     group_array_name,
     tensor_array_name,
 )
+from ..outputs import check_output_file
 from ..stfile import SafetensorsWriter, as_bytes
+
+# One fixed codec setting for every group; the product default (hhtl-vq with a
+# rate allocation) is hhtld.budget.encode_budget, which calls this per round.
+REFERENCE_CODEC = "hhtl-f32"
 
 
 def crc32_hex(data) -> str:
@@ -60,13 +61,6 @@ class EncodeResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def encode_checkpoint(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -90,11 +84,8 @@ def encode_checkpoint(
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model)
     out = Path(out)
-    if out.is_dir():
-        raise OptionsError(f"{out}: is a directory; give the pack's file name (e.g. {out / 'model.hhtld'})")
-    for f in ckpt.files:
-        if _same_file(out, ckpt.weight_path(f)) or out.resolve() == ckpt.weight_path(f).resolve():
-            raise OptionsError(f"{out}: is the input checkpoint itself; choose another output path")
+    check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
+                      what="pack")
     enc = make_codec(codec, **(codec_options or {}))
     group_options = dict(group_options or {})
     plan = plan_checkpoint(ckpt, policy, rules)

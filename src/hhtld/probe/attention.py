@@ -20,7 +20,11 @@ overlap of the two top-5 lists (|A ∩ B| / 5); ``top1_in_top5`` = the raw
 top-1 key is in the codec's top-5; ``top1_tied`` = the raw top-1 key is among
 the keys tied at the codec's best score (an upper bound a tie-breaker could
 reach). Verdict on ``top1``: ≥ 90 % viable, 70–90 % needs escalation, < 70 %
-not competitive. The route-table action mix is given over all query x key
+not competitive; "not measurable" when the key matrix has fewer than 2
+distinct non-zero rows (no ranking to agree on). When the palette has fewer
+entries than requested (fewer rows, or fewer distinct rows, than ``k``) the
+result says so (``k_requested``, ``k_reduced``, ``k_note``) and so does the
+report. The route-table action mix is given over all query x key
 pairs, at the raw top-1 key, and over the table. For ``hhtl-f32`` (whose pack
 has no route table) HIP families and the route table are built the same way
 on the f32 palette's squared-L2 distances.
@@ -50,6 +54,8 @@ from ..errors import OptionsError
 from ..format import RouteAction
 
 VIABLE_TOP1 = 0.90
+NOT_MEASURABLE = "not measurable"
+SEED_LIMIT = 2**31
 ESCALATION_TOP1 = 0.70
 PROBE_CODECS = ("hhtl-d", "hhtl-f32")
 TOP = 5
@@ -64,7 +70,8 @@ def verdict_band(top1: float) -> str:
     return "not competitive"
 
 
-_BAND_TEXT = {"viable": "≥ 90 %", "needs escalation": "70–90 %", "not competitive": "< 70 %"}
+_BAND_TEXT = {"viable": "≥ 90 %", "needs escalation": "70–90 %", "not competitive": "< 70 %",
+              NOT_MEASURABLE: "the key matrix has fewer than 2 distinct non-zero rows"}
 
 
 @dataclass
@@ -93,6 +100,10 @@ class AttentionProbeResult:
     raw_seconds: float
     codec_seconds: float
     build_seconds: float
+    k_requested: int = 0  # the k asked for
+    k_reduced: bool = False  # the palette has fewer entries than k_requested
+    k_note: str | None = None  # why, when k_reduced
+    distinct_rows: int = 0  # distinct rows of the key matrix
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -110,8 +121,10 @@ class AttentionProbeResult:
         fq = self.fisher_z_quality
         rho = "n/a" if fq.get("spearman") is None else f"{fq['spearman']:.4f}"
         n, d = self.shape
+        notes = [f"  note: {self.k_note}"] if self.k_reduced and self.k_note else []
         return "\n".join([
             f"probe attention: {self.tensor} [{n}x{d}] ({self.group}), codec {self.codec}, k={self.k}",
+            *notes,
             f"  {self.queries} queries = key rows + noise {self.noise:g} x row RMS (seed {self.seed})",
             f"  top-1 agreement  {pct(self.top1)}   verdict: {self.verdict} ({_BAND_TEXT[self.verdict]})",
             f"  top-5 agreement  {pct(self.top5)}   (overlap of the top-5 lists); raw top-1 in codec top-5: "
@@ -128,6 +141,10 @@ class AttentionProbeResult:
             f"{1e3 * self.codec_seconds:.2f} ms (query twigs + table lookups + top-5); "
             f"palette build {1e3 * self.build_seconds:.0f} ms (offline)",
         ])
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def _load_key_matrix(model, tensor: str, rules: RuleTable) -> tuple[np.ndarray, GroupKey]:
@@ -198,14 +215,21 @@ def probe_attention(model: str | os.PathLike, tensor: str, queries: int = 512, n
         raise OptionsError(f"probe attention: unknown codec '{codec}' (choose from {', '.join(PROBE_CODECS)})")
     if isinstance(queries, bool) or not isinstance(queries, (int, np.integer)) or queries < 1:
         raise OptionsError(f"probe attention: --queries must be a positive integer, got {queries!r}")
-    if not np.isfinite(noise) or noise < 0:
+    if (isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating))
+            or not np.isfinite(noise) or noise < 0):
         raise OptionsError(f"probe attention: --noise must be a finite number >= 0, got {noise!r}")
-    check_k(k)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise OptionsError(f"probe attention: --seed must be an integer with 0 <= seed < 2**31, got {seed!r}")
+    k = check_k(k)
+    queries, noise, seed = int(queries), float(noise), int(seed)
     k_mat, key = _load_key_matrix(model, tensor, rules)
     n, d = k_mat.shape
     if n == 0 or d == 0:
         raise OptionsError(f"probe attention: tensor '{tensor}' is empty {[n, d]}")
     top = min(TOP, n)
+    uniq = np.unique(k_mat, axis=0)  # (distinct, d)
+    distinct = int(uniq.shape[0])
+    distinct_nonzero = int(np.count_nonzero(np.any(uniq != 0, axis=1)))
 
     rng = np.random.default_rng(seed)
     src = rng.choice(n, size=queries, replace=queries > n)  # (m,)
@@ -235,6 +259,17 @@ def probe_attention(model: str | os.PathLike, tensor: str, queries: int = 512, n
     raw1, codec1 = raw_top[:, 0], codec_top[:, 0]
     best = codes.max(axis=1)  # (m,)
     top1 = float(np.mean(raw1 == codec1))
+    k_note = None
+    if kk < k:
+        if distinct < k:
+            why = (f"the tensor has only {_count(n, 'row')}" if distinct == n
+                   else f"the tensor has only {_count(distinct, 'distinct row')}")
+            if kk < distinct:
+                why += f", and the codec's palette build found only {_count(kk, 'distinct entry', 'distinct entries')}"
+        else:
+            why = (f"the codec's palette build found only {_count(kk, 'distinct entry', 'distinct entries')} "
+                   f"among {distinct} distinct rows")
+        k_note = f"palette has {_count(kk, 'entry', 'entries')}, not {k}: {why}"
     res = AttentionProbeResult(
         model=str(model), tensor=tensor, shape=(n, d), group=str(key), codec=codec, k=kk,
         queries=int(queries), noise=float(noise), seed=int(seed),
@@ -244,7 +279,7 @@ def probe_attention(model: str | os.PathLike, tensor: str, queries: int = 512, n
         top1_tied=float(np.mean(codes[rows, raw1] == best)),
         mean_tie_size=float(np.mean((codes == best[:, None]).sum(axis=1))),
         twig_hit=float(np.mean(qtwig == ktwig[src])),
-        verdict=verdict_band(top1),
+        verdict=verdict_band(top1) if distinct_nonzero >= 2 else NOT_MEASURABLE,
         action_mix=action_mix(cache.route[qtwig[:, None], ktwig[None, :]]),
         action_mix_top1=action_mix(cache.route[qtwig, ktwig[raw1]]),
         table_action_mix=cache.table_mix(),
@@ -252,9 +287,10 @@ def probe_attention(model: str | os.PathLike, tensor: str, queries: int = 512, n
                           "attend_percentile": cache.attend_percentile, "skip_percentile": cache.skip_percentile},
         fisher_z_quality=quality,
         raw_seconds=raw_s, codec_seconds=codec_s, build_seconds=build_s,
+        k_requested=k, k_reduced=kk < k, k_note=k_note, distinct_rows=distinct,
         extra={"top": top, "raw_self_top1": float(np.mean(raw1 == src))},
     )
     return res
 
 
-__all__ = ["AttentionProbeResult", "ESCALATION_TOP1", "PROBE_CODECS", "VIABLE_TOP1", "probe_attention", "verdict_band"]
+__all__ = ["AttentionProbeResult", "ESCALATION_TOP1", "NOT_MEASURABLE", "PROBE_CODECS", "VIABLE_TOP1", "probe_attention", "verdict_band"]
