@@ -14,31 +14,39 @@ from ..format import SLOT_L_LANES
 from .fisher_z import FisherZTable
 from .hhtl_f32 import HhtlF32Tensor
 from .palette import Palette, build_f32_palette, check_k
-from .slot_l import slot_l_byte_size as _leaf_bytes
 from .svd_basis import SvdBasis
 
 
+class GroupAccounting:
+    """Byte accounting shared by every group type: ``names`` and ``tensors``
+    (each tensor with ``entries_byte_size()`` and ``leaf_byte_size()``)."""
+
+    names: list[str]
+    tensors: dict
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.names
+
+    def slot_l_for(self, name: str) -> int:
+        """Leaf bytes of one tensor (0 without a leaf)."""
+        return self.tensors[name].leaf_byte_size()
+
+    def slot_l_byte_size(self) -> int:
+        return sum(self.slot_l_for(n) for n in self.names)
+
+    def entries_byte_size(self) -> int:
+        return sum(t.entries_byte_size() for t in self.tensors.values())
+
+
 @dataclass
-class SharedPaletteGroup:
+class SharedPaletteGroup(GroupAccounting):
     key: GroupKey
     names: list[str]
     palette: Palette | None
     fisher_z: FisherZTable | None
     basis: SvdBasis | None = None
     tensors: dict[str, HhtlF32Tensor] = field(default_factory=dict)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.names
-
-    # -- byte accounting ----------------------------------------------------
-    def slot_l_for(self, name: str) -> int:
-        """Leaf bytes of one tensor (0 without a leaf)."""
-        t = self.tensors[name]
-        return 0 if t.leaf is None else _leaf_bytes(t.n_rows, t.leaf.shape[1])
-
-    def slot_l_byte_size(self) -> int:
-        return sum(self.slot_l_for(n) for n in self.names)
 
     def svd_basis_byte_size(self) -> int:
         return 0 if self.basis is None else self.basis.byte_size()
@@ -49,9 +57,6 @@ class SharedPaletteGroup:
     def fisher_z_byte_size(self) -> int:
         return 0 if self.fisher_z is None else self.fisher_z.byte_size()
 
-    def entries_byte_size(self) -> int:
-        return sum(t.n_rows for t in self.tensors.values())
-
     def byte_size(self) -> int:
         return (self.palette_byte_size() + self.fisher_z_byte_size() + self.svd_basis_byte_size()
                 + self.entries_byte_size() + self.slot_l_byte_size())
@@ -61,7 +66,7 @@ class SharedPaletteGroup:
         return self.tensors[name].reconstruct_rows(self.palette.centroids, self.basis, idx)
 
 
-def _check(names: Sequence[str], rows: Sequence[np.ndarray]) -> None:
+def check_group_inputs(names: Sequence[str], rows: Sequence[np.ndarray]) -> None:
     if len(names) != len(rows):
         raise ValueError(f"{len(names)} names but {len(rows)} row arrays")
 
@@ -73,7 +78,7 @@ def build_group_with_fisher_z(key: GroupKey, names: Sequence[str], rows: Sequenc
     rows: one (n_i, d) float32 array per name. An empty group gives an empty result.
     """
     check_k(k)
-    _check(names, rows)
+    check_group_inputs(names, rows)
     if not names:
         return SharedPaletteGroup(key, [], None, None)
     allrows = np.concatenate([np.asarray(r, dtype=np.float32) for r in rows])  # (N, d)

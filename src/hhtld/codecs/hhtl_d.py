@@ -59,6 +59,7 @@ from .base17 import fold, unfold
 from .base17_palette import Base17Palette, build_base17_palette, representatives
 from .fisher_quality import FisherZQuality, fisher_z_quality
 from .fisher_z import FisherZTable
+from .group import GroupAccounting, check_group_inputs
 from .hhtl_cache import HhtlCache
 from .hip import hip_families
 from .palette import check_k
@@ -358,31 +359,18 @@ class HhtlDTensor:
 
 # -- one group -------------------------------------------------------------------------------
 @dataclass
-class HhtlDGroup:
+class HhtlDGroup(GroupAccounting):
     key: GroupKey
     names: list[str]
     shared: HhtlDShared | None
     tensors: dict[str, HhtlDTensor] = field(default_factory=dict)
 
     @property
-    def is_empty(self) -> bool:
-        return not self.names
-
-    @property
     def basin(self) -> HeelBasin:
         return heel_basin(self.key.role)
 
-    def slot_l_for(self, name: str) -> int:
-        return self.tensors[name].leaf_byte_size()
-
-    def slot_l_byte_size(self) -> int:
-        return sum(self.slot_l_for(n) for n in self.names)
-
     def svd_basis_byte_size(self) -> int:
         return 0 if self.shared is None or self.shared.basis is None else self.shared.basis.byte_size()
-
-    def entries_byte_size(self) -> int:
-        return sum(t.entries_byte_size() for t in self.tensors.values())
 
     def byte_size(self) -> int:
         shared = 0 if self.shared is None else self.shared.byte_size()
@@ -400,8 +388,7 @@ def build_hhtl_d_group(key: GroupKey, names: Sequence[str], rows: Sequence[np.nd
     ``leaf`` (default: ``should_use_leaf(key.role)``) adds ONE SVD basis for the group and a
     Slot L per tensor. rows: one (n_i, d) float32 array per name. Empty group → empty result."""
     check_k(k)
-    if len(names) != len(rows):
-        raise ValueError(f"{len(names)} names but {len(rows)} row arrays")
+    check_group_inputs(names, rows)
     if not names:
         return HhtlDGroup(key, [], None)
     leaf = should_use_leaf(key.role) if leaf is None else leaf

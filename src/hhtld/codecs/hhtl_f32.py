@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import HHTL_F32_ROW_BYTES, SLOT_L_SCALE_BYTES
+from ..format import HHTL_F32_ROW_BYTES
 from .palette import Palette, assign_nearest
-from .slot_l import decode_slot_l, encode_slot_l
+from .slot_l import decode_slot_l, encode_slot_l, slot_l_byte_size
 from .svd_basis import SvdBasis
 
 
@@ -51,8 +51,12 @@ class HhtlF32Tensor:
             out = out + decode_slot_l(self.leaf[sel], self.leaf_scale, basis)
         return out
 
+    def entries_byte_size(self) -> int:
+        return self.n_rows * HHTL_F32_ROW_BYTES
+
+    def leaf_byte_size(self) -> int:
+        return 0 if self.leaf is None else slot_l_byte_size(self.n_rows, self.leaf.shape[1])
+
     def byte_size(self) -> int:
-        n = self.n_rows * HHTL_F32_ROW_BYTES
-        if self.leaf is not None:
-            n += self.leaf.size + SLOT_L_SCALE_BYTES
-        return n
+        """1 B/row, + the leaf (lanes B/row and one f32 scale) when present."""
+        return self.entries_byte_size() + self.leaf_byte_size()
