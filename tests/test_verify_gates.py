@@ -187,3 +187,19 @@ def test_family_of_config():
     assert family_of_config({"architectures": ["BertModel"], "model_type": "bert"}) == "embedding"
     assert family_of_config({"model_type": "llama"}) == "causal"
     assert family_of_config({"model_type": "bert"}) == "embedding"
+
+
+def test_text_sets_do_not_depend_on_what_was_imported_first():
+    """The held-out set is data: importing torch first once changed it when it was extracted at run time."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from hhtld.gates.texts import calibration_texts, heldout_texts
+
+    code = ("import torch, hashlib\nfrom hhtld.gates.texts import heldout_texts, calibration_texts\n"
+            "print(hashlib.sha256('\\n'.join(heldout_texts() + calibration_texts()).encode()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == hashlib.sha256("\n".join(heldout_texts() + calibration_texts()).encode()).hexdigest()
+    assert len(heldout_texts()) == 256 and len(calibration_texts()) == 256
+    assert not set(heldout_texts()) & set(calibration_texts())
