@@ -223,14 +223,19 @@ def test_detects_a_damaged_array(pack_path):
         open_pack(pack_path).verify()
 
 
-def test_detects_a_damaged_manifest(pack_path):
+def rewrite_manifest(pack_path, edit) -> None:
+    """Replace the pack's manifest text by ``edit(text)``, keeping the data bytes."""
     data = pack_path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
-    header["__metadata__"][META_MANIFEST] = header["__metadata__"][META_MANIFEST][:-10]
+    header["__metadata__"][META_MANIFEST] = edit(header["__metadata__"][META_MANIFEST])
     raw = json.dumps(header).encode()
     raw += b" " * ((-(len(raw) + 8)) % 8)
     pack_path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_detects_a_damaged_manifest(pack_path):
+    rewrite_manifest(pack_path, lambda text: text[:-10])
     with pytest.raises(PackError) as e:
         open_pack(pack_path)
     assert str(e.value) == f"{pack_path}: damaged hhtld pack (manifest missing or not valid JSON)"
@@ -308,15 +313,12 @@ def test_folder_carries_only_model_side_files(small_folder, tmp_path):
 
 
 def test_unsafe_paths_in_a_manifest_are_refused(pack_path):
-    data = pack_path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    manifest = json.loads(header["__metadata__"][META_MANIFEST])
-    manifest["source"]["files"] = ["../../evil.safetensors"]
-    header["__metadata__"][META_MANIFEST] = json.dumps(manifest)
-    raw = json.dumps(header).encode()
-    raw += b" " * ((-(len(raw) + 8)) % 8)
-    pack_path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    def evil(text):
+        manifest = json.loads(text)
+        manifest["source"]["files"] = ["../../evil.safetensors"]
+        return json.dumps(manifest)
+
+    rewrite_manifest(pack_path, evil)
     with pytest.raises(PackError) as e:
         open_pack(pack_path)
     assert str(e.value) == f"{pack_path}: damaged hhtld pack (unsafe file path '../../evil.safetensors' in the manifest)"
