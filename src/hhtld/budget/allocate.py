@@ -235,6 +235,7 @@ def encode_budget(model, out, target: str = "behaviour", bpw: float | None = Non
     kl_target = GOAL_SHARE * th.max_kl
     result = None
     rounds: list[Path] = []  # this call's temporary round files, all next to ``out``
+    encoded: dict = {}  # groups already encoded in an earlier round, by (group, options)
     try:
         for rnd in range(max_rounds):
             t1 = time.perf_counter()
@@ -265,7 +266,7 @@ def encode_budget(model, out, target: str = "behaviour", bpw: float | None = Non
             rounds.append(Path(tmp_name))
             result = encode_checkpoint(model, rounds[-1], codec="hhtl-vq", codec_options=codec_options or {},
                                        policy=policy, rules=rules, include_aux=include_aux, progress=progress,
-                                       group_options=alloc.group_options())
+                                       group_options=alloc.group_options(), cache=encoded)
             seconds[f"encode.{rnd}"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             check, failing = _check(rounds[-1], ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target)

@@ -71,12 +71,16 @@ def encode_checkpoint(
     include_aux: bool = True,
     progress: bool = False,
     group_options: Mapping[str, dict[str, Any]] | None = None,
+    cache: dict | None = None,
 ) -> EncodeResult:
     """Read ``model`` (file, index or folder), encode every group, write ``out``.
 
     ``group_options`` maps a group key string (``str(GroupKey)``, e.g.
     ``"encoder/qko/384x384"``) to codec options that override
     ``codec_options`` for that group (rate allocation chooses them).
+    ``cache``: a dict kept by the caller across calls on the same model;
+    a group encoded before with the same codec options is taken from it
+    (codecs are deterministic, so the bytes are the same).
 
     The pack is written to a temporary file next to ``out`` and renamed over
     it only when complete; the input is only ever read.
@@ -110,12 +114,15 @@ def encode_checkpoint(
         for g in plan.groups:
             bar.set_postfix_str(str(g.key), refresh=True)
             names = [t.name for t in g.tensors]
-            rows = [read_rows(ckpt, t) for t in g.tensors]
             genc = enc
             if str(g.key) in group_options:
                 genc = make_codec(codec, **{**(codec_options or {}), **group_options[str(g.key)]})
-            eg = genc.encode_group(g.key, names, rows)
-            del rows
+            ckey = (str(g.key), genc.name, json.dumps(genc.options(), sort_keys=True))
+            eg = None if cache is None else cache.get(ckey)
+            if eg is None:
+                eg = genc.encode_group(g.key, names, [read_rows(ckpt, t) for t in g.tensors])
+                if cache is not None:
+                    cache[ckey] = eg
             part_names = []
             for part, arr in eg.arrays.items():
                 nm = group_array_name(g.index, part)
