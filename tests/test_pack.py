@@ -342,3 +342,19 @@ def test_row_index_out_of_range_is_a_pack_error(pack_path):
         p.rows("encoder.layer.0.intermediate.dense.weight", [0, 600])
     with pytest.raises(PackError, match="row index out of range or not an integer"):
         p.rows("encoder.layer.0.intermediate.dense.weight", np.array([0.5]))
+
+
+def test_group_cache_reuses_encodings_with_identical_bytes(small_ckpt, tmp_path, monkeypatch):
+    from hhtld.codecs.hhtl_f32_codec import HhtlF32Codec
+
+    calls = []
+    real = HhtlF32Codec.encode_group
+    monkeypatch.setattr(HhtlF32Codec, "encode_group", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    cache: dict = {}
+    encode_checkpoint(small_ckpt, tmp_path / "a.hhtld", cache=cache)
+    assert len(calls) == 2
+    encode_checkpoint(small_ckpt, tmp_path / "b.hhtld", cache=cache)
+    assert len(calls) == 2  # both groups came from the cache
+    assert sha(tmp_path / "a.hhtld") == sha(tmp_path / "b.hhtld")
+    encode_checkpoint(small_ckpt, tmp_path / "c.hhtld", cache=cache, group_options={"encoder/up/600x64": {"k": 16}})
+    assert len(calls) == 3  # only the group whose options changed is encoded again
