@@ -15,7 +15,7 @@ import numpy as np
 
 from ..format import BASE17_DIMS, BASE17_VALUE_BYTES, F32_BYTES
 from .base17 import l1_cdist, l1_distance, nearest_l1, unfold
-from .palette import check_k
+from .palette import Palette, assignment_stats, check_k
 
 
 def furthest_point_sample_l1(rows17: np.ndarray, k: int) -> np.ndarray:
@@ -42,17 +42,9 @@ def furthest_point_sample_l1(rows17: np.ndarray, k: int) -> np.ndarray:
 
 
 @dataclass
-class Base17Palette:
+class Base17Palette(Palette):
     """centroids: (k, 17) int16 (folded rows); radius: (k,) uint32 largest L1 of an
     assigned row; count: (k,) uint32 rows assigned."""
-
-    centroids: np.ndarray
-    radius: np.ndarray
-    count: np.ndarray
-
-    @property
-    def k(self) -> int:
-        return int(self.centroids.shape[0])
 
     def distances(self) -> np.ndarray:
         """(k, k) int64 pairwise L1 between centroids."""
@@ -71,10 +63,8 @@ class Base17Palette:
 
 
 def palette_stats(twig: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(radius (k,) uint32, count (k,) uint32) of an assignment."""
-    count = np.bincount(twig, minlength=k).astype(np.uint32)
-    radius = np.zeros(k, dtype=np.int64)
-    np.maximum.at(radius, twig, dist)
+    """(radius (k,) uint32, count (k,) uint32) of an assignment (L1 distances)."""
+    radius, count = assignment_stats(twig, np.asarray(dist, dtype=np.int64), k)
     return radius.astype(np.uint32), count
 
 

@@ -121,6 +121,15 @@ class Palette:
         return k * d * 2 + k * 4 + k * 4  # bf16 rows + f32 radius + u32 count
 
 
+def assignment_stats(twig: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(radius (k,) of dist's dtype: largest distance assigned to each centroid,
+    count (k,) uint32: rows assigned to it) of an assignment twig (n,), dist (n,)."""
+    count = np.bincount(twig, minlength=k).astype(np.uint32)
+    radius = np.zeros(k, dtype=dist.dtype)
+    np.maximum.at(radius, twig, dist)
+    return radius, count
+
+
 def build_f32_palette(rows: np.ndarray, k: int) -> tuple[Palette, np.ndarray, np.ndarray]:
     """Furthest-point palette of real rows (stored bf16) and the assignment.
 
@@ -130,8 +139,5 @@ def build_f32_palette(rows: np.ndarray, k: int) -> tuple[Palette, np.ndarray, np
     picks = furthest_point_sample(rows, k)
     centroids = to_bf16(rows[picks]).astype(np.float32)  # (k', d)
     twig, dist = assign_nearest(rows, centroids)
-    kk = centroids.shape[0]
-    count = np.bincount(twig, minlength=kk).astype(np.uint32)
-    radius = np.zeros(kk, dtype=np.float32)
-    np.maximum.at(radius, twig, dist)
+    radius, count = assignment_stats(twig, dist, centroids.shape[0])
     return Palette(centroids, radius, count), twig, dist
