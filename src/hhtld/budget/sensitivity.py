@@ -106,13 +106,16 @@ def output_change(cmp: dict, family: str) -> float:
 
 
 def measure_sensitivity(runner, ckpt: Checkpoint, groups: list[GroupPlan], texts: list[str], ref,
-                        delta: float = 0.003, seed: int = 0, min_share: float = 0.01,
+                        delta: float = 0.003, seed: int = 0, min_share: float = 0.0,
                         log: Callable[[str], None] | None = None) -> dict[str, float]:
     """``{str(key): a_g}`` with ``a_g = output change / delta`` (see module doc).
 
-    Groups holding less than ``min_share`` of the encoded weights are not run;
+    Every group is run by default (one model run each). With ``min_share`` > 0,
+    groups holding less of the encoded weights than that share are not run;
     they get the largest measured per-weight sensitivity scaled to their size
-    (a cautious guess that costs few bits, as they are small)."""
+    (a cautious guess). Measured on MiniLM, running them all found the pooler
+    unused (0) and the position table insensitive (0.024), which saved 1 %
+    of the pack for one extra second."""
     from ..gates.runner import compare_outputs
 
     total = sum(g.n_weights for g in groups) or 1
