@@ -36,6 +36,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/rate_distortion.py
+	$(BIN)/python bench/speed.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
