@@ -111,3 +111,12 @@ def test_decode_force_flag(small_folder, tmp_path, capsys):
 def test_vq_boolean_options_are_checked(small_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "x.hhtld", "--stages", "4", "--rotate", "maybe")
     assert code == 1 and err == "hhtld: error: codec hhtl-vq: option rotate must be a boolean, got 'maybe'\n"
+
+
+def test_inspect_of_a_missing_pack_says_it_is_missing(tmp_path, capsys):
+    code, _, err = run(capsys, "inspect", tmp_path / "nothing.hhtld")
+    assert code == 1 and err == f"hhtld: error: {tmp_path / 'nothing.hhtld'}: no such file or directory\n"
+    (tmp_path / "text.hhtld").write_text("plain text, not a pack at all")
+    code, _, err = run(capsys, "inspect", tmp_path / "text.hhtld")
+    assert code == 1 and err == (f"hhtld: error: {tmp_path / 'text.hhtld'}: not an hhtld pack "
+                                 "(not a safetensors file (header length out of range))\n")

@@ -8,7 +8,6 @@ from typing import Any
 
 from .checkpoint import open_checkpoint
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
-from .errors import PackError
 from .format import FORMAT_NAME, META_FORMAT
 from .pack.reader import Pack
 from .pack.writer import bf16_bytes
@@ -101,10 +100,8 @@ def inspect_pack(path) -> dict[str, Any]:
 
 
 def inspect_path(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES) -> dict[str, Any]:
-    if is_pack(path):
-        return inspect_pack(path)
-    if Path(path).suffix == ".hhtld":
-        raise PackError(f"{path}: not an hhtld pack")
+    if is_pack(path) or Path(path).suffix == ".hhtld":
+        return inspect_pack(path)  # Pack() names the problem: missing, not a pack, damaged
     return inspect_model(path, policy, rules)
 
 
