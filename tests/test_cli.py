@@ -120,3 +120,13 @@ def test_inspect_of_a_missing_pack_says_it_is_missing(tmp_path, capsys):
     code, _, err = run(capsys, "inspect", tmp_path / "text.hhtld")
     assert code == 1 and err == (f"hhtld: error: {tmp_path / 'text.hhtld'}: not an hhtld pack "
                                  "(not a safetensors file (header length out of range))\n")
+
+
+def test_encode_notes_matrices_kept_dense_by_the_thresholds(small_ckpt, tmp_path, capsys):
+    code, _, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "x.hhtld", "--codec", "hhtl-f32", "-q")
+    assert code == 0
+    assert err == ("hhtld: note: 1 float matrices (16.38 kB) are kept dense by the size thresholds "
+                   "(--min-rows 512, --min-bytes 100000); --encode-all encodes them too\n")
+    code, _, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "y.hhtld", "--codec", "hhtl-f32", "-q",
+                       "--encode-all")
+    assert code == 0 and err == ""

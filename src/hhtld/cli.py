@@ -108,6 +108,11 @@ def cmd_encode(args) -> int:
     if allocation is not None:
         for note in allocation.notes:
             print(f"hhtld: note: {note}", file=sys.stderr)
+    small = [t for t in res.plan.passthrough if t.reason == "below size thresholds"]
+    if small:
+        print(f"hhtld: note: {len(small)} float matrices ({human_bytes(sum(t.nbytes for t in small))}) are kept dense "
+              f"by the size thresholds (--min-rows {args.min_rows}, --min-bytes {args.min_bytes}); "
+              "--encode-all encodes them too", file=sys.stderr)
     if allocation is not None and not args.quiet:
         print(f"allocation --target {allocation.target}"
               f"{'' if args.bpw is None else f' --bpw {args.bpw}'}: {allocation.bpw:.3f} bits per encoded weight")
