@@ -23,6 +23,8 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..classify.groups import GroupPlan
+from ..classify.shapes import from_row_matrix
+from ..codecs.svd_basis import sample_rows
 from ..codecs.vq import encode_rows, parse_stages
 from ..gates.rows import row_cosines
 from ..pack.writer import read_rows
@@ -38,19 +40,13 @@ class Trial:
     p5: float
 
 
-def _sample_index(n: int, m: int) -> np.ndarray:
-    if n <= m:
-        return np.arange(n)
-    return np.linspace(0, n - 1, m).round().astype(np.int64)
-
-
 def sample_group_rows(ckpt: Checkpoint, g: GroupPlan, max_rows: int = TRIAL_ROWS) -> np.ndarray:
     """Evenly spaced rows across the group's tensors (each tensor contributes its share)."""
     per = max(1, -(-max_rows // len(g.tensors)))
     parts = []
     for t in g.tensors:
         x = read_rows(ckpt, t)
-        parts.append(x[_sample_index(x.shape[0], per)])
+        parts.append(x[sample_rows(x.shape[0], per)])
     return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -88,9 +84,7 @@ class GroupTrials:
 
 def to_original(t, rows: np.ndarray) -> np.ndarray:
     """Row matrix (effective shape, maybe transposed) → the tensor's original shape."""
-    if t.transposed:
-        rows = rows.T
-    return np.ascontiguousarray(rows).reshape(t.shape)
+    return from_row_matrix(rows, t.shape, t.transposed)
 
 
 def noisy(rows: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:

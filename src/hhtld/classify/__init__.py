@@ -15,11 +15,18 @@ from .rules import (
     regime_of,
     should_use_leaf,
 )
-from .shapes import EncodablePolicy, effective_shape, is_encodable, is_matrix_shape
+from .shapes import (
+    EncodablePolicy,
+    effective_shape,
+    from_row_matrix,
+    is_encodable,
+    is_matrix_shape,
+    to_row_matrix,
+)
 
 __all__ = [
     "DEFAULT_RULES", "INDEX_ROLES", "ROLES", "ComponentRule", "EncodablePolicy", "GroupKey",
     "GroupPlan", "Plan", "RoleRule", "RuleTable", "TensorPlan", "classify_component",
-    "classify_role", "effective_shape", "is_encodable", "is_matrix_shape", "load_rules_file",
-    "parse_rule", "plan_checkpoint", "plan_tensor", "regime_of", "should_use_leaf",
+    "classify_role", "effective_shape", "from_row_matrix", "is_encodable", "is_matrix_shape", "load_rules_file",
+    "parse_rule", "plan_checkpoint", "plan_tensor", "regime_of", "should_use_leaf", "to_row_matrix",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS
 
 
@@ -17,6 +19,21 @@ def effective_shape(shape) -> tuple[int, int] | tuple[int, ...]:
     if len(shape) == 3 and shape[2] == 1:
         return shape[:2]
     return (shape[0], math.prod(shape[1:]))
+
+
+def to_row_matrix(a: np.ndarray, shape, row_shape, transposed: bool) -> np.ndarray:
+    """A tensor in its stored ``shape`` → its row matrix ``row_shape`` (rows =
+    output features; a transposed tensor, GPT-2 ``Conv1D``, is turned first)."""
+    if transposed:
+        a = np.ascontiguousarray(np.reshape(a, tuple(shape)).T)
+    return np.reshape(a, tuple(row_shape))
+
+
+def from_row_matrix(rows: np.ndarray, shape, transposed: bool) -> np.ndarray:
+    """The inverse of ``to_row_matrix``: a row matrix back to the stored ``shape`` (contiguous)."""
+    if transposed:
+        rows = rows.T
+    return np.ascontiguousarray(rows).reshape(tuple(shape))
 
 
 def is_matrix_shape(shape) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..classify.shapes import to_row_matrix
 from ..pack.reader import Pack
 from .report import GateResult
 from .targets import Thresholds
@@ -59,10 +60,8 @@ def original_rows(ckpt: Checkpoint, name: str, info: dict) -> np.ndarray:
     """float32 ``(rows, cols)`` row matrix of checkpoint tensor ``name`` laid out
     as the pack encoded it (manifest ``info``: ``shape``, ``row_shape``,
     ``transposed``)."""
-    a = ckpt.read_float(name)
-    if info.get("transposed"):
-        a = np.ascontiguousarray(a.reshape(info["shape"]).T)
-    return a.reshape(info.get("row_shape") or info["shape"])
+    return to_row_matrix(ckpt.read_float(name), info["shape"], info.get("row_shape") or info["shape"],
+                         bool(info.get("transposed")))
 
 
 def measure_rows(ckpt: Checkpoint, pack: Pack, progress: bool = False,

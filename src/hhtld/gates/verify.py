@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..classify.shapes import from_row_matrix
 from ..errors import GateError, OptionsError
 from ..pack.reader import Pack
 from ..stfile import NUMPY_DTYPES
@@ -110,8 +111,7 @@ def verify(
         if name not in runner.param_of:
             return
         info = p.info(name)
-        a = rows.T if info.get("transposed") else rows
-        a = np.ascontiguousarray(a).reshape(info["shape"])
+        a = from_row_matrix(rows, info["shape"], bool(info.get("transposed")))
         # through the original dtype, as `hhtld decode` writes it
         decoded[name] = a.astype(NUMPY_DTYPES[info["dtype"]]).astype(np.float32)
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ..classify.shapes import from_row_matrix
 from ..codecs.base import Codec
 from ..codecs.registry import codec_by_id
 from ..errors import PackError
@@ -196,12 +197,8 @@ class Pack:
         t = self.info(name)
         if t["kind"] == "passthrough":
             return self.array(name)
-        rows = self.rows(name)
-        shape = tuple(t["shape"])
-        if t.get("transposed"):
-            rows = rows.T
-        dt = NUMPY_DTYPES[t["dtype"]]
-        return np.ascontiguousarray(rows.reshape(shape)).astype(dt, copy=False)
+        a = from_row_matrix(self.rows(name), t["shape"], bool(t.get("transposed")))
+        return a.astype(NUMPY_DTYPES[t["dtype"]], copy=False)
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.tensors:

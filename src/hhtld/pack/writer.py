@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..classify import DEFAULT_RULES, EncodablePolicy, Plan, RuleTable, plan_checkpoint
+from ..classify import DEFAULT_RULES, EncodablePolicy, Plan, RuleTable, plan_checkpoint, to_row_matrix
 from ..codecs.registry import make_codec
 from ..errors import HhtldError
 from ..format import (
@@ -210,10 +210,7 @@ def encode_checkpoint(
 
 def read_rows(ckpt: Checkpoint, t) -> np.ndarray:
     """float32 (rows, cols) of one planned tensor: effective shape, transposed if needed."""
-    a = ckpt.read_float(t.name)
-    if t.transposed:
-        a = np.ascontiguousarray(a.reshape(t.shape).T)
-    a = a.reshape(t.row_shape)
+    a = to_row_matrix(ckpt.read_float(t.name), t.shape, t.row_shape, t.transposed)
     if not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise HhtldError(
