@@ -97,64 +97,64 @@ def test_bpw_budget_is_kept(small_ckpt, tmp_path):
         assert 8 * stored == al.bits  # the allocation's accounting is the pack's
 
 
-def test_rounds_are_written_next_to_out_and_only_out_is_left(small_ckpt, tmp_path):
+def test_rows_target_writes_only_out_and_says_when_the_top_rung_is_not_enough(small_ckpt, tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     out = d / "m.hhtld"
     res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
     assert res.path == out and al.checks[-1]["ok"]
     assert sorted(p.name for p in d.iterdir()) == ["m.hhtld"]
-    Pack(out)  # a readable pack
-    # a target no rung can meet: the allocation goes to the top rung at once and stops after one round
+    p = Pack(out)  # a readable pack; gate 1 measured while encoding is in the manifest
+    for g in p.groups:
+        med, p5 = Thresholds().row_targets(g["regime"])
+        assert g["row_cosine"]["median"] >= med and g["row_cosine"]["p5"] >= p5
+    # a target no rung can meet: the allocation goes to the top rung at once, which fails, and says so
     strict = Thresholds(argmax_median=1.0, argmax_p5=1.0, index_median=1.0, index_p5=1.0)
     out2 = d / "strict.hhtld"
     res2, al2 = encode_budget(small_ckpt, out2, target="rows", policy=EncodablePolicy(encode_all=True),
-                              thresholds=strict, max_rounds=3)
+                              thresholds=strict)
     assert res2.path == out2 and len(al2.checks) == 1 and not al2.checks[-1]["ok"]
-    assert al2.notes == ["the rows target was not met on the check after 1 round"]
+    failing = ", ".join(str(g.key) for g in res2.plan.groups)
+    assert al2.notes == [f"the rows target was not met: {failing} fail gate 1 even at the top rung"]
     assert {c.setting.name for c in al2.choices.values()} == {LADDER[-1].name}
     assert sorted(p.name for p in d.iterdir()) == ["m.hhtld", "strict.hhtld"]
 
 
-def test_a_failed_round_is_removed_and_the_next_one_becomes_out(small_ckpt, tmp_path, monkeypatch):
+def test_a_group_that_fails_its_row_check_is_encoded_again_one_rung_higher(small_ckpt, tmp_path, monkeypatch):
     import hhtld.budget.allocate as allocate
 
-    real = allocate._check
-    seen = []
+    real = allocate.allocate_rows
 
-    def fail_first(path, ckpt, plan, *a):
-        seen.append((path, sorted(p.name for p in path.parent.iterdir())))
-        if len(seen) == 1:
-            return {"ok": False}, [str(g.key) for g in plan.groups]
-        return real(path, ckpt, plan, *a)
+    def too_cheap(groups, trials, th, **kw):  # start every group on the cheapest rung
+        return {k: allocate._choice(g, LADDER[0]) for k, g in zip(real(groups, trials, th, **kw), groups)}
 
-    monkeypatch.setattr(allocate, "_check", fail_first)
-    out = tmp_path / "out" / "m.hhtld"
+    monkeypatch.setattr(allocate, "allocate_rows", too_cheap)
+    out = tmp_path / "m.hhtld"
     res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
-    assert res.path == out and len(al.checks) == 2 and al.checks[-1]["ok"]
-    (p1, ls1), (p2, ls2) = seen
-    assert p1 != p2 and ls1 == [p1.name] and ls2 == [p2.name]  # round 1's file was gone before round 2's check
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
-    assert not p1.exists() and not p2.exists()
+    assert al.checks[-1]["ok"] and al.checks[-1]["raised"]
+    raised = {r.split("→")[0] for r in al.checks[-1]["raised"]}
+    assert raised == {k for k, c in al.choices.items() if c.setting.name != LADDER[0].name} != set()
+    p = Pack(out)
+    assert [g["options"]["setting"] for g in p.groups] == [c.setting.name for c in al.choices.values()]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.hhtld", "model.safetensors"]
 
 
-def test_interrupted_allocation_leaves_out_untouched_and_no_temporary_files(small_ckpt, tmp_path, monkeypatch):
-    import hhtld.budget.allocate as allocate
+def test_interrupted_encode_leaves_out_untouched_and_no_temporary_files(small_ckpt, tmp_path, monkeypatch):
+    from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec
 
     out = tmp_path / "out" / "m.hhtld"
     out.parent.mkdir()
     out.write_bytes(b"previous pack")
     seen = []
 
-    def interrupted(path, *a, **k):
-        seen.append(path)
+    def interrupted(self, fit, rows, *a, **k):
+        seen.append(rows.name)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(allocate, "_check", interrupted)
+    monkeypatch.setattr(HhtlVqCodec, "encode_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):
         encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
-    assert len(seen) == 1 and seen[0] != out and seen[0].parent == out.parent  # checked in a round file
-    assert seen[0].name.startswith(".m.hhtld.") and seen[0].name.endswith(".round")
+    assert len(seen) == 1
     assert out.read_bytes() == b"previous pack"
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
 

@@ -344,17 +344,18 @@ def test_row_index_out_of_range_is_a_pack_error(pack_path):
         p.rows("encoder.layer.0.intermediate.dense.weight", np.array([0.5]))
 
 
-def test_group_cache_reuses_encodings_with_identical_bytes(small_ckpt, tmp_path, monkeypatch):
+def test_reuse_copies_groups_of_an_earlier_pack_with_identical_bytes(small_ckpt, tmp_path, monkeypatch):
     from hhtld.codecs.hhtl_f32_codec import HhtlF32Codec
 
     calls = []
-    real = HhtlF32Codec.encode_group
-    monkeypatch.setattr(HhtlF32Codec, "encode_group", lambda self, *a: calls.append(a[0]) or real(self, *a))
-    cache: dict = {}
-    encode_checkpoint(small_ckpt, tmp_path / "a.hhtld", cache=cache)
-    assert len(calls) == 2
-    encode_checkpoint(small_ckpt, tmp_path / "b.hhtld", cache=cache)
-    assert len(calls) == 2  # both groups came from the cache
+    real = HhtlF32Codec.fit_group
+    monkeypatch.setattr(HhtlF32Codec, "fit_group", lambda self, key, *a: calls.append(key) or real(self, key, *a))
+    a = encode_checkpoint(small_ckpt, tmp_path / "a.hhtld")
+    assert len(calls) == 2 and not any(g.reused for g in a.groups)
+    b = encode_checkpoint(small_ckpt, tmp_path / "b.hhtld", reuse=tmp_path / "a.hhtld")
+    assert len(calls) == 2 and all(g.reused for g in b.groups)  # both groups copied from a
     assert sha(tmp_path / "a.hhtld") == sha(tmp_path / "b.hhtld")
-    encode_checkpoint(small_ckpt, tmp_path / "c.hhtld", cache=cache, group_options={"encoder/up/600x64": {"k": 16}})
+    encode_checkpoint(small_ckpt, tmp_path / "c.hhtld", reuse=tmp_path / "a.hhtld",
+                      group_options={"encoder/up/600x64": {"k": 16}})
     assert len(calls) == 3  # only the group whose options changed is encoded again
+    assert open_pack(tmp_path / "c.hhtld").rows("encoder.layer.0.intermediate.dense.weight").shape == (600, 64)

@@ -17,7 +17,7 @@ from .classify import DEFAULT_RULES, EncodablePolicy, load_rules_file, parse_rul
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import HhtldError, OptionsError
 from .outputs import check_output_file, write_json
-from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS
+from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
 from .inspect import format_inspect, human_bytes, inspect_path
 
 
@@ -85,14 +85,15 @@ def cmd_encode(args) -> int:
         res, allocation = encode_budget(args.model, args.output, target=args.target, bpw=args.bpw,
                                         config=args.config, policy=policy, rules=rules, codec_options=opts,
                                         include_aux=not args.no_aux_files, progress=not args.quiet,
-                                        log=None if (args.json or args.quiet) else print)
+                                        log=None if (args.json or args.quiet) else print,
+                                        sample_rows=args.sample_rows, threads=args.threads)
     else:
-        if args.target != "behaviour" or args.bpw is not None:
-            raise HhtldError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
-                             f"{'a fixed --stages setting' if args.codec == 'hhtl-vq' else 'codec ' + args.codec}")
+        if args.target is not None or args.bpw is not None:
+            raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
+                               f"{'a fixed --stages setting' if args.codec == 'hhtl-vq' else 'codec ' + args.codec}")
         res = encode_checkpoint(args.model, args.output, codec=args.codec, codec_options=opts,
                                 policy=policy, rules=rules, include_aux=not args.no_aux_files,
-                                progress=not args.quiet)
+                                progress=not args.quiet, sample_rows=args.sample_rows, threads=args.threads)
     info = inspect_pack(res.path)
     info["encode_seconds"] = res.seconds if allocation is None else allocation.seconds.get("total", res.seconds)
     info["weights_encoded"] = res.n_weights_encoded
@@ -200,13 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS), help="codec (default %(default)s)")
     e.add_argument("--k", type=int, default=None, help="hhtl-f32/hhtl-d: palette size, 0 < k <= 256 (default 256)")
     e.add_argument("--leaf-lanes", type=int, default=None, help="Slot L lanes of index-regime groups (hhtl-f32 default 8, hhtl-vq default 0)")
-    e.add_argument("--target", choices=["behaviour", "rows"], default="behaviour",
+    e.add_argument("--target", choices=["behaviour", "rows"], default=None,
                    help="hhtl-vq rate allocation: 'behaviour' = cheapest allocation that keeps the model's outputs "
-                        "on calibration texts within the verify thresholds (needs a runnable config.json; falls back "
-                        "to 'rows' with a note), 'rows' = per group the cheapest setting that passes gate 1 "
-                        "(default %(default)s)")
+                        "on calibration texts within the verify thresholds (RUNS THE MODEL: needs a runnable "
+                        "config.json; falls back to 'rows' with a note), 'rows' = per group the cheapest setting "
+                        "whose decoded rows pass gate 1 (data-free). Default: behaviour, or rows with --bpw")
     e.add_argument("--bpw", type=float, default=None, metavar="X",
-                   help="hhtl-vq: spend a fixed budget of X bits per encoded weight (all stored bytes of the groups)")
+                   help="hhtl-vq: spend a fixed budget of X bits per encoded weight (all stored bytes of the groups); "
+                        "data-free unless --target behaviour is given too")
     e.add_argument("--config", default=None, metavar="CONFIG",
                    help="config.json (or a folder holding one) to run the model for --target behaviour")
     e.add_argument("--stages", default=None,
@@ -217,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gain", default=None, metavar="BOOL",
                    help="hhtl-vq: per-row bf16 gain (default true)")
     e.add_argument("--seed", type=int, default=None, help="hhtl-vq: seed of palettes and rotation (default 0)")
+    e.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS, metavar="N",
+                   help="rows each group's palettes/basis are trained on, drawn evenly across its tensors "
+                        "(default %(default)s); memory and time of the training do not grow with the layer count")
+    e.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="worker threads (default: the usable cores); the pack is the same for any N")
     e.add_argument("--no-aux-files", action="store_true", help="do not carry a model folder's config/tokenizer files")
     e.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no group table")

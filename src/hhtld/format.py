@@ -103,7 +103,20 @@ SLOT_D_POLARITY_SHIFT = 1  # bit 1
 SLOT_D_RESERVED_BIT = 0  # bit 0, always 0
 
 # --- SVD basis ---------------------------------------------------------------
-SVD_MAX_SAMPLE_ROWS = 4096
+SVD_MAX_SAMPLE_ROWS = 4096  # rows of the sample a basis is fitted to (evenly spaced)
+
+# --- streaming encode (these decide which bytes an encode writes) -------------
+# A group's shared parts (palettes, rotation, basis) are trained on a sample of
+# at most DEFAULT_SAMPLE_ROWS rows drawn evenly across its tensors; its
+# tensors are then encoded in blocks of about BLOCK_ELEMS weights. Both depend
+# on the input only, never on the thread count.
+DEFAULT_SAMPLE_ROWS = 4096
+BLOCK_ELEMS = 1 << 20
+# Largest block of the randomised block-Hadamard rotation (hhtl-vq). Stored
+# per group as ``params.rotation_block``; packs written before it was stored
+# used LEGACY_ROTATION_MAX_BLOCK.
+ROTATION_MAX_BLOCK = 1024
+LEGACY_ROTATION_MAX_BLOCK = 1024
 
 # --- encodable defaults (SPEC §2) -------------------------------------------
 DEFAULT_MIN_ROWS = 512

@@ -233,6 +233,22 @@ class SafetensorsWriter:
     def data_bytes(self) -> int:
         return self._offset
 
+    def mark(self) -> tuple[int, int]:
+        """A point to :meth:`rollback` to: (data bytes, tensors) written so far."""
+        return self._offset, len(self._entries)
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Forget every tensor added after ``mark`` (their bytes are cut from the spill)."""
+        if self._spill is None:
+            raise FormatProblem("writer is closed")
+        offset, n = mark
+        for name in list(self._entries)[n:]:
+            del self._entries[name]
+        self._spill.flush()
+        self._spill.truncate(offset)
+        self._spill.seek(offset)
+        self._offset = offset
+
     def header_bytes(self) -> bytes:
         obj: dict = {}
         if self.metadata:
@@ -242,8 +258,11 @@ class SafetensorsWriter:
         pad = (-(len(raw) + HEADER_LEN_BYTES)) % ALIGN
         return raw + b" " * pad
 
-    def close(self) -> Path:
-        """Write header + data to a temporary file and rename it over the target."""
+    def close(self, check=None) -> Path:
+        """Write header + data to a temporary file and rename it over the target.
+
+        ``check(path)``, when given, is called on the complete temporary file
+        before the rename; if it raises, the target stays untouched."""
         if self._spill is None:
             raise FormatProblem("writer is closed")
         self._spill.close()
@@ -257,6 +276,9 @@ class SafetensorsWriter:
                 shutil.copyfileobj(data, out, 16 * 1024 * 1024)
                 out.flush()
                 os.fsync(out.fileno())
+            self._spill_path.unlink(missing_ok=True)
+            if check is not None:
+                check(Path(tmp))
             make_public(tmp)
             os.replace(tmp, self.path)
         except BaseException:

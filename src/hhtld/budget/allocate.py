@@ -35,7 +35,8 @@ from ..classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoin
 from ..classify.groups import GroupPlan
 from ..errors import GateError, OptionsError
 from ..outputs import check_output_file
-from ..pack.writer import EncodeResult, encode_checkpoint, read_rows
+from ..format import DEFAULT_SAMPLE_ROWS
+from ..pack.writer import EncodeResult, encode_checkpoint
 from .sensitivity import GroupTrials, measure_sensitivity, output_change, sample_group_rows
 from .settings import LADDER, Setting
 
@@ -164,20 +165,30 @@ def _say(log, msg: str) -> None:
         log(msg)
 
 
-def encode_budget(model, out, target: str = "behaviour", bpw: float | None = None, config=None,
+def encode_budget(model, out, target: str | None = None, bpw: float | None = None, config=None,
                   policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
                   codec_options: dict[str, Any] | None = None, include_aux: bool = True,
                   progress: bool = False, thresholds=None, log: Callable[[str], None] | None = None,
-                  calibration: int = CAL_TEXTS, max_rounds: int = 3) -> tuple[EncodeResult, Allocation]:
+                  calibration: int = CAL_TEXTS, max_rounds: int = 3, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                  threads: int | None = None) -> tuple[EncodeResult, Allocation]:
     """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``.
 
-    Every round is written to a temporary file next to ``out`` and checked
-    there; only the chosen round is renamed onto ``out``. Nothing else is
-    left in ``out``'s folder, whether the call succeeds, fails or is
-    interrupted.
+    ``target`` None means ``rows`` when ``bpw`` is given (a data-free budget)
+    and ``behaviour`` otherwise; only ``behaviour`` runs the model.
+
+    Data-free (``rows``, ``bpw``): one streaming encode; with ``rows`` every
+    group's decoded rows are checked against gate 1 as it is encoded and a
+    group that fails is encoded again one rung higher. ``behaviour``: each
+    round is written to a temporary file next to ``out`` (groups unchanged
+    since the previous round are copied from it) and checked by running the
+    model on the calibration texts; only the chosen round is renamed onto
+    ``out``. Nothing else is left in ``out``'s folder, whether the call
+    succeeds, fails or is interrupted.
     """
     from ..gates.targets import Thresholds
 
+    if target is None:
+        target = "rows" if bpw is not None else "behaviour"
     if target not in TARGETS:
         raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
     if bpw is not None and not 0.5 <= bpw <= 16:
@@ -206,99 +217,174 @@ def encode_budget(model, out, target: str = "behaviour", bpw: float | None = Non
             target = "rows"
     seconds["runner"] = time.perf_counter() - t0
     extra = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
+    t1 = time.perf_counter()
     trials = {str(g.key): GroupTrials(sample_group_rows(ckpt, g), seed=int(extra.get("seed", 0)))
               for g in groups}
+    seconds["trials.sample"] = time.perf_counter() - t1
     alloc = Allocation(target, {}, notes)
     total_w = sum(g.n_weights for g in groups) or 1
     budget_bits = None if bpw is None else bpw * total_w
-
-    texts, ref, sens = [], None, {}
-    if runner is not None:
-        from ..gates.texts import calibration_texts
-
-        t1 = time.perf_counter()
-        texts = calibration_texts()[:calibration]
-        ref = runner.run(texts)
-        sens = measure_sensitivity(runner, ckpt, groups, texts, ref, log=log)
-        seconds["sensitivity"] = time.perf_counter() - t1
-
-    def behaviour_loss(g, s):
-        return sens[str(g.key)] * trials[str(g.key)](s).rel_mse
+    enc_kw = dict(codec="hhtl-vq", codec_options=codec_options or {}, policy=policy, rules=rules,
+                  include_aux=include_aux, progress=progress, sample_rows=sample_rows, threads=threads)
 
     def rows_loss(g, s):
         med, _ = th.row_targets(g.regime)
         d_target = 1.0 / med**2 - 1.0
         return g.n_weights * trials[str(g.key)](s).rel_mse / d_target
 
-    floor: dict[str, int] = {}
+    if runner is None:
+        result = _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_loss, th, alloc,
+                                   seconds, log, enc_kw)
+    else:
+        result = _encode_behaviour(model, out, ckpt, plan, runner, bpw, budget_bits, trials, th, alloc, seconds,
+                                   log, calibration, max_rounds, enc_kw)
+    seconds["total"] = time.perf_counter() - t0
+    alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    return result, alloc
+
+
+def _allocation_line(alloc: Allocation, bpw, rnd: int | None = None) -> str:
+    head = f"allocation ({alloc.target}{'' if bpw is None else f', bpw {bpw}'})"
+    if rnd is not None:
+        head += f", round {rnd + 1}"
+    return (head + ": " + ", ".join(f"{k}={c.setting.name}" for k, c in alloc.choices.items())
+            + f" → {alloc.bpw:.3f} bits per encoded weight")
+
+
+def _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_loss, th, alloc, seconds, log,
+                      enc_kw) -> EncodeResult:
+    """One streaming encode; the rows target re-encodes a group one rung higher
+    while its decoded rows fail gate 1 (and a higher rung exists)."""
+    groups = plan.groups
+    t1 = time.perf_counter()
+    if bpw is not None:
+        start = {str(g.key): 0 for g in groups}
+        state = greedy(groups, start, rows_loss, lambda _l: False, budget_bits)
+        alloc.choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]]) for g in groups}
+    else:
+        alloc.choices = allocate_rows(groups, trials, th)
+    seconds["allocate"] = time.perf_counter() - t1
+    _say(log, _allocation_line(alloc, bpw))
+    by_key = {str(g.key): g for g in groups}
+    raised: list[str] = []
+
+    def check_group(res) -> dict[str, Any] | None:
+        if bpw is not None:
+            return None
+        cos = res.all_cosines()
+        med, p5 = th.row_targets(res.plan.regime)
+        if np.median(cos) >= med and np.percentile(cos, 5) >= p5:
+            return None
+        i = _ladder_index(alloc.choices[res.key].setting.name)
+        if i == len(LADDER) - 1:  # the top rung cannot be raised further
+            return None
+        alloc.choices[res.key] = _choice(by_key[res.key], LADDER[i + 1])
+        raised.append(f"{res.key}→{LADDER[i + 1].name}")
+        return alloc.choices[res.key].setting.options()
+
+    t1 = time.perf_counter()
+    result = encode_checkpoint(model, out, group_options=alloc.group_options(), check_group=check_group, **enc_kw)
+    seconds["encode"] = time.perf_counter() - t1
+    check = _rows_summary(result, th)
+    if raised:
+        check["raised"] = raised
+        _say(log, "raised after the check of the decoded rows: " + ", ".join(raised))
+    alloc.checks.append(check)
+    _say(log, "check of the decoded rows: " + ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items() if k != "raised"))
+    if not check["ok"] and bpw is None:
+        failing = ", ".join(check["failing"])
+        alloc.notes.append(f"the rows target was not met: {failing} fail gate 1 even at the top rung")
+    return result
+
+
+def _rows_summary(result: EncodeResult, th) -> dict[str, Any]:
+    """Gate 1 per regime over the encoded pack's rows (measured while encoding)."""
+    res: dict[str, Any] = {}
+    per_regime: dict[str, list[np.ndarray]] = {}
+    failing = []
+    for gr in result.groups:
+        cos = gr.all_cosines()
+        per_regime.setdefault(gr.plan.regime, []).append(cos)
+        med, p5 = th.row_targets(gr.plan.regime)
+        if cos.size and (np.median(cos) < med or np.percentile(cos, 5) < p5):
+            failing.append(gr.key)
+    ok = not failing
+    for regime, parts in per_regime.items():
+        cs = np.concatenate(parts)
+        if not cs.size:
+            continue
+        res[f"{regime}_median"] = float(np.median(cs))
+        res[f"{regime}_p5"] = float(np.percentile(cs, 5))
+        med, p5 = th.row_targets(regime)
+        ok &= res[f"{regime}_median"] >= med and res[f"{regime}_p5"] >= p5
+    res["ok"] = bool(ok)
+    res["failing"] = failing
+    return res
+
+
+def _encode_behaviour(model, out, ckpt, plan, runner, bpw, budget_bits, trials, th, alloc, seconds, log,
+                      calibration, max_rounds, enc_kw) -> EncodeResult:
+    """Rounds of allocate → encode → check on the calibration texts, tightening the goal after a failed check."""
+    from ..gates.texts import calibration_texts
+
+    groups = plan.groups
+    t1 = time.perf_counter()
+    texts = calibration_texts()[:calibration]
+    ref = runner.run(texts)
+    sens = measure_sensitivity(runner, ckpt, groups, texts, ref, log=log)
+    seconds["sensitivity"] = time.perf_counter() - t1
+
+    def behaviour_loss(g, s):
+        return sens[str(g.key)] * trials[str(g.key)](s).rel_mse
+
     cos_target = GOAL_SHARE * (1.0 - th.min_cosine)  # output change allowed, tightened on failure
     kl_target = GOAL_SHARE * th.max_kl
     result = None
     rounds: list[Path] = []  # this call's temporary round files, all next to ``out``
-    encoded: dict = {}  # groups already encoded in an earlier round, by (group, options)
     try:
         for rnd in range(max_rounds):
             t1 = time.perf_counter()
             if bpw is not None:
-                start = {str(g.key): floor.get(str(g.key), 0) for g in groups}
-                lossf = behaviour_loss if runner is not None else rows_loss
-                state = greedy(groups, start, lossf, lambda _l: False, budget_bits)
-                choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
-            elif target == "rows":
-                choices = allocate_rows(groups, trials, th, floor=floor)
+                start = {str(g.key): 0 for g in groups}
+                state = greedy(groups, start, behaviour_loss, lambda _l: False, budget_bits)
             else:
                 goal = kl_target if runner.family == "causal" else cos_target
-                start = {str(g.key): max(floor.get(str(g.key), 0), _ladder_index("vq2.0")) for g in groups}
+                start = {str(g.key): _ladder_index("vq2.0") for g in groups}
                 state = greedy(groups, start, behaviour_loss, lambda l: l <= goal)
-                choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
                 alloc.predicted = {"output_change": sum(behaviour_loss(g, LADDER[state[str(g.key)]]) for g in groups),
                                    "goal": goal}
-            alloc.choices = choices
+            alloc.choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
             seconds[f"allocate.{rnd}"] = time.perf_counter() - t1
-            _say(log, f"allocation ({target}{'' if bpw is None else f', bpw {bpw}'}), round {rnd + 1}: "
-                      + ", ".join(f"{k}={c.setting.name}" for k, c in choices.items())
-                      + f" → {alloc.bpw:.3f} bits per encoded weight")
+            _say(log, _allocation_line(alloc, bpw, rnd))
             t1 = time.perf_counter()
-            if rounds:  # the previous round failed its check: free its disk space now
-                rounds[-1].unlink(missing_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".round", dir=out.parent)
             os.close(fd)
             rounds.append(Path(tmp_name))
-            result = encode_checkpoint(model, rounds[-1], codec="hhtl-vq", codec_options=codec_options or {},
-                                       policy=policy, rules=rules, include_aux=include_aux, progress=progress,
-                                       group_options=alloc.group_options(), cache=encoded)
+            result = encode_checkpoint(model, rounds[-1], group_options=alloc.group_options(),
+                                       reuse=rounds[-2] if len(rounds) > 1 else None, **enc_kw)
+            if len(rounds) > 1:  # the previous round failed its check and has served as a source
+                rounds[-2].unlink(missing_ok=True)
             seconds[f"encode.{rnd}"] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            check, failing = _check(rounds[-1], ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target)
+            check = _check(rounds[-1], plan, runner, texts, ref, th)
             seconds[f"check.{rnd}"] = time.perf_counter() - t1
             alloc.checks.append(check)
-            _say(log, f"check on {'calibration texts' if target == 'behaviour' else 'the written rows'}: "
+            _say(log, "check on calibration texts: "
                       + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
             if check["ok"] or bpw is not None:
                 break
-            if target == "rows":
-                raised = False
-                for k in failing:
-                    i = _ladder_index(choices[k].setting.name)
-                    if i < len(LADDER) - 1:  # the top rung cannot be raised further
-                        floor[k] = i + 1
-                        raised = True
-                if not raised:
-                    break  # another round would write the same pack
-            else:
-                cos_target *= TIGHTEN
-                kl_target *= TIGHTEN
+            cos_target *= TIGHTEN
+            kl_target *= TIGHTEN
         os.replace(rounds[-1], out)  # the chosen (last) round; the earlier ones failed their check
         result.path = out
     finally:
         for r in rounds:
             r.unlink(missing_ok=True)
-    seconds["total"] = time.perf_counter() - t0
-    alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
     if not alloc.checks[-1]["ok"] and bpw is None:
         n = len(alloc.checks)
-        alloc.notes.append(f"the {target} target was not met on the check after {n} round{'s' if n != 1 else ''}")
-    return result, alloc
+        alloc.notes.append(f"the behaviour target was not met on the check after {n} round{'s' if n != 1 else ''}")
+    return result
 
 
 def _check_out(out, ckpt) -> Path:
@@ -310,32 +396,13 @@ def _check_out(out, ckpt) -> Path:
     return out
 
 
-def _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_target) -> tuple[dict, list[str]]:
-    from ..gates.rows import row_cosines
+def _check(out, plan, runner, texts, ref, th) -> dict:
+    """Run the model with the decoded pack ``out`` on the calibration texts."""
     from ..gates.runner import compare_outputs
     from ..pack.reader import Pack
     from .sensitivity import to_original
 
     pack = Pack(out)
-    if target == "rows":
-        failing = []
-        res: dict[str, Any] = {}
-        per_regime: dict[str, list[np.ndarray]] = {}
-        for g in plan.groups:
-            cs = np.concatenate([row_cosines(read_rows(ckpt, t), pack.rows(t.name)) for t in g.tensors])
-            per_regime.setdefault(g.regime, []).append(cs)
-            med, p5 = th.row_targets(g.regime)
-            if np.median(cs) < med or np.percentile(cs, 5) < p5:
-                failing.append(str(g.key))
-        ok = True
-        for regime, parts in per_regime.items():
-            cs = np.concatenate(parts)
-            res[f"{regime}_median"] = float(np.median(cs))
-            res[f"{regime}_p5"] = float(np.percentile(cs, 5))
-            med, p5 = th.row_targets(regime)
-            ok &= res[f"{regime}_median"] >= med and res[f"{regime}_p5"] >= p5
-        res["ok"] = bool(ok and not failing)
-        return res, failing
     weights = {}
     for g in plan.groups:
         for t in g.tensors:
@@ -346,7 +413,7 @@ def _check(out, ckpt, plan, target, runner, texts, ref, th, cos_target, kl_targe
         ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["kl_mean"] <= th.max_kl * 0.75
     else:
         ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["cos_mean"] >= th.min_cosine + 0.001
-    return {**{k: float(v) for k, v in cmp.items()}, "output_change": change, "ok": bool(ok)}, []
+    return {**{k: float(v) for k, v in cmp.items()}, "output_change": change, "ok": bool(ok)}
 
 
 __all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget", "greedy"]

@@ -24,9 +24,9 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..classify.groups import GroupPlan
 from ..classify.shapes import from_row_matrix
-from ..codecs.svd_basis import sample_rows
+from ..checkpoint.rows import TensorRows, sample_across
 from ..codecs.vq import encode_rows, parse_stages
-from ..gates.rows import row_cosines
+from ..cosine import row_cosines
 from ..pack.writer import read_rows
 from .settings import Setting
 
@@ -41,13 +41,9 @@ class Trial:
 
 
 def sample_group_rows(ckpt: Checkpoint, g: GroupPlan, max_rows: int = TRIAL_ROWS) -> np.ndarray:
-    """Evenly spaced rows across the group's tensors (each tensor contributes its share)."""
-    per = max(1, -(-max_rows // len(g.tensors)))
-    parts = []
-    for t in g.tensors:
-        x = read_rows(ckpt, t)
-        parts.append(x[sample_rows(x.shape[0], per)])
-    return np.ascontiguousarray(np.concatenate(parts))
+    """Evenly spaced rows across the group's tensors (each tensor contributes its
+    share), read from the memory map: only the sampled rows are touched."""
+    return sample_across([TensorRows(ckpt, t) for t in g.tensors], max_rows)
 
 
 @dataclass

@@ -1,28 +1,50 @@
 """The codec plug-in interface between the group encoder and the pack.
 
-A codec turns one group of same-shape float32 row matrices into named numpy
-arrays (group parts, shared by all tensors, and tensor parts) plus small
-JSON parameters; and turns those arrays back into float32 rows, reading only
-what it needs. The pack stores the arrays, the manifest the parameters.
+A codec encodes one group of same-shape float32 row matrices in three steps,
+so that a group of any number of layers streams in bounded memory:
+
+1. ``fit_group(key, sample)`` trains the shared parts (palettes, rotation,
+   basis) on a bounded sample of the group's rows (``sample_across``);
+2. ``encode_tensor(fit, rows)`` encodes one tensor, block by block, read
+   through a :class:`~hhtld.checkpoint.rows.RowSource` (blocks may run on a
+   thread pool; the bytes never depend on it);
+3. ``finish_group(fit)`` gives the group's arrays and parameters (statistics
+   gathered over all its tensors, e.g. palette counts, are complete then).
+
+Each step gives named numpy arrays (group parts, shared by all tensors, and
+tensor parts) plus small JSON parameters; ``decode_rows`` turns those arrays
+back into float32 rows, reading only what it needs. The pack stores the
+arrays, the manifest the parameters. Decoding is pure numpy; encoding may
+use faiss (k-means, exhaustive nearest-centroid search).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ..checkpoint.rows import ArrayRows, RowSource, row_blocks, sample_across
 from ..classify.groups import GroupKey
-from ..errors import OptionsError
-from ..format import CodecId
+from ..cosine import row_cosines
+from ..errors import CodecError, OptionsError
+from ..format import DEFAULT_SAMPLE_ROWS, CodecId
 
 
 @dataclass
 class EncodedTensor:
+    """A tensor's stored arrays and manifest params; ``cosines`` (n,) float32,
+    when asked for: the row cosine of every row against what decode gives
+    (not stored, used for the rows target and reports); ``stats``: the
+    codec's per-tensor statistics for ``finish_group`` (not stored)."""
+
     params: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    cosines: np.ndarray | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # what finish_group gathers over the tensors
 
 
 @dataclass
@@ -84,11 +106,84 @@ class Codec(ABC):
     def options(self) -> dict[str, Any]:
         return dict(self.opts)
 
+    # -- streaming encode ----------------------------------------------------------------
     @abstractmethod
-    def encode_group(self, key: GroupKey, names: Sequence[str], rows: Sequence[np.ndarray]) -> EncodedGroup:
-        """rows: one (n_rows, n_cols) float32 array per name, all of ``key.shape``."""
+    def fit_group(self, key: GroupKey, sample: np.ndarray, pool: Executor | None = None) -> Any:
+        """Train the group's shared parts on ``sample`` (m, n_cols) float32, rows
+        drawn across all of its tensors. Returns the codec's fit state."""
+
+    @abstractmethod
+    def encode_tensor(self, fit: Any, rows: RowSource, pool: Executor | None = None,
+                      measure: bool = False) -> EncodedTensor:
+        """Encode one tensor of the group, read block by block from ``rows``;
+        ``measure``: fill ``EncodedTensor.cosines``. Never changes ``fit``, so
+        several tensors of a group may be encoded at once."""
+
+    @abstractmethod
+    def finish_group(self, fit: Any, stats: Sequence[Mapping[str, Any]]) -> EncodedGroup:
+        """The group's arrays and params from the fit and the ``stats`` of every
+        encoded tensor, in tensor order (``EncodedGroup.tensors`` stays empty)."""
+
+    def decoded_cosines(self, group: Parts, arrays: Mapping[str, np.ndarray], rows: RowSource,
+                        pool: Executor | None = None) -> np.ndarray:
+        """(n,) float32 row cosines of ``rows`` against the decode of a tensor's
+        ``arrays`` (what a reader will get), block by block."""
+        tensor = DictParts({}, arrays)
+
+        def one(x, s, e):
+            return row_cosines(x, self.decode_rows(group, tensor, slice(s, e)))
+
+        return np.concatenate(map_blocks(one, rows, pool)).astype(np.float32)
+
+    def encode_group(self, key: GroupKey, names: Sequence[str], rows: Sequence[np.ndarray],
+                     sample_rows: int = DEFAULT_SAMPLE_ROWS, pool: Executor | None = None) -> EncodedGroup:
+        """All tensors of a group given in memory: one (n_rows, n_cols) float32
+        array per name, all of ``key.shape``; the same steps and bytes as the
+        streaming encoder with the same sample size."""
+        if len(names) != len(rows):
+            raise CodecError(f"{len(names)} names but {len(rows)} row arrays")
+        sources = [ArrayRows(r, n) for n, r in zip(names, rows)]
+        if not sources:
+            return self.finish_group(self.fit_group(key, np.zeros((0, int(key.shape[1])), np.float32), pool), [])
+        fit = self.fit_group(key, sample_across(sources, sample_rows), pool)
+        tensors = {n: self.encode_tensor(fit, s, pool) for n, s in zip(names, sources)}
+        out = self.finish_group(fit, [t.stats for t in tensors.values()])
+        out.tensors = tensors
+        return out
 
     @classmethod
     @abstractmethod
     def decode_rows(cls, group: Parts, tensor: Parts, idx: np.ndarray | None = None) -> np.ndarray:
         """(m, n_cols) float32: the rows ``idx`` (all when None) of one tensor."""
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], pool: Executor | None, window: int):
+    """``fn(item)`` for every item, results yielded in order, at most ``window``
+    items in flight (the pool's tasks never submit to the pool themselves)."""
+    if pool is None:
+        for it in items:
+            yield fn(it)
+        return
+    pending = []
+    for it in items:
+        pending.append(pool.submit(fn, it))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for f in pending:
+        yield f.result()
+
+
+def map_blocks(fn: Callable[[np.ndarray, int, int], Any], rows: RowSource, pool: Executor | None = None) -> list:
+    """``[fn(block, start, stop), ...]`` over the row blocks of ``rows``, in order.
+
+    Blocks are read inside ``fn``'s task, so at most the pool's width of
+    blocks is in memory at once; the block boundaries depend on the shape only."""
+    spans = row_blocks(*rows.shape)
+
+    def run(span):
+        s, e = span
+        return fn(rows.block(s, e), s, e)
+
+    if pool is None or len(spans) <= 1:
+        return [run(sp) for sp in spans]
+    return list(pool.map(run, spans))

@@ -15,18 +15,33 @@ representative rows). A row decodes to its unfolded Base17 centroid (+ leaf).
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..classify.groups import GroupKey
+from ..classify.rules import should_use_leaf
 from ..errors import CodecError
 from ..format import ROUTE_ATTEND_PERCENTILE, ROUTE_SKIP_PERCENTILE, SLOT_L_LANES, CodecId
-from .base import Codec, EncodedGroup, EncodedTensor, Parts
+from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
+from .base17 import fold
+from .base17_palette import palette_stats
 from .hhtl_cache import check_percentiles
-from .hhtl_d import build_hhtl_d_group, decode_rows17, entry_twigs
-from .slot_l import add_stored_leaf, basis_parts, leaf_parts
+from .hhtl_d import HhtlDShared, build_shared, decode_rows17, entry_twigs, heel_basin, pack_entries, residual_fields
 from .palette import check_k
+from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
+from .svd_basis import SvdBasis
+
+
+@dataclass
+class _DFit:
+    key: GroupKey
+    shared: HhtlDShared | None
+
+    def decode_parts(self) -> DictParts:
+        s = self.shared
+        arrays = {"palette17": s.palette.centroids, **(basis_parts(s.basis) if s.basis is not None else {})}
+        return DictParts({"cols": s.cols}, arrays)
 
 
 class HhtlDCodec(Codec):
@@ -42,26 +57,62 @@ class HhtlDCodec(Codec):
             raise CodecError(f"codec {self.name}: leaf_lanes={lanes} is out of range (1..64)")
         check_percentiles(self.opts["attend_percentile"], self.opts["skip_percentile"])
 
-    def encode_group(self, key: GroupKey, names: Sequence[str], rows: Sequence[np.ndarray]) -> EncodedGroup:
+    def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _DFit:
+        """Palette, HIP map, cache, Fisher-z table (representatives: sample rows) and,
+        for index-regime roles, the basis of the residuals, all on the sample."""
         o = self.opts
-        g = build_hhtl_d_group(key, names, rows, o["k"], o["leaf_lanes"],
-                               attend_percentile=o["attend_percentile"], skip_percentile=o["skip_percentile"])
-        out = EncodedGroup(params={"k": 0 if g.shared is None else g.shared.k, "leaf": False})
-        if g.is_empty:
+        if sample.shape[0] == 0:
+            return _DFit(key, None)
+        shared, twig, _ = build_shared(sample, fold(sample), o["k"], o["attend_percentile"], o["skip_percentile"])
+        if should_use_leaf(key.role):
+            residual = sample - decode_rows17(shared.palette.centroids, twig, shared.cols)  # (m, d)
+            shared.basis = SvdBasis.fit(residual, o["leaf_lanes"])
+        return _DFit(key, shared)
+
+    def encode_tensor(self, fit: _DFit, rows, pool=None, measure: bool = False) -> EncodedTensor:
+        s = fit.shared
+        basin = int(heel_basin(fit.key.role))
+        unfolded = s.palette.unfolded(s.cols)  # (k, d)
+
+        def one(x, a, b):
+            x17 = fold(x)
+            twig, dist = s.palette.assign(x17)
+            polarity, value = residual_fields(x17, s.palette.centroids[twig])
+            entries = pack_entries(basin, s.hip[twig], twig, polarity, value)
+            radius, count = palette_stats(twig, dist, s.k)
+            coeff = s.basis.project(x - unfolded[twig]) if s.basis is not None else None
+            return entries, radius, count, coeff
+
+        blocks = map_blocks(one, rows, pool)
+        arrays = {"entry": np.concatenate([b[0] for b in blocks])}
+        stats = {"radius": np.max([b[1] for b in blocks], axis=0),
+                 "count": np.sum([b[2] for b in blocks], axis=0, dtype=np.uint32)}
+        if s.basis is not None:
+            arrays.update(leaf_parts(*quantise_leaf(np.concatenate([b[3] for b in blocks]))))
+        out = EncodedTensor({}, arrays, stats=stats)
+        if measure:
+            out.cosines = self.decoded_cosines(fit.decode_parts(), arrays, rows, pool)
+        return out
+
+    def finish_group(self, fit: _DFit, stats) -> EncodedGroup:
+        s = fit.shared
+        out = EncodedGroup(params={"k": 0 if s is None else s.k, "leaf": False})
+        if s is None:
             return out
-        s = g.shared
+        radius = np.max([t["radius"] for t in stats], axis=0) if stats else np.zeros(s.k, np.uint32)
+        count = np.sum([t["count"] for t in stats], axis=0, dtype=np.uint32) if stats else np.zeros(s.k, np.uint32)
         out.params.update({
             "cols": s.cols,
             "leaf": s.basis is not None,
-            "basin": g.basin.name,
+            "basin": heel_basin(fit.key.role).name,
             "route": s.cache.params(),
             "fisher_z_quality": s.quality.to_json(),
             "reconstruction": "unfolded Base17 centroid" + (" + Slot L" if s.basis is not None else ""),
         })
         out.arrays = {
             "palette17": s.palette.centroids,
-            "radius": s.palette.radius,
-            "count": s.palette.count,
+            "radius": radius,
+            "count": count,
             "hip": s.hip,
             "distance": s.cache.distance,
             "route": s.cache.route,
@@ -71,9 +122,6 @@ class HhtlDCodec(Codec):
         if s.basis is not None:
             out.arrays.update(basis_parts(s.basis))
             out.params["basis_energy"] = round(s.basis.energy(), 6)
-        for name in names:
-            t = g.tensors[name]
-            out.tensors[name] = EncodedTensor({}, {"entry": t.entries, **leaf_parts(t.leaf, t.leaf_scale)})
         return out
 
     @classmethod

@@ -2,13 +2,19 @@
 
 Group parts: palette (k, d) bf16, radius (k,) f32, count (k,) u32,
 fisher_z (k, k) i8, gamma (2,) f32; index regime also basis (8, d) bf16 and
-singular (r,) f32. Tensor parts: twig (n,) u8; index regime leaf (n, 8) i8
+singular (8,) f32. Tensor parts: twig (n,) u8; index regime leaf (n, 8) i8
 and leaf_scale (1,) f32.
+
+Streaming: the palette (furthest-point cover, real rows), its Fisher-z table
+and the basis are built on the group's sample; every tensor is then assigned
+block by block, and each centroid's radius and count gather over all of
+them.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,10 +22,22 @@ from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
 from ..errors import CodecError
 from ..format import SLOT_L_LANES, CodecId
-from .base import Codec, EncodedGroup, EncodedTensor, Parts
-from .group import build_group_with_leaf
-from .palette import check_k, to_bf16
-from .slot_l import add_stored_leaf, basis_parts, leaf_parts
+from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
+from .fisher_z import FisherZTable
+from .palette import assign_nearest, check_k, furthest_point_sample, to_bf16
+from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
+from .svd_basis import SvdBasis
+
+
+@dataclass
+class _F32Fit:
+    key: GroupKey
+    centroids: np.ndarray  # (k, d) float32, bf16-exact real rows of the sample
+    basis: SvdBasis | None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # what decode needs
+
+    def decode_parts(self) -> DictParts:
+        return DictParts({}, self.arrays)
 
 
 class HhtlF32Codec(Codec):
@@ -33,24 +51,60 @@ class HhtlF32Codec(Codec):
         if not isinstance(lanes, int) or not 1 <= lanes <= 64:
             raise CodecError(f"codec {self.name}: leaf_lanes={lanes} is out of range (1..64)")
 
-    def encode_group(self, key: GroupKey, names: Sequence[str], rows: Sequence[np.ndarray]) -> EncodedGroup:
-        g = build_group_with_leaf(key, names, rows, self.opts["k"], self.opts["leaf_lanes"])
-        out = EncodedGroup(params={"k": g.palette.k if g.palette else 0, "leaf": g.basis is not None})
-        if g.is_empty:
+    def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _F32Fit:
+        d = int(key.shape[1])
+        if sample.shape[0] == 0:
+            return _F32Fit(key, np.zeros((0, d), np.float32), None)
+        picks = furthest_point_sample(sample, self.opts["k"])
+        centroids = to_bf16(sample[picks]).astype(np.float32)  # (k', d)
+        basis = SvdBasis.fit(sample, self.opts["leaf_lanes"]) if should_use_leaf(key.role) else None
+        fit = _F32Fit(key, centroids, basis)
+        fit.arrays["palette"] = to_bf16(centroids)
+        if basis is not None:
+            fit.arrays.update(basis_parts(basis))
+        return fit
+
+    def encode_tensor(self, fit: _F32Fit, rows, pool=None, measure: bool = False) -> EncodedTensor:
+        k = fit.centroids.shape[0]
+        leaf = fit.basis is not None
+
+        def one(x, s, e):
+            twig, dist = assign_nearest(x, fit.centroids)  # (m,), (m,)
+            count = np.bincount(twig, minlength=k).astype(np.uint32)
+            radius = np.zeros(k, np.float32)
+            np.maximum.at(radius, twig, dist)
+            coeff = fit.basis.project(x - fit.centroids[twig]) if leaf else None
+            return twig.astype(np.uint8), count, radius, coeff
+
+        blocks = map_blocks(one, rows, pool)
+        arrays = {"twig": np.concatenate([b[0] for b in blocks])}
+        stats = {"count": np.sum([b[1] for b in blocks], axis=0, dtype=np.uint32),
+                 "radius": np.max([b[2] for b in blocks], axis=0)}
+        if leaf:
+            arrays.update(leaf_parts(*quantise_leaf(np.concatenate([b[3] for b in blocks]))))
+        out = EncodedTensor({}, arrays, stats=stats)
+        if measure:
+            out.cosines = self.decoded_cosines(fit.decode_parts(), arrays, rows, pool)
+        return out
+
+    def finish_group(self, fit: _F32Fit, stats) -> EncodedGroup:
+        k = fit.centroids.shape[0]
+        out = EncodedGroup(params={"k": k, "leaf": fit.basis is not None})
+        if k == 0:
             return out
+        count = np.sum([s["count"] for s in stats], axis=0, dtype=np.uint32) if stats else np.zeros(k, np.uint32)
+        radius = np.max([s["radius"] for s in stats], axis=0) if stats else np.zeros(k, np.float32)
+        fz = FisherZTable.build(fit.centroids)  # centroids are real rows
         out.arrays = {
-            "palette": to_bf16(g.palette.centroids),
-            "radius": g.palette.radius,
-            "count": g.palette.count,
-            "fisher_z": g.fisher_z.table,
-            "gamma": g.fisher_z.gamma.to_array(),
+            "palette": fit.arrays["palette"],
+            "radius": radius,
+            "count": count,
+            "fisher_z": fz.table,
+            "gamma": fz.gamma.to_array(),
         }
-        if g.basis is not None:
-            out.arrays.update(basis_parts(g.basis))
-            out.params["basis_energy"] = round(g.basis.energy(), 6)
-        for name in names:
-            t = g.tensors[name]
-            out.tensors[name] = EncodedTensor({}, {"twig": t.twig, **leaf_parts(t.leaf, t.leaf_scale)})
+        if fit.basis is not None:
+            out.arrays.update(basis_parts(fit.basis))
+            out.params["basis_energy"] = round(fit.basis.energy(), 6)
         return out
 
     @classmethod

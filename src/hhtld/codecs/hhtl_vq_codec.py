@@ -7,8 +7,8 @@ gain, optional randomised Hadamard rotation, leaf lanes for index-regime
 groups. See ``codecs/vq.py`` for the quantiser.
 
 Group parts: ``palette.<stage>.<position>`` (k, w) bf16; ``rotation`` (c,)
-int8 (when rotate); index regime with a leaf: ``basis`` (lanes, c) bf16 and
-``singular`` (r,) f32.
+int8 (when rotate; its Hadamard block is ``params.rotation_block``); index
+regime with a leaf: ``basis`` (lanes, c) bf16 and ``singular`` (lanes,) f32.
 Tensor parts: ``twig.<stage>`` (n, segments) u8/u16; ``gain`` (n,) bf16
 (when gain); leaf: ``leaf`` (n, lanes) i8 and ``leaf_scale`` (1,) f32.
 
@@ -20,19 +20,31 @@ the whole-file ratio).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from ..checkpoint.rows import ArrayRows
 from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
 from ..errors import CodecError, OptionsError
-from ..format import BF16_BYTES, F32_BYTES, SLOT_L_SCALE_BYTES, CodecId
-from .base import Codec, EncodedGroup, EncodedTensor, Parts
+from ..format import BF16_BYTES, F32_BYTES, LEGACY_ROTATION_MAX_BLOCK, SLOT_L_SCALE_BYTES, CodecId
+from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
 from .palette import to_bf16
-from .slot_l import add_stored_leaf, basis_parts, encode_slot_l, leaf_parts
+from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
-from .vq import Layout, decode_rows as vq_decode_rows, encode_rows, palette_bytes, parse_stages, stages_str
+from .vq import (
+    Layout,
+    VqModel,
+    decode_rows as vq_decode_rows,
+    encode_block,
+    fit_model,
+    hadamard_block,
+    palette_bytes,
+    parse_stages,
+    stages_str,
+)
 
 
 def _as_bool(name: str, v: Any) -> bool:
@@ -62,8 +74,7 @@ def stored_bytes(stages: str, n_tensors: int, n_rows: int, n_cols: int, gain: bo
         per_row += BF16_BYTES
     per_tensor = n_rows * per_row
     if leaf_lanes and index_regime:
-        r = min(total_rows if total_rows <= 4096 else 4096, n_cols)
-        group += leaf_lanes * n_cols * BF16_BYTES + r * F32_BYTES  # basis + singular values
+        group += leaf_lanes * n_cols * BF16_BYTES + leaf_lanes * F32_BYTES  # basis + its singular values
         per_tensor += n_rows * leaf_lanes + SLOT_L_SCALE_BYTES
     tensors = n_tensors * per_tensor
     return {"group": group, "tensors": tensors, "total": group + tensors, "weights": total_rows * n_cols}
@@ -103,46 +114,62 @@ class HhtlVqCodec(Codec):
                 raise CodecError(f"codec {self.name}: {name}={v!r} is out of range ({lo}..{hi})")
             o[name] = int(v)
 
-    def encode_group(self, key: GroupKey, names: Sequence[str], rows: Sequence[np.ndarray]) -> EncodedGroup:
+    # -- streaming encode ---------------------------------------------------------------
+    def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> "_VqFit":
         o = self.opts
         n_cols = int(key.shape[1])
-        out = EncodedGroup(params={"stages": o["stages"], "n_cols": n_cols, "gain": o["gain"],
-                                   "rotate": o["rotate"], "leaf": False})
+        params = {"stages": o["stages"], "n_cols": n_cols, "gain": o["gain"], "rotate": o["rotate"], "leaf": False}
         if o.get("setting"):
-            out.params["setting"] = o["setting"]
-        if not names:
+            params["setting"] = o["setting"]
+        fit = _VqFit(key, params)
+        if sample.shape[0] == 0:
+            return fit
+        fit.model = fit_model(sample, self._stages, o["gain"], o["rotate"], o["seed"], o["iters"], o["per_centroid"],
+                              block=hadamard_block(n_cols))
+        for si, pals in enumerate(fit.model.palettes):
+            for j, p in enumerate(pals):
+                fit.arrays[f"palette.{si}.{j}"] = to_bf16(p)
+        if fit.model.signs is not None:
+            fit.arrays["rotation"] = fit.model.signs
+            params["rotation_block"] = fit.model.block
+        if o["leaf_lanes"] and should_use_leaf(key.role):
+            rec = np.concatenate(map_blocks(lambda x, s, e: encode_block(fit.model, x, rec=True).rec,
+                                            ArrayRows(sample, "sample"), pool))
+            fit.basis = SvdBasis.fit(sample - rec, o["leaf_lanes"])
+            fit.arrays.update(basis_parts(fit.basis))
+            params.update({"leaf": True, "leaf_lanes": o["leaf_lanes"], "basis_energy": round(fit.basis.energy(), 6)})
+        return fit
+
+    def encode_tensor(self, fit: "_VqFit", rows, pool=None, measure: bool = False) -> EncodedTensor:
+        leaf = fit.basis is not None
+
+        def one(x, s, e):
+            b = encode_block(fit.model, x, rec=leaf, cosines=measure and not leaf)
+            coeff = fit.basis.project(x - b.rec) if leaf else None  # (m, lanes)
+            return b.twigs, b.gain, coeff, b.cosines
+
+        blocks = map_blocks(one, rows, pool)
+        arrays = {f"twig.{si}": np.concatenate([b[0][si] for b in blocks]) for si in range(len(self._stages))}
+        if self.opts["gain"]:
+            arrays["gain"] = to_bf16(np.concatenate([b[1] for b in blocks]))
+        if leaf:
+            arrays.update(leaf_parts(*quantise_leaf(np.concatenate([b[2] for b in blocks]))))
+        out = EncodedTensor({}, arrays, stats={"bytes": sum(a.nbytes for a in arrays.values()),
+                                               "weights": rows.shape[0] * rows.shape[1]})
+        if measure:
+            out.cosines = (self.decoded_cosines(fit.decode_parts(), arrays, rows, pool) if leaf
+                           else np.concatenate([b[3] for b in blocks]).astype(np.float32))
+        return out
+
+    def finish_group(self, fit: "_VqFit", stats) -> EncodedGroup:
+        out = EncodedGroup(params=dict(fit.params), arrays=dict(fit.arrays))
+        weights = sum(t["weights"] for t in stats)
+        if weights == 0:
             out.params["bpw"] = 0.0
             return out
-        x = np.concatenate([np.asarray(r, dtype=np.float32).reshape(-1, n_cols) for r in rows]) \
-            if len(rows) > 1 else np.asarray(rows[0], dtype=np.float32)
-        res, rec = encode_rows(x, self._stages, o["gain"], o["rotate"], o["seed"], o["iters"], o["per_centroid"])
-        for si, pals in enumerate(res.palettes):
-            for j, p in enumerate(pals):
-                out.arrays[f"palette.{si}.{j}"] = to_bf16(p)
-        if res.signs is not None:
-            out.arrays["rotation"] = res.signs
-        basis = None
-        if o["leaf_lanes"] and should_use_leaf(key.role):
-            basis = SvdBasis.fit(x - rec, o["leaf_lanes"])
-            out.arrays.update(basis_parts(basis))
-            out.params["leaf"] = True
-            out.params["leaf_lanes"] = o["leaf_lanes"]
-            out.params["basis_energy"] = round(basis.energy(), 6)
-        start = 0
-        for name, r in zip(names, rows):
-            n = int(np.asarray(r).shape[0])
-            sl = slice(start, start + n)
-            start += n
-            arrays = {f"twig.{si}": np.ascontiguousarray(tw[sl]) for si, tw in enumerate(res.twigs)}
-            if res.gain is not None:
-                arrays["gain"] = to_bf16(res.gain[sl])
-            if basis is not None:
-                arrays.update(leaf_parts(*encode_slot_l(x[sl] - rec[sl], basis)))
-            out.tensors[name] = EncodedTensor({}, arrays)
-        nbytes = sum(a.nbytes for a in out.arrays.values()) + sum(
-            a.nbytes for t in out.tensors.values() for a in t.arrays.values())
+        nbytes = sum(t["bytes"] for t in stats) + sum(a.nbytes for a in fit.arrays.values())
         out.params["bytes"] = int(nbytes)
-        out.params["bpw"] = round(8.0 * nbytes / x.size, 6)
+        out.params["bpw"] = round(8.0 * nbytes / weights, 6)
         return out
 
     @classmethod
@@ -158,8 +185,29 @@ class HhtlVqCodec(Codec):
             twigs.append(np.asarray(tensor[f"twig.{si}"][sel]))
         gain = np.asarray(tensor["gain"][sel], dtype=np.float32) if "gain" in tensor else None
         signs = np.asarray(group["rotation"]) if "rotation" in group else None
-        out = vq_decode_rows(palettes, twigs, n_cols, gain, signs)
+        block = hadamard_block(n_cols, LEGACY_ROTATION_MAX_BLOCK) if signs is not None else None
+        if signs is not None and "rotation_block" in p:
+            block = int(p["rotation_block"])
+        out = vq_decode_rows(palettes, twigs, n_cols, gain, signs, block)
         return add_stored_leaf(out, group, tensor, sel)
+
+
+@dataclass
+class _VqFit:
+    """Fit state of one group: the shared model, its stored arrays and params."""
+
+    key: GroupKey
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray] = None  # type: ignore[assignment]
+    model: VqModel | None = None
+    basis: SvdBasis | None = None
+
+    def __post_init__(self) -> None:
+        if self.arrays is None:
+            self.arrays = {}
+
+    def decode_parts(self) -> DictParts:
+        return DictParts(self.params, self.arrays)
 
 
 __all__ = ["HhtlVqCodec", "bits_per_weight", "stored_bytes"]

@@ -15,7 +15,13 @@ from .svd_basis import SvdBasis, combine_lanes
 
 def encode_slot_l(residual: np.ndarray, basis: SvdBasis) -> tuple[np.ndarray, float]:
     """residual (m, d) float32 → (q (m, n) int8, scale float)."""
-    c = basis.project(residual)  # (m, n)
+    return quantise_leaf(basis.project(residual))
+
+
+def quantise_leaf(c: np.ndarray) -> tuple[np.ndarray, float]:
+    """Coefficients (m, n) float32 of a whole tensor → (q (m, n) int8, scale float):
+    one scale per tensor, ``max|c| / 127`` (1.0 when all are zero). A streaming
+    encoder projects block by block and quantises once the tensor is complete."""
     peak = float(np.max(np.abs(c))) if c.size else 0.0
     scale = peak / 127.0 if peak > 0.0 else 1.0
     q = np.clip(np.rint(c / scale), -127, 127).astype(np.int8)

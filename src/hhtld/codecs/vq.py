@@ -27,8 +27,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..cosine import row_cosines
 from ..errors import CodecError
-from ..format import BF16_BYTES, MAX_PALETTE_K, MAX_PALETTE_K_U16
+from ..format import BF16_BYTES, MAX_PALETTE_K, MAX_PALETTE_K_U16, ROTATION_MAX_BLOCK
 from .palette import check_k, furthest_point_sample, to_bf16
 
 DEFAULT_K = 256
@@ -118,8 +119,9 @@ def twig_dtype(k: int):
 
 
 # --- rotation -----------------------------------------------------------------
-def hadamard_block(n_cols: int, max_block: int = 1024) -> int:
-    """Block size of the block-diagonal Hadamard: the largest power of two dividing n_cols."""
+def hadamard_block(n_cols: int, max_block: int = ROTATION_MAX_BLOCK) -> int:
+    """Block size of the block-diagonal Hadamard: the largest power of two
+    dividing n_cols, at most ``max_block``."""
     return int(min(n_cols & -n_cols, max_block))
 
 
@@ -137,11 +139,13 @@ def rotation_signs(n_cols: int, seed: int) -> np.ndarray:
     return np.where(rng.random(n_cols) < 0.5, -1, 1).astype(np.int8)
 
 
-def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H)``; inverse undoes it
-    (H is symmetric and orthonormal). x: (n, c) float32."""
+def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int | None = None) -> np.ndarray:
+    """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H_b)``; inverse undoes it
+    (H is symmetric and orthonormal). x: (n, c) float32; ``block`` b: the Hadamard block
+    (default :func:`hadamard_block` of c). Each row is transformed on its own, so the
+    bits of a row do not depend on the other rows."""
     n, c = x.shape
-    b = hadamard_block(c)
+    b = hadamard_block(c) if block is None else int(block)
     h = _hadamard(b)
     s = signs.astype(np.float32)
     # one (n * c/b, b) @ (b, b) product: a 3-D ``@`` would run n small products
@@ -157,11 +161,17 @@ def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False) -> np.ndarra
 def _faiss():
     try:
         import faiss  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency of the 'vq' extra
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency of hhtld
         raise CodecError("the hhtl-vq codec needs faiss-cpu, a dependency of hhtld: pip install faiss-cpu") from e
+    # Exhaustive search through BLAS for every batch: faiss's default sends
+    # batches under 128,000 distances to a scalar loop that is 10x slower for
+    # the 2..64-wide segments here (measured: 1.2 vs 13 M points/s). One path
+    # for every batch size also keeps assignments independent of batching.
+    faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
     return faiss
 
 
+BLAS_FROM_QUERIES = 1
 SMALL_PROBLEM = 1 << 18  # points below which faiss runs on one thread (no OpenMP overhead)
 
 
@@ -230,12 +240,37 @@ def assign(points: np.ndarray, palette: np.ndarray) -> np.ndarray:
 # --- encode / decode --------------------------------------------------------------
 @dataclass
 class VqResult:
-    """Encoded rows of one group (stacked tensors)."""
+    """Encoded rows (one block, one tensor or a stacked group)."""
 
     palettes: list[list[np.ndarray]]  # [stage][position] (k, w) float32 (bf16-exact)
     twigs: list[np.ndarray]  # [stage] (n, n_segments) uint8/uint16
     gain: np.ndarray | None  # (n,) float32 bf16-exact, or None
     signs: np.ndarray | None  # (n_cols,) int8, or None
+
+
+@dataclass
+class VqModel:
+    """The shared parts of one group: palettes per stage and pattern position,
+    rotation signs and block, and whether rows carry a gain. Everything a
+    block of rows needs to be encoded on its own."""
+
+    stages: tuple[Stage, ...]
+    n_cols: int
+    palettes: list[list[np.ndarray]]  # [stage][position] (k, w) float32, bf16-exact
+    signs: np.ndarray | None  # (n_cols,) int8
+    block: int  # Hadamard block of the rotation
+    gain: bool
+
+
+@dataclass
+class VqBlock:
+    """One encoded block: twigs per stage (m, n_segments), gain (m,) float32 or
+    None, and on request the reconstruction (m, c) float32 and the row cosines (m,)."""
+
+    twigs: list[np.ndarray]
+    gain: np.ndarray | None
+    rec: np.ndarray | None = None
+    cosines: np.ndarray | None = None
 
 
 def _segments(xp: np.ndarray, lay: Layout, j: int) -> np.ndarray:
@@ -247,59 +282,107 @@ def _segments(xp: np.ndarray, lay: Layout, j: int) -> np.ndarray:
     return np.ascontiguousarray(v).reshape(-1, w)
 
 
-def encode_rows(x: np.ndarray, stages: tuple[Stage, ...], gain: bool, rotate_rows: bool, seed: int,
-                iters: int, per_centroid: int, train_rows: int | None = None) -> tuple[VqResult, np.ndarray]:
-    """x: (n, c) float32. Returns the encoding and the reconstruction (n, c) float32.
+def _prepare(x: np.ndarray, signs: np.ndarray | None, block: int, gain: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """x (n, c) → (rotated rows y (n, c), the rows the stages quantise (y / g0), g0 (n,) or None)."""
+    c = x.shape[1]
+    y = rotate(x, signs, block=block) if signs is not None else np.asarray(x, dtype=np.float32)
+    if not gain:
+        return y, y, None
+    g0 = np.sqrt(np.einsum("ij,ij->i", y, y) / c).astype(np.float32)
+    g0 = np.where(g0 > 0, g0, 1.0).astype(np.float32)
+    return y, y / g0[:, None], g0
 
-    ``train_rows``: palettes are trained on the segments of the first
-    ``train_rows`` rows only (all when None) — the allocator's trials use it
-    to measure distortion on rows the palettes did not see."""
-    n, c = x.shape
+
+def _quantise_stage(resid: np.ndarray, lay: Layout, palettes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One stage on residual rows (n, c): (twigs (n, n_segments), quantised rows (n, c) float32)."""
+    n, c = resid.shape
+    st = lay.stage
+    if len(st.widths) == 1 and lay.n_pad == c:  # one width that tiles the row: no padding, no copies
+        idx = assign(np.ascontiguousarray(resid).reshape(-1, st.widths[0]), palettes[0])
+        q = palettes[0][idx].reshape(n, c)
+        return idx.reshape(n, lay.n_segments).astype(twig_dtype(st.ks[0])), q
+    rp = np.zeros((n, lay.n_pad), dtype=np.float32)
+    rp[:, :c] = resid
+    q = np.zeros_like(rp)
+    qv = q.reshape(n, lay.n_periods, st.period)
+    tw = np.zeros((n, lay.n_periods, len(st.widths)), dtype=twig_dtype(max(st.ks)))
+    for j, (w, pal) in enumerate(zip(st.widths, palettes)):
+        idx = assign(_segments(rp, lay, j), pal)
+        off = lay.offsets()[j]
+        qv[:, :, off : off + w] = pal[idx].reshape(n, lay.n_periods, w)
+        tw[:, :, j] = idx.reshape(n, lay.n_periods)
+    return tw.reshape(n, lay.n_segments), q[:, :c]
+
+
+def fit_model(sample: np.ndarray, stages: tuple[Stage, ...], gain: bool, rotate_rows: bool, seed: int,
+              iters: int, per_centroid: int, block: int | None = None) -> VqModel:
+    """Train the palettes of every stage on ``sample`` (m, c) float32: stage s is
+    trained on what stages < s left of the sample. ``block``: the Hadamard block
+    (default :func:`hadamard_block` of c)."""
+    m, c = sample.shape
     signs = rotation_signs(c, seed) if rotate_rows else None
-    y = rotate(x, signs) if signs is not None else x
-    if gain:
-        g0 = np.sqrt(np.einsum("ij,ij->i", y, y) / c).astype(np.float32)
-        g0 = np.where(g0 > 0, g0, 1.0).astype(np.float32)
-        y = y / g0[:, None]
-    resid = y
-    approx = np.zeros_like(y)
+    blk = hadamard_block(c) if block is None else int(block)
+    _, resid, _ = _prepare(sample, signs, blk, gain)
     palettes: list[list[np.ndarray]] = []
-    twigs: list[np.ndarray] = []
     for si, st in enumerate(stages):
         lay = Layout(st, c)
-        rp = np.zeros((n, lay.n_pad), dtype=np.float32)
+        rp = np.zeros((m, lay.n_pad), dtype=np.float32)
         rp[:, :c] = resid
-        q = np.zeros_like(rp)
-        qv = q.reshape(n, lay.n_periods, st.period)
-        tw = np.zeros((n, lay.n_periods, len(st.widths)), dtype=twig_dtype(max(st.ks)))
-        pals = []
-        for j, (w, k) in enumerate(zip(st.widths, st.ks)):
-            pts = _segments(rp, lay, j)
-            tr = pts if train_rows is None else pts[: train_rows * lay.n_periods]
-            pal = train_palette(tr, k, seed * 1009 + si * 31 + j, iters, per_centroid)
-            idx = assign(pts, pal)
-            off = lay.offsets()[j]
-            qv[:, :, off : off + w] = pal[idx].reshape(n, lay.n_periods, w)
-            tw[:, :, j] = idx.reshape(n, lay.n_periods)
-            pals.append(pal)
+        pals = [train_palette(_segments(rp, lay, j), k, seed * 1009 + si * 31 + j, iters, per_centroid)
+                for j, k in enumerate(st.ks)]
         palettes.append(pals)
-        twigs.append(tw.reshape(n, lay.n_segments))
-        approx += q[:, :c]
-        resid = y - approx
+        if si + 1 < len(stages):
+            _, q = _quantise_stage(resid, lay, pals)
+            resid = resid - q
+    return VqModel(tuple(stages), c, palettes, signs, blk, bool(gain))
+
+
+def encode_block(model: VqModel, x: np.ndarray, rec: bool = False, cosines: bool = False) -> VqBlock:
+    """Encode rows x (m, c) float32 with the group's shared parts. ``rec``: also
+    return the reconstruction (what decode gives, up to float rounding);
+    ``cosines``: the per-row cosine of x and its reconstruction (float64 (m,),
+    computed in the rotated space, where it is the same: the rotation is orthonormal)."""
+    n, c = x.shape
+    y, yn, g0 = _prepare(x, model.signs, model.block, model.gain)
+    resid = yn
+    approx = np.zeros_like(yn)
+    twigs = []
+    for st, pals in zip(model.stages, model.palettes):
+        tw, q = _quantise_stage(resid, Layout(st, c), pals)
+        twigs.append(tw)
+        approx += q
+        resid = yn - approx
     g = None
-    if gain:
+    if model.gain:
         # least-squares refit of the gain to the quantised shape, stored bf16
         qq = np.einsum("ij,ij->i", approx, approx)
-        xq = np.einsum("ij,ij->i", y, approx)
+        xq = np.einsum("ij,ij->i", yn, approx)
         fit = np.where(qq > 0, xq / np.where(qq > 0, qq, 1.0), 1.0)
         g = to_bf16(g0 * fit).astype(np.float32)
-        approx = approx * g[:, None]
-    rec = rotate(approx, signs, inverse=True) if signs is not None else approx
-    return VqResult(palettes, twigs, g, signs), rec.astype(np.float32, copy=False)
+        approx *= g[:, None]
+    out = VqBlock(twigs, g)
+    if cosines:
+        out.cosines = row_cosines(y, approx)
+    if rec:
+        out.rec = rotate(approx, model.signs, inverse=True, block=model.block) if model.signs is not None else approx
+    return out
+
+
+def encode_rows(x: np.ndarray, stages: tuple[Stage, ...], gain: bool, rotate_rows: bool, seed: int,
+                iters: int, per_centroid: int, train_rows: int | None = None) -> tuple[VqResult, np.ndarray]:
+    """x: (n, c) float32, all in memory. Returns the encoding and the reconstruction (n, c) float32.
+
+    ``train_rows``: palettes are trained on the first ``train_rows`` rows only
+    (all when None) — the allocator's trials use it to measure distortion on
+    rows the palettes did not see."""
+    train = x if train_rows is None else x[:train_rows]
+    model = fit_model(train, stages, gain, rotate_rows, seed, iters, per_centroid)
+    blk = encode_block(model, x, rec=True)
+    return VqResult(model.palettes, blk.twigs, blk.gain, model.signs), blk.rec
 
 
 def decode_rows(palettes: list[list[np.ndarray]], twigs: list[np.ndarray], n_cols: int,
-                gain: np.ndarray | None, signs: np.ndarray | None) -> np.ndarray:
+                gain: np.ndarray | None, signs: np.ndarray | None, block: int | None = None) -> np.ndarray:
     """Vectorised gathers: one per stage and pattern position. twigs[s]: (m, n_segments)."""
     m = twigs[0].shape[0] if twigs else 0
     out = None
@@ -327,7 +410,7 @@ def decode_rows(palettes: list[list[np.ndarray]], twigs: list[np.ndarray], n_col
     if gain is not None:
         out *= np.asarray(gain, dtype=np.float32)[:, None]
     if signs is not None:
-        out = rotate(out, np.asarray(signs), inverse=True)
+        out = rotate(out, np.asarray(signs), inverse=True, block=block)
     return out
 
 
@@ -346,7 +429,8 @@ def twig_row_bytes(stages: tuple[Stage, ...], n_cols: int) -> int:
 
 
 __all__ = [
-    "Layout", "Stage", "VqResult", "assign", "decode_rows", "encode_rows", "hadamard_block",
+    "Layout", "Stage", "VqBlock", "VqModel", "VqResult", "assign", "decode_rows", "encode_block", "encode_rows",
+    "fit_model", "hadamard_block",
     "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "train_palette",
     "twig_row_bytes",
 ]

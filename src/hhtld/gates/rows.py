@@ -8,6 +8,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..classify.shapes import to_row_matrix
+from ..cosine import row_cosines
 from ..pack.reader import Pack
 from .report import GateResult
 from .targets import Thresholds
@@ -15,25 +16,6 @@ from .targets import Thresholds
 # Histogram bins of the JSON report: 400 bins of width 0.005 over [-1, 1].
 HIST_EDGES = np.linspace(-1.0, 1.0, 401)
 REGIMES = ("argmax", "index")
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 ``(m,)`` cosine between rows of ``a`` and ``b`` (both ``(m, n)``).
-
-    Computed in float64 and clipped to [-1, 1]. Two zero rows count as 1
-    (identical); a zero row against a non-zero one counts as 0.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"row_cosines needs two matrices of one shape, got {a.shape} and {b.shape}")
-    dot = np.einsum("ij,ij->i", a, b)
-    na = np.sqrt(np.einsum("ij,ij->i", a, a))
-    nb = np.sqrt(np.einsum("ij,ij->i", b, b))
-    den = na * nb
-    cos = np.divide(dot, den, out=np.zeros_like(dot), where=den > 0)
-    cos[(na == 0) & (nb == 0)] = 1.0
-    return np.clip(cos, -1.0, 1.0)
 
 
 def cosine_stats(cos: np.ndarray) -> dict[str, Any]:

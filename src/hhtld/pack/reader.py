@@ -11,12 +11,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..classify.shapes import from_row_matrix
+from ..checkpoint.rows import row_blocks
 from ..codecs.base import Codec
 from ..codecs.registry import codec_by_id
 from ..errors import PackError
 from ..format import (
     CATEGORIES,
+    FLOAT_DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_FORMAT,
@@ -175,14 +176,19 @@ class Pack:
             idx = np.asarray(idx)
             if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < -n or idx.max() >= n)):
                 raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row index out of range or not an integer")
+        return self._rows(name, idx)
+
+    def _rows(self, name: str, sel) -> np.ndarray:
+        """Decode rows ``sel`` (None, an index array or a slice) of a tensor."""
+        t = self.info(name)
         if t["kind"] == "encoded":
             codec = self.codec_of(name)
-            return codec.decode_rows(self.group_parts(t["group"]), self.tensor_parts(name), idx)
+            return codec.decode_rows(self.group_parts(t["group"]), self.tensor_parts(name), sel)
         a = self.tensor(name)
-        if a.ndim != 2 or t["dtype"] not in ("F32", "F16", "BF16"):
+        if a.ndim != 2 or t["dtype"] not in FLOAT_DTYPES:
             raise PackError(f"{self.path}: tensor '{name}' is a passthrough {t['dtype']} {list(a.shape)}, not a float matrix")
         a = np.asarray(a, dtype=np.float32)
-        return a if idx is None else a[idx]
+        return a if sel is None else a[sel]
 
     def row(self, name: str, i: int) -> np.ndarray:
         """One float32 row (cols,) of a tensor's row matrix."""
@@ -193,12 +199,20 @@ class Pack:
         return self.rows(name, np.array([i % n]))[0]
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor as the checkpoint stored it: name, shape and dtype (values decoded)."""
+        """The tensor as the checkpoint stored it: name, shape and dtype (values decoded).
+
+        Encoded tensors are decoded block by block straight into the output
+        array, so memory is the tensor in its own dtype plus one float32 block."""
         t = self.info(name)
         if t["kind"] == "passthrough":
             return self.array(name)
-        a = from_row_matrix(self.rows(name), t["shape"], bool(t.get("transposed")))
-        return a.astype(NUMPY_DTYPES[t["dtype"]], copy=False)
+        n_rows, n_cols = t["row_shape"]
+        out = np.empty(tuple(t["shape"]), dtype=NUMPY_DTYPES[t["dtype"]])
+        # the row matrix as a view of ``out``: (rows, cols), or the stored (cols, rows) turned
+        view = out.reshape(n_cols, n_rows).T if t.get("transposed") else out.reshape(n_rows, n_cols)
+        for s, e in row_blocks(n_rows, n_cols):
+            view[s:e] = self._rows(name, slice(s, e))
+        return out
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.tensors:

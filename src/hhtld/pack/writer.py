@@ -1,4 +1,12 @@
-"""Encode a checkpoint into one ``.hhtld`` pack, group by group, atomically."""
+"""Encode a checkpoint into one ``.hhtld`` pack, streaming, atomically.
+
+Memory follows the largest tensor, never the number of layers: a group's
+shared parts are trained on a bounded sample of its rows (drawn evenly
+across all of its tensors), then its tensors are encoded one at a time,
+block by block, and every array goes to the output's spill file as soon as
+it is made. The finished pack is opened and checked (header, manifest,
+every checksum) before it is renamed over the target.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +16,22 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..classify import DEFAULT_RULES, EncodablePolicy, Plan, RuleTable, plan_checkpoint, to_row_matrix
+from ..checkpoint.rows import TensorRows, sample_across
+from ..classify import DEFAULT_RULES, EncodablePolicy, GroupPlan, Plan, RuleTable, plan_checkpoint
+from ..codecs.base import Codec, ordered_map
+from ..codecs.parallel import check_threads, encode_pool
 from ..codecs.registry import make_codec
-from ..errors import HhtldError
+from ..errors import OptionsError, PackError
 from ..format import (
     BF16_BYTES,
+    DEFAULT_SAMPLE_ROWS,
     FLOAT_DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -34,8 +46,9 @@ from ..outputs import check_output_file
 from ..stfile import SafetensorsWriter, as_bytes
 
 # One fixed codec setting for every group; the product default (hhtl-vq with a
-# rate allocation) is hhtld.budget.encode_budget, which calls this per round.
+# rate allocation) is hhtld.budget.encode_budget, which calls this.
 REFERENCE_CODEC = "hhtl-f32"
+MIN_SAMPLE_ROWS = 16
 
 
 def crc32_hex(data) -> str:
@@ -51,6 +64,36 @@ def bf16_bytes(ckpt: Checkpoint) -> int:
     return total
 
 
+def row_stats(cos: np.ndarray) -> dict[str, float]:
+    """Median, 5th percentile and minimum of row cosines (the gate-1 figures)."""
+    if cos.size == 0:
+        return {"n": 0}
+    return {"n": int(cos.size), "median": float(np.median(cos)), "p5": float(np.percentile(cos, 5)),
+            "min": float(cos.min())}
+
+
+@dataclass
+class GroupResult:
+    """What encoding one group gave: its options, stored bytes, seconds and,
+    when measured, every tensor's row cosines (float32 (rows,) each)."""
+
+    plan: GroupPlan
+    codec: str
+    options: dict[str, Any]
+    params: dict[str, Any]
+    nbytes: int
+    seconds: float
+    cosines: dict[str, np.ndarray] = field(default_factory=dict)
+    reused: bool = False
+
+    @property
+    def key(self) -> str:
+        return str(self.plan.key)
+
+    def all_cosines(self) -> np.ndarray:
+        return np.concatenate(list(self.cosines.values())) if self.cosines else np.zeros(0, np.float32)
+
+
 @dataclass
 class EncodeResult:
     path: Path
@@ -58,7 +101,13 @@ class EncodeResult:
     seconds: float
     n_weights_encoded: int
     plan: Plan
+    groups: list[GroupResult] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+# A group callback: given the encoded group (cosines measured), return None to
+# keep it or new codec options to encode it again (the writer rolls back).
+GroupCheck = Callable[[GroupResult], "dict[str, Any] | None"]
 
 
 def encode_checkpoint(
@@ -71,116 +120,91 @@ def encode_checkpoint(
     include_aux: bool = True,
     progress: bool = False,
     group_options: Mapping[str, dict[str, Any]] | None = None,
-    cache: dict | None = None,
+    reuse=None,
+    sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    threads: int | None = None,
+    measure: bool = False,
+    check_group: GroupCheck | None = None,
 ) -> EncodeResult:
     """Read ``model`` (file, index or folder), encode every group, write ``out``.
 
     ``group_options`` maps a group key string (``str(GroupKey)``, e.g.
     ``"encoder/qko/384x384"``) to codec options that override
     ``codec_options`` for that group (rate allocation chooses them).
-    ``cache``: a dict kept by the caller across calls on the same model;
-    a group encoded before with the same codec options is taken from it
-    (codecs are deterministic, so the bytes are the same).
+    ``reuse``: an earlier pack (:class:`~hhtld.pack.Pack` or path) of the same
+    model and sample size; a group it holds with the same codec, options and
+    tensors is copied from it byte for byte instead of encoded again (codecs
+    are deterministic, so the bytes are the same).
+    ``sample_rows``: rows each group's shared parts are trained on.
+    ``threads``: worker threads for the row blocks (default: the usable
+    cores); the pack's bytes do not depend on it.
+    ``measure``: give each group's row cosines (``EncodeResult.groups``);
+    ``check_group`` (implies ``measure``) may ask for a group to be encoded
+    again with other options.
 
-    The pack is written to a temporary file next to ``out`` and renamed over
-    it only when complete; the input is only ever read.
+    The pack is written to a temporary file next to ``out``, checked, and
+    renamed over it only when complete; the input is only ever read.
     """
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model)
     out = Path(out)
     check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
                       what="pack")
-    enc = make_codec(codec, **(codec_options or {}))
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < MIN_SAMPLE_ROWS:
+        raise OptionsError(f"sample_rows must be an integer >= {MIN_SAMPLE_ROWS}, got {sample_rows!r}")
+    threads = check_threads(threads)
+    base = make_codec(codec, **(codec_options or {}))
     group_options = dict(group_options or {})
     plan = plan_checkpoint(ckpt, policy, rules)
+    measure = measure or check_group is not None
+    if reuse is not None and not hasattr(reuse, "manifest"):
+        from .reader import Pack
 
-    checksums: dict[str, str] = {}
-    groups_json: list[dict] = []
-    tensors_json: dict[str, dict] = {}
+        reuse = Pack(reuse)
+    if measure:
+        reuse = None  # cosines are measured while encoding
+
+    pw = _PackWriter(out, ckpt)
     for tp in plan.tensors.values():
-        tensors_json[tp.name] = {
-            "file": tp.file,
-            "dtype": tp.dtype,
-            "shape": list(tp.shape),
-            "role": tp.role,
-            "component": tp.component,
-        }
-
-    writer = SafetensorsWriter(out)
+        pw.tensors[tp.name] = {"file": tp.file, "dtype": tp.dtype, "shape": list(tp.shape), "role": tp.role,
+                               "component": tp.component}
+    results: list[GroupResult] = []
     n_encoded = 0
     try:
         bar = tqdm(total=len(plan.tensors), unit="tensor", desc="encode", disable=not progress,
                    dynamic_ncols=True, leave=True)
-        for g in plan.groups:
-            bar.set_postfix_str(str(g.key), refresh=True)
-            names = [t.name for t in g.tensors]
-            genc = enc
-            if str(g.key) in group_options:
-                genc = make_codec(codec, **{**(codec_options or {}), **group_options[str(g.key)]})
-            ckey = (str(g.key), genc.name, json.dumps(genc.options(), sort_keys=True))
-            eg = None if cache is None else cache.get(ckey)
-            if eg is None:
-                eg = genc.encode_group(g.key, names, [read_rows(ckpt, t) for t in g.tensors])
-                if cache is not None:
-                    cache[ckey] = eg
-            part_names = []
-            for part, arr in eg.arrays.items():
-                nm = group_array_name(g.index, part)
-                writer.add(nm, arr)
-                checksums[nm] = crc32_hex(arr)
-                part_names.append(part)
-            groups_json.append({
-                "index": g.index,
-                "key": g.key.to_json(),
-                "regime": g.regime,
-                "codec": genc.name,
-                "codec_id": int(genc.codec_id),
-                "options": genc.options(),
-                "params": eg.params,
-                "parts": part_names,
-                "tensors": names,
-            })
-            for t in g.tensors:
-                et = eg.tensors[t.name]
-                tparts = []
-                for part, arr in et.arrays.items():
-                    nm = tensor_array_name(t.name, part)
-                    writer.add(nm, arr)
-                    checksums[nm] = crc32_hex(arr)
-                    tparts.append(part)
-                tensors_json[t.name].update({
-                    "kind": "encoded",
-                    "group": g.index,
-                    "transposed": t.transposed,
-                    "row_shape": list(t.row_shape),
-                    "params": et.params,
-                    "parts": tparts,
-                })
-                n_encoded += t.row_shape[0] * t.row_shape[1]
-            bar.update(len(g.tensors))
+        with encode_pool(threads) as pool:
+            for g in plan.groups:
+                bar.set_postfix_str(str(g.key), refresh=True)
+                opts = {**(codec_options or {}), **group_options.get(str(g.key), {})}
+                while True:
+                    genc = make_codec(codec, **opts)
+                    mark = pw.mark()
+                    res = pw.copy_group(reuse, g, genc) if reuse is not None else None
+                    if res is None:
+                        res = pw.encode_group(ckpt, g, genc, sample_rows, pool, measure)
+                    new = check_group(res) if check_group is not None else None
+                    if new is None:
+                        break
+                    pw.rollback(mark)
+                    opts = {**opts, **new}
+                results.append(res)
+                n_encoded += g.n_weights
+                bar.update(len(g.tensors))
         bar.set_postfix_str("passthrough", refresh=True)
         for tp in plan.passthrough:
-            raw = ckpt.read_raw(tp.name)
-            writer.add_raw(tp.name, tp.dtype, tp.shape, raw)
-            checksums[tp.name] = crc32_hex(raw)
-            tensors_json[tp.name].update({"kind": "passthrough", "reason": tp.reason})
+            pw.add_passthrough(ckpt, tp)
             bar.update(1)
         bar.close()
-        aux = []
-        if include_aux:
-            for rel in ckpt.aux_files:
-                data = np.frombuffer(ckpt.aux_path(rel).read_bytes(), dtype=np.uint8)
-                nm = aux_array_name(rel)
-                writer.add(nm, data)
-                checksums[nm] = crc32_hex(data)
-                aux.append(rel)
+        aux = [pw.add_aux(ckpt, rel) for rel in ckpt.aux_files] if include_aux else []
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "created_by": f"hhtld {__version__}",
-            "codec": enc.name,
-            "codec_options": enc.options(),
+            "codec": base.name,
+            "codec_options": base.options(),
             "policy": policy.to_json(),
+            "sample_rows": sample_rows,
             "source": {
                 "kind": ckpt.kind,
                 "name": ckpt.path.name,
@@ -192,28 +216,154 @@ def encode_checkpoint(
                 "bytes": ckpt.total_bytes,
                 "bf16_bytes": bf16_bytes(ckpt),
             },
-            "groups": groups_json,
-            "tensors": tensors_json,
-            "checksums": checksums,
+            "groups": pw.groups,
+            "tensors": pw.tensors,
+            "checksums": pw.checksums,
         }
-        writer.metadata = {
+        pw.close(manifest, expect=len(plan.tensors))
+    except BaseException:
+        pw.abort()
+        raise
+    return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan, results)
+
+
+class _PackWriter:
+    """The manifest being built next to a :class:`SafetensorsWriter`."""
+
+    def __init__(self, out: Path, ckpt: Checkpoint):
+        self.writer = SafetensorsWriter(out)
+        self.ckpt = ckpt
+        self.checksums: dict[str, str] = {}
+        self.groups: list[dict] = []
+        self.tensors: dict[str, dict] = {}
+
+    # -- arrays ---------------------------------------------------------------------------
+    def add(self, name: str, arr: np.ndarray) -> int:
+        n = self.writer.add(name, arr)
+        self.checksums[name] = crc32_hex(arr)
+        return n
+
+    def mark(self):
+        return self.writer.mark(), len(self.groups), dict(self.checksums)
+
+    def rollback(self, mark) -> None:
+        wmark, n_groups, checksums = mark
+        self.writer.rollback(wmark)
+        del self.groups[n_groups:]
+        self.checksums = checksums
+
+    # -- groups -------------------------------------------------------------------------------
+    def _record(self, g: GroupPlan, genc: Codec, params: dict, parts: list[str],
+                tensor_parts: dict[str, tuple[dict, list[str]]], extra: dict | None = None) -> None:
+        entry = {
+            "index": g.index,
+            "key": g.key.to_json(),
+            "regime": g.regime,
+            "codec": genc.name,
+            "codec_id": int(genc.codec_id),
+            "options": genc.options(),
+            "params": params,
+            "parts": parts,
+            "tensors": [t.name for t in g.tensors],
+        }
+        entry.update(extra or {})
+        self.groups.append(entry)
+        for t in g.tensors:
+            tparams, tparts = tensor_parts[t.name]
+            self.tensors[t.name].update({
+                "kind": "encoded",
+                "group": g.index,
+                "transposed": t.transposed,
+                "row_shape": list(t.row_shape),
+                "params": tparams,
+                "parts": tparts,
+            })
+
+    def encode_group(self, ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, pool,
+                     measure: bool) -> GroupResult:
+        t0 = time.perf_counter()
+        sources = [TensorRows(ckpt, t) for t in g.tensors]
+        fit = genc.fit_group(g.key, sample_across(sources, sample_rows), pool)
+        nbytes = 0
+        tensor_parts: dict[str, tuple[dict, list[str]]] = {}
+        cosines: dict[str, np.ndarray] = {}
+        stats = []
+        # several tensors at once (each on one thread), or the blocks of a lone tensor side by side
+        width = pool.width if pool is not None else 1
+        across = pool if len(sources) > 1 else None
+        inside = None if across is not None else pool
+        encoded = ordered_map(lambda src: genc.encode_tensor(fit, src, inside, measure=measure), sources, across,
+                              window=width)
+        for t, et in zip(g.tensors, encoded):
+            for part, arr in et.arrays.items():
+                nbytes += self.add(tensor_array_name(t.name, part), arr)
+            tensor_parts[t.name] = (et.params, list(et.arrays))
+            stats.append(et.stats)
+            if measure:
+                cosines[t.name] = et.cosines
+        eg = genc.finish_group(fit, stats)
+        for part, arr in eg.arrays.items():
+            nbytes += self.add(group_array_name(g.index, part), arr)
+        res = GroupResult(g, genc.name, genc.options(), eg.params, nbytes, time.perf_counter() - t0, cosines)
+        extra = {"row_cosine": row_stats(res.all_cosines())} if measure else None
+        self._record(g, genc, eg.params, list(eg.arrays), tensor_parts, extra)
+        return res
+
+    def copy_group(self, reuse, g: GroupPlan, genc: Codec) -> GroupResult | None:
+        """Copy group ``g`` from the earlier pack ``reuse`` if it was encoded there
+        with the same codec, options and tensors; None otherwise."""
+        t0 = time.perf_counter()
+        old = next((x for x in reuse.groups if x["key"] == g.key.to_json()), None)
+        if (old is None or old["codec"] != genc.name or old["options"] != genc.options()
+                or old["tensors"] != [t.name for t in g.tensors]):
+            return None
+        nbytes = 0
+        tensor_parts = {}
+        for t in g.tensors:
+            info = reuse.info(t.name)
+            for part in info["parts"]:
+                nbytes += self.add(tensor_array_name(t.name, part), reuse.array(tensor_array_name(t.name, part)))
+            tensor_parts[t.name] = (info.get("params", {}), list(info["parts"]))
+        for part in old["parts"]:
+            nbytes += self.add(group_array_name(g.index, part), reuse.array(group_array_name(old["index"], part)))
+        self._record(g, genc, old["params"], list(old["parts"]), tensor_parts)
+        return GroupResult(g, genc.name, genc.options(), old["params"], nbytes, time.perf_counter() - t0, reused=True)
+
+    # -- passthrough and side files ------------------------------------------------------------
+    def add_passthrough(self, ckpt: Checkpoint, tp) -> None:
+        raw = ckpt.read_raw(tp.name)
+        self.writer.add_raw(tp.name, tp.dtype, tp.shape, raw)
+        self.checksums[tp.name] = crc32_hex(raw)
+        self.tensors[tp.name].update({"kind": "passthrough", "reason": tp.reason})
+
+    def add_aux(self, ckpt: Checkpoint, rel: str) -> str:
+        self.add(aux_array_name(rel), np.frombuffer(ckpt.aux_path(rel).read_bytes(), dtype=np.uint8))
+        return rel
+
+    # -- the end -----------------------------------------------------------------------------------
+    def close(self, manifest: dict, expect: int) -> Path:
+        self.writer.metadata = {
             META_FORMAT: FORMAT_NAME,
             META_VERSION: str(FORMAT_VERSION),
             META_MANIFEST: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
         }
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan)
+        return self.writer.close(check=lambda tmp: _check_written(tmp, expect))
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _check_written(path: Path, expect: int) -> None:
+    """Open the finished temporary pack as a reader would and check every array."""
+    from .reader import Pack
+
+    p = Pack(path)
+    p.verify()
+    if len(p.tensors) != expect:
+        raise PackError(f"{path}: the written pack holds {len(p.tensors)} tensors, expected {expect}")
 
 
 def read_rows(ckpt: Checkpoint, t) -> np.ndarray:
-    """float32 (rows, cols) of one planned tensor: effective shape, transposed if needed."""
-    a = to_row_matrix(ckpt.read_float(t.name), t.shape, t.row_shape, t.transposed)
-    if not np.all(np.isfinite(a)):
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise HhtldError(
-            f"{ckpt.weight_path(t.file)}: tensor '{t.name}': {bad} non-finite value(s) (NaN/inf) cannot be encoded"
-        )
-    return a
+    """float32 (rows, cols) of one planned tensor: effective shape, transposed if needed
+    (the whole tensor; encoders read blocks through ``TensorRows``)."""
+    return TensorRows(ckpt, t).read()
