@@ -127,3 +127,18 @@ def test_pack_round_trip_and_same_bytes(small_ckpt, tmp_path):
         assert np.median(cos) > (0.999 if "intermediate" in name else 0.97)
     g = [g for g in p.groups if g["key"]["role"] == "up"][0]
     assert g["params"]["setting"] == "vq6.0" and g["codec"] == "hhtl-vq"
+
+
+def test_palettes_train_on_the_drawn_segments_only():
+    """Gathering only the drawn segments gives the palette of the full segment array."""
+    from hhtld.codecs.vq import _segments, _train_position, train_palette
+
+    x = np.random.default_rng(5).standard_normal((300, 95)).astype(np.float32)  # 95: the last period is padded
+    for spec in ("4,3", "2", "8:300"):
+        st = parse_stages(spec)[0]
+        lay = Layout(st, 95)
+        rp = np.zeros((300, lay.n_pad), np.float32)
+        rp[:, :95] = x
+        for j, k in enumerate(st.ks):
+            want = train_palette(_segments(rp, lay, j), k, 7, 4, 8)
+            np.testing.assert_array_equal(_train_position(x, lay, j, k, 7, 4, 8), want)

@@ -125,7 +125,7 @@ class HhtlVqCodec(Codec):
         if sample.shape[0] == 0:
             return fit
         fit.model = fit_model(sample, self._stages, o["gain"], o["rotate"], o["seed"], o["iters"], o["per_centroid"],
-                              block=hadamard_block(n_cols))
+                              block=hadamard_block(n_cols), pool=pool)
         for si, pals in enumerate(fit.model.palettes):
             for j, p in enumerate(pals):
                 fit.arrays[f"palette.{si}.{j}"] = to_bf16(p)

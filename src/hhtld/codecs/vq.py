@@ -214,19 +214,19 @@ class _threads:
             _faiss().omp_set_num_threads(self.prev)
 
 
-def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroid: int) -> np.ndarray:
-    """Palette of at most k rows for ``points`` (m, w) float32, bf16-exact float32.
-
-    Training uses at most ``per_centroid * k`` points drawn with ``seed``;
-    the start is a furthest-point cover of a 16k-point subsample, then
-    ``iters`` k-means iterations (faiss)."""
-    m, w = points.shape
+def _draw(m: int, w: int, k: int, seed: int, per_centroid: int) -> np.ndarray | None:
+    """Indices (sorted) of the at most ``per_centroid * k`` of ``m`` points a
+    palette is trained on, drawn with ``seed``; None when all of them are."""
     k = min(int(k), m)
-    if m == 0:
-        return np.zeros((0, w), dtype=np.float32)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), m, w, k]))
     n_train = min(m, max(k, per_centroid * k))
-    sample = points if n_train == m else points[np.sort(rng.choice(m, n_train, replace=False))]
+    return None if n_train == m else np.sort(rng.choice(m, n_train, replace=False))
+
+
+def _kmeans(sample: np.ndarray, k: int, seed: int, iters: int) -> np.ndarray:
+    """Palette of at most k rows trained on ``sample`` (n, w): a furthest-point
+    cover of a 16k-point subsample, then ``iters`` k-means iterations (faiss)."""
+    n_train, w = sample.shape
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if k == n_train:
         return to_bf16(sample).astype(np.float32)
@@ -244,6 +244,37 @@ def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroi
     else:
         cent = init
     return to_bf16(cent).astype(np.float32)
+
+
+def train_palette(points: np.ndarray, k: int, seed: int, iters: int, per_centroid: int) -> np.ndarray:
+    """Palette of at most k rows for ``points`` (m, w) float32, bf16-exact float32.
+
+    Training uses at most ``per_centroid * k`` points drawn with ``seed``;
+    the start is a furthest-point cover of a 16k-point subsample, then
+    ``iters`` k-means iterations (faiss)."""
+    m, w = points.shape
+    if m == 0:
+        return np.zeros((0, w), dtype=np.float32)
+    idx = _draw(m, w, k, seed, per_centroid)
+    return _kmeans(points if idx is None else points[idx], min(int(k), m), seed, iters)
+
+
+def _train_position(resid: np.ndarray, lay: Layout, j: int, k: int, seed: int, iters: int,
+                    per_centroid: int) -> np.ndarray:
+    """``train_palette`` on the segments of pattern position j of ``resid`` (m, c),
+    gathering only the drawn segments (the same draw as on the full segment array)."""
+    m, c = resid.shape
+    w = lay.stage.widths[j]
+    n_seg = m * lay.n_periods
+    if n_seg == 0:
+        return np.zeros((0, w), dtype=np.float32)
+    idx = _draw(n_seg, w, k, seed, per_centroid)
+    if idx is None:
+        idx = np.arange(n_seg)
+    r, p = np.divmod(idx, lay.n_periods)
+    cols = (p * lay.stage.period + lay.offsets()[j])[:, None] + np.arange(w)  # (n, w)
+    pts = np.where(cols < c, resid[r[:, None], np.minimum(cols, c - 1)], np.float32(0.0)).astype(np.float32)
+    return _kmeans(pts, min(int(k), n_seg), seed, iters)
 
 
 def assign(points: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -335,26 +366,35 @@ def _quantise_stage(resid: np.ndarray, lay: Layout, palettes: list[np.ndarray]) 
     return tw.reshape(n, lay.n_segments), q[:, :c]
 
 
+def _by_blocks(fn, x: np.ndarray, pool=None) -> np.ndarray:
+    """``fn`` applied to row blocks of ``x`` (m, c) (on ``pool`` when given), rows concatenated."""
+    from ..checkpoint.rows import row_blocks
+
+    spans = row_blocks(*x.shape)
+    if pool is None or len(spans) <= 1:
+        parts = [fn(x[s:e]) for s, e in spans]
+    else:
+        parts = list(pool.map(lambda se: fn(x[se[0]:se[1]]), spans))
+    return np.concatenate(parts) if parts else np.zeros((0,) + x.shape[1:], np.float32)
+
+
 def fit_model(sample: np.ndarray, stages: tuple[Stage, ...], gain: bool, rotate_rows: bool, seed: int,
-              iters: int, per_centroid: int, block: int | None = None) -> VqModel:
+              iters: int, per_centroid: int, block: int | None = None, pool=None) -> VqModel:
     """Train the palettes of every stage on ``sample`` (m, c) float32: stage s is
     trained on what stages < s left of the sample. ``block``: the Hadamard block
-    (default :func:`hadamard_block` of c)."""
+    (default :func:`hadamard_block` of c); ``pool``: threads for the sample's blocks."""
     m, c = sample.shape
     signs = rotation_signs(c, seed) if rotate_rows else None
     blk = hadamard_block(c) if block is None else int(block)
-    _, resid, _ = _prepare(sample, signs, blk, gain)
+    resid = _by_blocks(lambda x: _prepare(x, signs, blk, gain)[1], sample, pool)
     palettes: list[list[np.ndarray]] = []
     for si, st in enumerate(stages):
         lay = Layout(st, c)
-        rp = np.zeros((m, lay.n_pad), dtype=np.float32)
-        rp[:, :c] = resid
-        pals = [train_palette(_segments(rp, lay, j), k, seed * 1009 + si * 31 + j, iters, per_centroid)
+        pals = [_train_position(resid, lay, j, k, seed * 1009 + si * 31 + j, iters, per_centroid)
                 for j, k in enumerate(st.ks)]
         palettes.append(pals)
         if si + 1 < len(stages):
-            _, q = _quantise_stage(resid, lay, pals)
-            resid = resid - q
+            resid = resid - _by_blocks(lambda x: _quantise_stage(x, lay, pals)[1], resid, pool)
     return VqModel(tuple(stages), c, palettes, signs, blk, bool(gain))
 
 
