@@ -34,6 +34,7 @@ from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_bloc
 from .palette import to_bf16
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
+from .vq_feedback import FeedbackPlan, encode_block_feedback
 from .vq import (
     Layout,
     VqModel,
@@ -140,13 +141,24 @@ class HhtlVqCodec(Codec):
             params.update({"leaf": True, "leaf_lanes": o["leaf_lanes"], "basis_energy": round(fit.basis.energy(), 6)})
         return fit
 
-    def encode_tensor(self, fit: "_VqFit", rows, pool=None, measure: bool = False) -> EncodedTensor:
+    def encode_tensor(self, fit: "_VqFit", rows, pool=None, measure: bool = False,
+                      hessian: np.ndarray | None = None) -> EncodedTensor:
+        """``hessian`` (cols, cols): the inputs' ``XᵀX`` on calibration tokens; the
+        rows are then quantised with error feedback (``codecs.vq_feedback``) and
+        ``stats["output_error"]`` is the predicted ``tr(ΔW H ΔWᵀ)``."""
         leaf = fit.basis is not None
+        plan = FeedbackPlan.build(fit.model, hessian) if hessian is not None else None
 
         def one(x, s, e):
-            b = encode_block(fit.model, x, rec=leaf, cosines=measure and not leaf)
+            if plan is None:
+                b = encode_block(fit.model, x, rec=leaf, cosines=measure and not leaf)
+            else:
+                b = encode_block_feedback(plan, x, cosines=measure and not leaf)
+                if leaf:
+                    b.rec = vq_decode_rows(fit.model.palettes, b.twigs, fit.model.n_cols, b.gain, fit.model.signs,
+                                           fit.model.block)
             coeff = fit.basis.project(x - b.rec) if leaf else None  # (m, lanes)
-            return b.twigs, b.gain, coeff, b.cosines
+            return b.twigs, b.gain, coeff, b.cosines, b.output_error
 
         blocks = map_blocks(one, rows, pool)
         arrays = {f"twig.{si}": np.concatenate([b[0][si] for b in blocks]) for si in range(len(self._stages))}
@@ -156,6 +168,8 @@ class HhtlVqCodec(Codec):
             arrays.update(leaf_parts(*quantise_leaf(np.concatenate([b[2] for b in blocks]))))
         out = EncodedTensor({}, arrays, stats={"bytes": sum(a.nbytes for a in arrays.values()),
                                                "weights": rows.shape[0] * rows.shape[1]})
+        if plan is not None:
+            out.stats["output_error"] = float(sum(b[4] for b in blocks))
         if measure:
             out.cosines = (self.decoded_cosines(fit.decode_parts(), arrays, rows, pool) if leaf
                            else np.concatenate([b[3] for b in blocks]).astype(np.float32))

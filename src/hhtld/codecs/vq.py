@@ -323,6 +323,7 @@ class VqBlock:
     gain: np.ndarray | None
     rec: np.ndarray | None = None
     cosines: np.ndarray | None = None
+    output_error: float | None = None  # tr(ΔW H ΔWᵀ) of the block, when encoded against a Hessian
 
 
 def _segments(xp: np.ndarray, lay: Layout, j: int) -> np.ndarray:

@@ -164,10 +164,7 @@ def encode_checkpoint(
     if measure:
         reuse = None  # cosines are measured while encoding
 
-    pw = _PackWriter(out, ckpt)
-    for tp in plan.tensors.values():
-        pw.tensors[tp.name] = {"file": tp.file, "dtype": tp.dtype, "shape": list(tp.shape), "role": tp.role,
-                               "component": tp.component}
+    pw = _PackWriter(out, ckpt, plan)
     results: list[GroupResult] = []
     n_encoded = 0
     try:
@@ -192,35 +189,8 @@ def encode_checkpoint(
                 n_encoded += g.n_weights
                 bar.update(len(g.tensors))
         bar.set_postfix_str("passthrough", refresh=True)
-        for tp in plan.passthrough:
-            pw.add_passthrough(ckpt, tp)
-            bar.update(1)
+        pw.finish(base, policy, sample_rows, include_aux, on_tensor=lambda: bar.update(1))
         bar.close()
-        aux = [pw.add_aux(ckpt, rel) for rel in ckpt.aux_files] if include_aux else []
-        manifest = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "created_by": f"hhtld {__version__}",
-            "codec": base.name,
-            "codec_options": base.options(),
-            "policy": policy.to_json(),
-            "sample_rows": sample_rows,
-            "source": {
-                "kind": ckpt.kind,
-                "name": ckpt.path.name,
-                "files": ckpt.files,
-                "index": ckpt.index_name,
-                "index_metadata": ckpt.index_metadata,
-                "file_metadata": ckpt.file_metadata,
-                "aux_files": aux,
-                "bytes": ckpt.total_bytes,
-                "bf16_bytes": bf16_bytes(ckpt),
-            },
-            "groups": pw.groups,
-            "tensors": pw.tensors,
-            "checksums": pw.checksums,
-        }
-        pw.close(manifest, expect=len(plan.tensors))
     except BaseException:
         pw.abort()
         raise
@@ -228,14 +198,21 @@ def encode_checkpoint(
 
 
 class _PackWriter:
-    """The manifest being built next to a :class:`SafetensorsWriter`."""
+    """The manifest being built next to a :class:`SafetensorsWriter`: encoded
+    tensors and groups in any order (a group is recorded once its tensors are
+    written), then passthrough tensors, side files and the manifest."""
 
-    def __init__(self, out: Path, ckpt: Checkpoint):
+    def __init__(self, out: Path, ckpt: Checkpoint, plan: Plan):
         self.writer = SafetensorsWriter(out)
         self.ckpt = ckpt
+        self.plan = plan
         self.checksums: dict[str, str] = {}
         self.groups: list[dict] = []
         self.tensors: dict[str, dict] = {}
+        self._pending: dict[str, tuple[dict, list[str]]] = {}  # written tensors whose group is not yet
+        for tp in plan.tensors.values():
+            self.tensors[tp.name] = {"file": tp.file, "dtype": tp.dtype, "shape": list(tp.shape), "role": tp.role,
+                                     "component": tp.component}
 
     # -- arrays ---------------------------------------------------------------------------
     def add(self, name: str, arr: np.ndarray) -> int:
@@ -244,13 +221,14 @@ class _PackWriter:
         return n
 
     def mark(self):
-        return self.writer.mark(), len(self.groups), dict(self.checksums)
+        return self.writer.mark(), len(self.groups), dict(self.checksums), dict(self._pending)
 
     def rollback(self, mark) -> None:
-        wmark, n_groups, checksums = mark
+        wmark, n_groups, checksums, pending = mark
         self.writer.rollback(wmark)
         del self.groups[n_groups:]
         self.checksums = checksums
+        self._pending = pending
 
     # -- groups -------------------------------------------------------------------------------
     def _record(self, g: GroupPlan, genc: Codec, params: dict, parts: list[str],
@@ -279,13 +257,32 @@ class _PackWriter:
                 "parts": tparts,
             })
 
+    def write_tensor(self, t, et) -> int:
+        """Write one encoded tensor's arrays now; its manifest entry comes with its group."""
+        n = 0
+        for part, arr in et.arrays.items():
+            n += self.add(tensor_array_name(t.name, part), arr)
+        self._pending[t.name] = (et.params, list(et.arrays))
+        return n
+
+    def write_group(self, g: GroupPlan, genc: Codec, eg, extra: dict | None = None) -> int:
+        """Write a group's arrays and record it with its (already written) tensors.
+        ``g.index`` must be the group's position in the manifest."""
+        if g.index != len(self.groups):
+            raise PackError(f"group {g.key} written as group {g.index}, but {len(self.groups)} groups are written")
+        n = 0
+        for part, arr in eg.arrays.items():
+            n += self.add(group_array_name(g.index, part), arr)
+        tensor_parts = {t.name: self._pending.pop(t.name) for t in g.tensors}
+        self._record(g, genc, eg.params, list(eg.arrays), tensor_parts, extra)
+        return n
+
     def encode_group(self, ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, pool,
                      measure: bool) -> GroupResult:
         t0 = time.perf_counter()
         sources = [TensorRows(ckpt, t) for t in g.tensors]
         fit = genc.fit_group(g.key, sample_across(sources, sample_rows), pool)
         nbytes = 0
-        tensor_parts: dict[str, tuple[dict, list[str]]] = {}
         cosines: dict[str, np.ndarray] = {}
         stats = []
         # several tensors at once (each on one thread), or the blocks of a lone tensor side by side
@@ -295,18 +292,15 @@ class _PackWriter:
         encoded = ordered_map(lambda src: genc.encode_tensor(fit, src, inside, measure=measure), sources, across,
                               window=width)
         for t, et in zip(g.tensors, encoded):
-            for part, arr in et.arrays.items():
-                nbytes += self.add(tensor_array_name(t.name, part), arr)
-            tensor_parts[t.name] = (et.params, list(et.arrays))
+            nbytes += self.write_tensor(t, et)
             stats.append(et.stats)
             if measure:
                 cosines[t.name] = et.cosines
         eg = genc.finish_group(fit, stats)
-        for part, arr in eg.arrays.items():
-            nbytes += self.add(group_array_name(g.index, part), arr)
-        res = GroupResult(g, genc.name, genc.options(), eg.params, nbytes, time.perf_counter() - t0, cosines)
+        res = GroupResult(g, genc.name, genc.options(), eg.params, 0, 0.0, cosines)
         extra = {"row_cosine": row_stats(res.all_cosines())} if measure else None
-        self._record(g, genc, eg.params, list(eg.arrays), tensor_parts, extra)
+        nbytes += self.write_group(g, genc, eg, extra)
+        res.nbytes, res.seconds = nbytes, time.perf_counter() - t0
         return res
 
     def copy_group(self, reuse, g: GroupPlan, genc: Codec) -> GroupResult | None:
@@ -341,12 +335,48 @@ class _PackWriter:
         return rel
 
     # -- the end -----------------------------------------------------------------------------------
-    def close(self, manifest: dict, expect: int) -> Path:
+    def finish(self, codec: Codec, policy: EncodablePolicy, sample_rows: int, include_aux: bool,
+               on_tensor: Callable[[], None] | None = None, extra: dict | None = None) -> Path:
+        """Passthrough tensors, side files, the manifest; then the checked rename."""
+        ckpt = self.ckpt
+        for tp in self.plan.passthrough:
+            self.add_passthrough(ckpt, tp)
+            if on_tensor:
+                on_tensor()
+        aux = [self.add_aux(ckpt, rel) for rel in ckpt.aux_files] if include_aux else []
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "created_by": f"hhtld {__version__}",
+            "codec": codec.name,
+            "codec_options": codec.options(),
+            "policy": policy.to_json(),
+            "sample_rows": sample_rows,
+            **(extra or {}),
+            "source": {
+                "kind": ckpt.kind,
+                "name": ckpt.path.name,
+                "files": ckpt.files,
+                "index": ckpt.index_name,
+                "index_metadata": ckpt.index_metadata,
+                "file_metadata": ckpt.file_metadata,
+                "aux_files": aux,
+                "bytes": ckpt.total_bytes,
+                "bf16_bytes": bf16_bytes(ckpt),
+            },
+            "groups": self.groups,
+            "tensors": self.tensors,
+            "checksums": self.checksums,
+        }
+        missing = [n for n, t in self.tensors.items() if "kind" not in t]
+        if missing or self._pending:
+            raise PackError(f"{self.writer.path}: tensor '{(missing or list(self._pending))[0]}' was not written")
         self.writer.metadata = {
             META_FORMAT: FORMAT_NAME,
             META_VERSION: str(FORMAT_VERSION),
             META_MANIFEST: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
         }
+        expect = len(self.tensors)
         return self.writer.close(check=lambda tmp: _check_written(tmp, expect))
 
     def abort(self) -> None:

@@ -1,0 +1,225 @@
+"""Run a transformers model one block at a time, only that block's weights in memory.
+
+The model is built from its ``config.json`` with every parameter on the
+``meta`` device (``accelerate.init_empty_weights``: buffers such as rotary
+frequencies stay real). Calibration batches go through the embedding once;
+a stand-in for the first block records what the model hands it (hidden
+states and keyword arguments: attention mask, rotary position embeddings).
+Then each block is materialised in float32 from a weight source, run on
+every batch (hooks on its linear layers see their inputs), and released
+again (back to ``meta``), as GPTQ and llm-compressor's sequential pipeline
+do. Memory: one block's weights, the hidden states of the calibration
+tokens, and the embedding.
+
+Blocks are the model's largest ``ModuleList`` of identical layers (Llama,
+Qwen2, Mistral ``model.layers``; GPT-2 ``transformer.h``; BERT
+``encoder.layer``). The module between the last block and the output head
+(``norm``, ``ln_f``, ``final_layernorm``) is found by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from ..errors import GateError
+
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")
+
+
+class _Stop(Exception):
+    """Raised by the stand-in of the first block once it has recorded its inputs."""
+
+
+@dataclass
+class Batch:
+    """One calibration batch: token ids (B, T) int64, attention mask (B, T) and,
+    once captured, the first block's hidden states and keyword arguments."""
+
+    input_ids: Any
+    attention_mask: Any
+    hidden: Any = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def valid(self):
+        """(B*T,) bool: the positions that are real tokens (not padding)."""
+        return self.attention_mask.reshape(-1).bool()
+
+
+def _largest_module_list(model) -> tuple[str, Any]:
+    import torch
+
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            kinds = {type(m) for m in mod}
+            n = sum(p.numel() for p in mod.parameters())
+            if len(kinds) == 1 and n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise GateError(f"{type(model).__name__}: no list of identical blocks found to run layer by layer")
+    return best
+
+
+class LayerwiseModel:
+    """A model built empty whose blocks are materialised and run one at a time.
+
+    ``param_of``: checkpoint tensor name → parameter key (the same mapping the
+    gate runner uses); ``read(name) -> np.ndarray`` gives a checkpoint tensor
+    in its stored shape as float32 (the original, or a replacement).
+    """
+
+    def __init__(self, model, param_of: Mapping[str, str], read: Callable[[str], np.ndarray]):
+        import torch
+
+        self.model = model.eval()
+        self.read = read
+        self.param_of = dict(param_of)
+        self.key_to_name = {v: k for k, v in self.param_of.items()}
+        self.blocks_path, self.blocks = _largest_module_list(model)
+        # tied parameters are one Parameter object under several keys (meta or not)
+        self.ties: dict[str, list[str]] = {}
+        by_id: dict[int, list[str]] = {}
+        for key, p in model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(key)
+        for keys in by_id.values():
+            for k in keys:
+                self.ties[k] = keys
+        self._torch = torch
+
+    # -- parameters -------------------------------------------------------------------------
+    def _set(self, key: str, value) -> None:
+        torch = self._torch
+        mod_name, _, leaf = key.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+    def _param(self, key: str):
+        mod_name, _, leaf = key.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        return mod._parameters[leaf]
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k, _ in self.model.named_parameters(remove_duplicate=False)
+                if k == prefix or k.startswith(prefix + ".")]
+
+    def materialise(self, keys, override: Mapping[str, np.ndarray] | None = None) -> None:
+        """Load parameters ``keys`` (and every key tied to them) in float32, from
+        ``override`` (checkpoint name → array) or the weight source."""
+        torch = self._torch
+        override = override or {}
+        done = set()
+        for key in keys:
+            if key in done:
+                continue
+            tied = self.ties.get(key, [key])
+            name = next((self.key_to_name[k] for k in tied if k in self.key_to_name), None)
+            if name is None:
+                raise GateError(f"parameter '{key}' has no tensor in the checkpoint")
+            arr = override[name] if name in override else self.read(name)
+            shape = tuple(self._param(key).shape)
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+            param = torch.nn.Parameter(t, requires_grad=False)
+            for k in tied:
+                mod_name, _, leaf = k.rpartition(".")
+                (self.model.get_submodule(mod_name) if mod_name else self.model)._parameters[leaf] = param
+                done.add(k)
+
+    def release(self, keys) -> None:
+        """Put parameters ``keys`` (and their ties) back on ``meta``."""
+        torch = self._torch
+        for key in keys:
+            for k in self.ties.get(key, [key]):
+                p = self._param(k)
+                if p.device.type != "meta":
+                    self._set(k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def outside_blocks(self) -> list[str]:
+        inside = set(self.keys_under(self.blocks_path))
+        return [k for k, _ in self.model.named_parameters(remove_duplicate=False) if k not in inside]
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.blocks_path}.{i}"
+
+    def names_in_block(self, i: int) -> list[str]:
+        """Checkpoint tensors of block i, in the block's parameter order."""
+        return [self.key_to_name[k] for k in self.keys_under(self.block_prefix(i)) if k in self.key_to_name]
+
+    # -- running --------------------------------------------------------------------------------
+    def capture(self, batches: list[Batch]) -> None:
+        """Run the embedding on every batch and record the first block's inputs."""
+        torch = self._torch
+        first = self.blocks[0]
+
+        class Catcher(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+                self.seen = None
+
+            def forward(self, hidden, *args, **kwargs):
+                self.seen = (hidden, args, kwargs)
+                raise _Stop
+
+        keys = self.outside_blocks()
+        self.materialise(keys)
+        catcher = Catcher(first)
+        self.blocks[0] = catcher
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    try:
+                        self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                    except _Stop:
+                        pass
+                    if catcher.seen is None:
+                        raise GateError("the model never reached its first block")
+                    hidden, args, kwargs = catcher.seen
+                    if args:
+                        raise GateError(f"{type(first).__name__}: positional block arguments are not supported")
+                    b.hidden = hidden.detach().float()
+                    b.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+                    catcher.seen = None
+        finally:
+            self.blocks[0] = first
+
+    def run_block(self, i: int, batches: list[Batch], update: bool = True) -> None:
+        """Run block i (materialised) on every batch; ``update``: its outputs become
+        the batches' hidden states."""
+        torch = self._torch
+        block = self.blocks[i]
+        with torch.no_grad():
+            for b in batches:
+                out = block(b.hidden, **b.kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if update:
+                    b.hidden = out.float()
+
+    def final_norm(self):
+        """The module between the last block and the output head, or None."""
+        base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None) or self.model
+        for name in FINAL_NORMS:
+            mod = getattr(base, name, None)
+            if mod is not None:
+                return mod
+        return None
+
+    def linears(self, i: int) -> Iterator[tuple[str, Any]]:
+        """(checkpoint name, module) of every linear layer of block i whose weight the checkpoint holds."""
+        prefix = self.block_prefix(i)
+        for mname, mod in self.blocks[i].named_modules():
+            w = getattr(mod, "weight", None)
+            if w is None or not isinstance(w, self._torch.nn.Parameter) or w.dim() != 2:
+                continue
+            if isinstance(mod, self._torch.nn.Embedding):
+                continue
+            key = f"{prefix}.{mname}.weight" if mname else f"{prefix}.weight"
+            name = self.key_to_name.get(key)
+            if name is not None:
+                yield name, mod
+
+
+__all__ = ["Batch", "LayerwiseModel"]
