@@ -1,17 +1,21 @@
-"""Per-tensor rungs from predicted output error (calibrated encode).
+"""Per-tensor rungs from predicted output change (calibrated encode).
 
 For a tensor ``W`` (rows × c) with input Hessian ``H`` the encoder's error
 at a rung with relative weight error ``D`` (measured per group on a row
 sample, as the data-free allocation does) is nearly white in the rotated,
-gain-normalised rows. With error feedback (columns in order, GPTQ/LDLQ) its
-output error is then ``D · |W|²/c · tr(Λ)``, where ``Λ`` is the diagonal of
-the LDL factorisation of the rotated, damped ``H`` (``1/U_jj²`` for the
-Cholesky factor ``U`` of ``H⁻¹``); without feedback it would be
-``D · |W|²/c · tr(H)``. Divided by the layer's output energy
-``tr(W H Wᵀ)`` this is the layer's relative output error ``ε(D)``, which
-the allocation spends bits on: greedily, the next rung of the tensor that
-removes the most ``ε`` per extra bit, until the sum meets the goal or the
-bits run out.
+gain-normalised rows. With error feedback (columns in order, GPTQ/LDLQ) the
+output error of row ``i`` per token is then ``D · |w_i|²/c · tr(Λ)/N``,
+where ``Λ`` is the diagonal of the LDL factorisation of the rotated, damped
+``H`` (``1/U_jj²`` for the Cholesky factor ``U`` of ``H⁻¹``; without
+feedback it would be ``tr(H)``) over ``N`` tokens. Weighted by the Fisher
+row sums ``R_i = Σ_j F_ij`` of the weights (:mod:`hhtld.calibrate.fisher`)
+this predicts the model's output change — mean next-token KL in nats, or
+``1 − cos`` of the sentence embedding — as ``a · D`` with
+``a = ½ Σ_i R_i |w_i|²/c · tr(Λ)/tr(H)`` (the Fisher of white row errors,
+shrunk by what error feedback removes), plus ``½ Σ_v |G_v|² |e_v|²/c``
+for a table read by index. The allocation spends bits greedily on the next
+rung of the tensor that removes the most predicted change per extra bit,
+until the sum meets the goal or the bits run out.
 """
 
 from __future__ import annotations
@@ -29,45 +33,57 @@ from ..codecs.vq_feedback import DEFAULT_DAMP, inverse_cholesky, rotated_hessian
 
 @dataclass
 class TensorStats:
-    """What the calibration measured of one tensor: ``weight_energy`` |W|²,
-    ``output_energy`` tr(W H Wᵀ) / tokens, ``ldl_trace`` tr(Λ) / tokens and
-    ``trace`` tr(H) / tokens (per calibration token), its shape and group."""
+    """What the calibration measured of one tensor: ``row_energy`` |w_i|² (rows,),
+    ``output_energy`` tr(W H Wᵀ), ``ldl_trace`` tr(Λ) and ``trace`` tr(H), all
+    per calibration token (no Hessian: zeros), and ``sensitivity`` ``a``: the
+    predicted output change per unit of relative weight error."""
 
     name: str
     group: str
     role: str
     rows: int
     cols: int
-    weight_energy: float
-    output_energy: float
-    ldl_trace: float
-    trace: float
+    row_energy: np.ndarray
+    output_energy: float = 0.0
+    ldl_trace: float = 0.0
+    trace: float = 0.0
+    sensitivity: float = 0.0
 
-    def gain(self) -> float:
-        """Output error per unit of relative weight error, relative to the output energy."""
-        if self.output_energy <= 0:
-            return 0.0
-        return self.weight_energy / self.cols * self.ldl_trace / self.output_energy
+    def set_sensitivity(self, rows: np.ndarray | None = None, table: float | None = None) -> float:
+        """``a`` from the Fisher row sums (rows,) (a row's error spread evenly over its
+        columns, shrunk by error feedback by ``tr(Λ)/tr(H)``) and/or the table term."""
+        a = 0.0
+        if rows is not None:
+            fb = self.ldl_trace / self.trace if self.trace > 0 else 1.0
+            a += 0.5 * float(np.dot(np.asarray(rows, dtype=np.float64), self.row_energy)) / self.cols * fb
+        if table is not None:
+            a += 0.5 * float(table)
+        self.sensitivity = a
+        return a
 
     def to_json(self) -> dict:
-        return {"name": self.name, "group": self.group, "weight_energy": self.weight_energy,
+        return {"name": self.name, "group": self.group, "sensitivity": self.sensitivity,
                 "output_energy": self.output_energy, "ldl_trace": self.ldl_trace, "trace": self.trace,
                 "feedback_factor": self.ldl_trace / self.trace if self.trace > 0 else None}
 
 
-def tensor_stats(name: str, group: str, role: str, w: np.ndarray, h: np.ndarray, tokens: int, seed: int = 0,
-                 damp: float = DEFAULT_DAMP) -> TensorStats:
+def tensor_stats(name: str, group: str, role: str, w: np.ndarray, h: np.ndarray | None = None, tokens: int = 0,
+                 seed: int = 0, damp: float = DEFAULT_DAMP) -> TensorStats:
     """Stats of row matrix ``w`` (rows, c) float32 and Hessian ``h`` (c, c) summed over ``tokens``."""
     from ..codecs.vq import VqModel
 
     rows, c = w.shape
+    wd = w.astype(np.float64)
+    st = TensorStats(name, group, role, rows, c, np.einsum("ij,ij->i", wd, wd))
+    if h is None:
+        return st
     model = VqModel((), c, [], rotation_signs(c, seed), hadamard_block(c), True)
     u = inverse_cholesky(rotated_hessian(h, model), damp)
-    ldl = float(np.sum(1.0 / np.diag(u) ** 2))
-    wd = w.astype(np.float64)
-    out = float(np.einsum("ij,ij->", wd @ h, wd))
     n = max(1, tokens)
-    return TensorStats(name, group, role, rows, c, float(np.sum(wd * wd)), out / n, ldl / n, float(np.trace(h)) / n)
+    st.ldl_trace = float(np.sum(1.0 / np.diag(u) ** 2)) / n
+    st.output_energy = float(np.einsum("ij,ij->", wd @ h, wd)) / n
+    st.trace = float(np.trace(h)) / n
+    return st
 
 
 def tensor_bits(s: Setting, rows: int, cols: int, role: str) -> int:
@@ -82,7 +98,7 @@ class TensorChoice:
     setting: Setting
     bits: int
     weights: int
-    predicted: float  # relative output error ε at this rung
+    predicted: float  # predicted output change at this rung
 
     def to_json(self) -> dict:
         return {"name": self.name, "group": self.group, "setting": self.setting.name,
@@ -128,7 +144,7 @@ def allocate(stats: list[TensorStats], rel_mse: dict[str, dict[str, float]], goa
         lo = floor.get(st.role, 0)
         idx[st.name] = lo
         bits[st.name] = [tensor_bits(s, st.rows, st.cols, st.role) for s in LADDER]
-        eps[st.name] = [st.gain() * rel_mse[st.group][s.name] for s in LADDER]
+        eps[st.name] = [st.sensitivity * rel_mse[st.group][s.name] for s in LADDER]
     by_name = {st.name: st for st in stats}
     used = sum(bits[n][i] for n, i in idx.items())
     total = sum(eps[n][i] for n, i in idx.items())

@@ -21,14 +21,19 @@ class HessianHooks:
 
     def __init__(self, modules: dict[str, Any]):
         self.modules = modules
-        self.hessians: dict[str, np.ndarray] = {}
+        self._sums: dict[str, Any] = {}  # torch float32 (c, c) per layer
         self.tokens = 0
         self.valid = None
         self._handles = []
-        self._cache: dict[tuple, np.ndarray] = {}
+        self._cache: dict[tuple, Any] = {}
+
+    @property
+    def hessians(self) -> dict[str, np.ndarray]:
+        """{checkpoint name: (c, c) float64} summed over every batch so far."""
+        return {k: v.double().numpy() for k, v in self._sums.items()}
 
     def new_batch(self, valid) -> None:
-        self.valid = valid
+        self.valid = None if bool(valid.all()) else valid
         self._cache.clear()
         self.tokens += int(valid.sum())
 
@@ -42,11 +47,11 @@ class HessianHooks:
                 if self.valid is not None and self.valid.numel() == flat.shape[0]:
                     flat = flat[self.valid]
                 flat = flat.float()
-                xtx = (flat.T @ flat).double().numpy()
+                xtx = flat.T @ flat
                 self._cache[key] = xtx
-            h = self.hessians.get(name)
+            h = self._sums.get(name)
             if h is None:
-                self.hessians[name] = xtx.copy()
+                self._sums[name] = xtx.clone()
             else:
                 h += xtx
 

@@ -41,6 +41,7 @@ class Batch:
     input_ids: Any
     attention_mask: Any
     hidden: Any = None
+    args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -149,8 +150,9 @@ class LayerwiseModel:
         return [self.key_to_name[k] for k in self.keys_under(self.block_prefix(i)) if k in self.key_to_name]
 
     # -- running --------------------------------------------------------------------------------
-    def capture(self, batches: list[Batch]) -> None:
-        """Run the embedding on every batch and record the first block's inputs."""
+    def capture(self, batches: list[Batch], materialise: bool = True) -> None:
+        """Run the embedding on every batch and record the first block's inputs
+        (``materialise``: load the parameters outside the blocks first)."""
         torch = self._torch
         first = self.blocks[0]
 
@@ -164,8 +166,8 @@ class LayerwiseModel:
                 self.seen = (hidden, args, kwargs)
                 raise _Stop
 
-        keys = self.outside_blocks()
-        self.materialise(keys)
+        if materialise:
+            self.materialise(self.outside_blocks())
         catcher = Catcher(first)
         self.blocks[0] = catcher
         try:
@@ -178,9 +180,8 @@ class LayerwiseModel:
                     if catcher.seen is None:
                         raise GateError("the model never reached its first block")
                     hidden, args, kwargs = catcher.seen
-                    if args:
-                        raise GateError(f"{type(first).__name__}: positional block arguments are not supported")
                     b.hidden = hidden.detach().float()
+                    b.args = tuple(args)
                     b.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
                     catcher.seen = None
         finally:
@@ -193,7 +194,7 @@ class LayerwiseModel:
         block = self.blocks[i]
         with torch.no_grad():
             for b in batches:
-                out = block(b.hidden, **b.kwargs)
+                out = block(b.hidden, *b.args, **b.kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 if update:
                     b.hidden = out.float()
@@ -223,3 +224,65 @@ class LayerwiseModel:
 
 
 __all__ = ["Batch", "LayerwiseModel"]
+
+
+def checkpoint_param_map(model, ckpt) -> dict[str, str]:
+    """Checkpoint tensor name → parameter key of ``model``: the name itself, with or
+    without the model's ``base_model_prefix``, or with the legacy LayerNorm
+    ``gamma``/``beta`` names; tensors the model has no parameter for are left out.
+    Raises :class:`GateError` for a parameter no tensor (or tie) fills."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out: dict[str, str] = {}
+    for name, info in ckpt.tensors.items():
+        cands = [name]
+        if prefix:
+            cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+        for c in list(cands):
+            if c.endswith(".gamma"):
+                cands.append(c[: -len(".gamma")] + ".weight")
+            elif c.endswith(".beta"):
+                cands.append(c[: -len(".beta")] + ".bias")
+        hit = next((c for c in cands if c in params), None)
+        if hit is None:
+            continue
+        if int(np.prod(params[hit].shape)) != int(np.prod(info.shape)):
+            raise GateError(f"{ckpt.path}: tensor '{name}' has shape {list(info.shape)} but the model expects "
+                            f"{list(params[hit].shape)} for '{hit}'")
+        out[name] = hit
+    filled = {id(params[k]) for k in out.values()}
+    for key, p in params.items():
+        if id(p) not in filled:
+            raise GateError(f"{ckpt.path}: the model built from its config has parameter '{key}' that no "
+                            f"checkpoint tensor fills; is this the right config?")
+    return out
+
+
+def build_empty(model_path, config=None, family: str | None = None):
+    """(model with parameters on meta, tokenizer, family, config path) for a checkpoint."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from ..gates.runner import _load_config_json, family_of_config, find_config
+
+    cfile = find_config(model_path, config)
+    cfg_json = _load_config_json(cfile)
+    fam = family or family_of_config(cfg_json)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(cfile.parent))
+    except Exception as e:  # transformers raises many types for a config it cannot use
+        raise GateError(f"{cfile}: transformers cannot build a model from this config ({type(e).__name__}: {e})") from None
+    auto = transformers.AutoModelForCausalLM if fam == "causal" else transformers.AutoModel
+    try:
+        with init_empty_weights():
+            net = auto.from_config(cfg)
+    except Exception as e:
+        raise GateError(f"{cfile}: transformers cannot build a {fam} model from this config ({type(e).__name__}: {e})") from None
+    net = net.float().eval()
+    if hasattr(net, "tie_weights"):  # tied parameters become one object (from_config may leave them apart)
+        net.tie_weights()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(cfile.parent))
+    except Exception as e:
+        raise GateError(f"{cfile.parent}: no usable tokenizer next to the config ({type(e).__name__})") from None
+    return net, tok, fam, cfile
