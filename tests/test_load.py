@@ -34,7 +34,13 @@ from hhtld.classify.groups import GroupKey  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
 from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec  # noqa: E402
-from hhtld.loader.compressed import CompressedEmbedding, CompressedLinear, StoredParts  # noqa: E402
+from hhtld.loader.compressed import (  # noqa: E402
+    CompressedEmbedding,
+    CompressedLinear,
+    CompressedWeight,
+    DecodeCache,
+    StoredParts,
+)  # noqa: E402
 from hhtld.loader.deps import require  # noqa: E402
 from hhtld.loader.torch_vq import decode_rows_vq  # noqa: E402
 
@@ -181,6 +187,26 @@ def test_keep_compressed_equals_dense(built, kind):
     assert stored == mem["compressed"]
 
 
+def test_codec_space_product_and_the_exact_decode(built):
+    """One token at a time every linear is applied in the codec's space (within
+    float32 rounding); codec_space=False decodes each weight as the dense load does
+    (bit for bit on the CPU; an embedding row decoded alone may differ in the
+    last bits, the BLAS product of its rotation summing in another order)."""
+    _, pack, _ = built["llama"]
+    ids = tiny_tokenizer()("the module defines", return_tensors="pt")["input_ids"][:, :1]
+    dense, fast = hhtld.load(pack), hhtld.load(pack, keep_compressed=True)
+    exact = hhtld.load(pack, keep_compressed=True, codec_space=False)
+    x = torch.zeros(1, 1, 64)
+    assert fast.model.layers[0].mlp.up_proj.source.codec_space_ok(x)
+    assert not exact.model.layers[0].mlp.up_proj.source.codec_space_ok(x)
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        assert (exact(input_ids=ids).logits - ref).abs().max().item() <= TOL
+    for name in ("lm_head", "model.layers.1.mlp.down_proj"):
+        assert torch.equal(exact.get_submodule(name).weight, dense.get_submodule(name).weight)
+        assert (fast(input_ids=ids).logits - ref).abs().max().item() <= TOL
+
+
 def test_compressed_embedding_decodes_only_the_looked_up_rows(built):
     _, pack, _ = built["llama"]
     comp = hhtld.load(pack, keep_compressed=True)
@@ -237,7 +263,7 @@ def test_compressed_model_follows_dtype_casts(built):
     {"stages": "2+4"}, {"stages": "4,3"}, {"stages": "3+8:512"}, {"stages": "4", "rotate": False},
     {"stages": "4", "gain": False}, {"stages": "2", "leaf_lanes": 4},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_torch_vq_decode_matches_numpy(opts):
+def test_torch_decode_and_codec_space_product_match_numpy(opts):
     rng = np.random.default_rng(1)
     n, c = 300, 160  # 160 = 5 * 32: a Hadamard block of 32, a row the 3- and 7-wide patterns must pad
     rows = [(rng.standard_t(5, (n, c)) * rng.uniform(0.2, 3, (n, 1))).astype(np.float32) for _ in range(2)]
@@ -247,13 +273,22 @@ def test_torch_vq_decode_matches_numpy(opts):
     if opts.get("leaf_lanes"):
         assert "leaf" in t
     want = HhtlVqCodec.decode_rows(g, t)
+    scale = max(1.0, float(np.abs(want).max()))
     G, T = StoredParts(eg.params, eg.arrays), StoredParts({}, eg.tensors["b"].arrays)
-    assert np.array_equal(decode_rows_vq(eg.params, G, T).numpy(), want)  # CPU: the same bits
+    # the torch decode (other devices): within float32 rounding of the numpy decode
+    assert np.abs(decode_rows_vq(eg.params, G, T).numpy() - want).max() <= 1e-6 * scale
     idx = np.array([7, 0, 299, 7])
     sub = decode_rows_vq(eg.params, G, T, torch.from_numpy(idx)).numpy()
-    assert np.abs(sub - want[idx]).max() <= 1e-6 * max(1.0, float(np.abs(want).max()))
-    other = decode_rows_vq(eg.params, G, T, numpy_rotation=False).numpy()  # the product other devices use
-    assert np.abs(other - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(sub - want[idx]).max() <= 1e-6 * scale
+    # the weight kept compressed: its CPU decode is the numpy decode, bit for bit
+    w = CompressedWeight("b", HhtlVqCodec, G, T, (n, c), torch.float32, torch.float32, DecodeCache(0))
+    assert np.array_equal(w.dense().numpy(), want)
+    assert np.array_equal(w.rows(torch.from_numpy(idx)).numpy(), HhtlVqCodec.decode_rows(g, t, idx))
+    # and x @ W.T in the codec's space equals the product with the decoded weight
+    x = torch.from_numpy(rng.standard_normal((5, c)).astype(np.float32))
+    assert w.codec_space_ok(x) and not w.codec_space_ok(torch.zeros(n, c))
+    ref = x @ torch.from_numpy(want).t()
+    assert (w.matmul_t(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 # -- sentence-transformers and embed -----------------------------------------------------------------

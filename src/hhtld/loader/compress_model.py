@@ -40,11 +40,12 @@ def module_kind(mod: nn.Module) -> str | None:
 class CompressPlan:
     """Collects the compressed weights while ``load`` fills the model, then swaps the modules."""
 
-    def __init__(self, pack: Pack, model: nn.Module, dtype, cache_layers: int, device):
+    def __init__(self, pack: Pack, model: nn.Module, dtype, cache_layers: int, device, codec_space: bool = True):
         self.pack = pack
         self.model = model
         self.dtype = dtype
         self.device = device
+        self.codec_space = codec_space
         self.cache = DecodeCache(cache_layers)
         self.groups: dict[int, StoredParts] = {}
         self.swaps: dict[int, tuple[nn.Module, str, CompressedWeight]] = {}  # id(old module) -> (old, kind, weight)
@@ -84,7 +85,7 @@ class CompressPlan:
             tensor = tensor.to(self.device)
         stored = torch_dtype(t["dtype"])
         weight = CompressedWeight(slot.source, self.pack.codec_of(slot.source), self._group(t["group"]), tensor,
-                                  (n_rows, n_cols), stored, self.dtype or stored, self.cache)
+                                  (n_rows, n_cols), stored, self.dtype or stored, self.cache, self.codec_space)
         for mod, kind in owners:
             self.swaps[id(mod)] = (mod, kind, weight)
         return True

@@ -8,11 +8,12 @@ decodes on use:
 
 * :class:`CompressedEmbedding` decodes only the rows it looks up;
 * :class:`CompressedLinear` decodes its whole weight per forward (a shared
-  LRU of decoded weights, ``cache_layers=N``, keeps the last N).
+  LRU of decoded weights, ``cache_layers=N``, keeps the last N), or, for
+  few input rows, applies an hhtl-vq weight without un-rotating it.
 
-The default codec (hhtl-vq) is decoded in torch (:mod:`.torch_vq`), where
-the buffers live (on the CPU with exactly the bits of the numpy decode);
-other codecs go through their numpy ``Codec.decode_rows``.
+On the CPU every codec decodes with its own numpy ``Codec.decode_rows`` on
+zero-copy views of the buffers (exactly the bits of a dense load); on other
+devices hhtl-vq decodes in torch (:mod:`.torch_vq`) where the buffers live.
 Group parts (palettes, signs, basis) are one :class:`StoredParts` module
 shared by every weight of the group.
 """
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codecs.hhtl_vq_codec import HhtlVqCodec
+from ..codecs.vq import decode_rows as vq_decode_rows, parse_stages
 from .tensors import to_numpy, to_torch
-from .torch_vq import decode_rows_vq
+from .torch_vq import decode_rows_vq, gather_stages, rotate_inputs
 
 
 class StoredParts(nn.Module):
@@ -121,7 +123,7 @@ class CompressedWeight(nn.Module):
     the checkpoint's dtype, exactly as a dense load rounds it)."""
 
     def __init__(self, pack_name: str, codec, group: StoredParts, tensor: StoredParts, row_shape,
-                 stored_dtype: torch.dtype, dtype: torch.dtype, cache: DecodeCache):
+                 stored_dtype: torch.dtype, dtype: torch.dtype, cache: DecodeCache, codec_space: bool = True):
         super().__init__()
         self.pack_name = pack_name
         self.codec = codec
@@ -131,6 +133,7 @@ class CompressedWeight(nn.Module):
         self.stored_dtype = stored_dtype
         self.dtype = dtype
         self.cache = cache
+        self.codec_space = codec_space  # may apply the weight without decoding it (matmul_t)
         self.rows_decoded = 0  # rows decoded so far (a full decode counts n_rows)
 
     @property
@@ -139,13 +142,46 @@ class CompressedWeight(nn.Module):
 
     def _decode(self, idx: torch.Tensor | None) -> torch.Tensor:
         self.rows_decoded += self.n_rows if idx is None else int(idx.shape[0])
-        if self.codec is HhtlVqCodec:
-            rows = decode_rows_vq(self.group.params, self.group, self.tensor, idx)
-        else:
+        if self.device.type == "cpu" or self.codec is not HhtlVqCodec:
             sel = None if idx is None else idx.detach().cpu().numpy().astype(np.int64)
             rows = to_torch(self.codec.decode_rows(_NumpyParts(self.group), _NumpyParts(self.tensor), sel))
             rows = rows.to(self.device)
+        else:
+            rows = decode_rows_vq(self.group.params, self.group, self.tensor, idx)
         return rows.to(self.stored_dtype).to(self.dtype)
+
+    def codec_space_ok(self, x: torch.Tensor) -> bool:
+        """Whether ``x @ W.T`` may be computed without decoding ``W``: allowed
+        (``codec_space``), an hhtl-vq
+        float32 weight, float32 inputs, and fewer input rows than weight rows
+        (rotating the inputs then costs less than un-rotating the weight)."""
+        return (self.codec_space and self.codec is HhtlVqCodec and self.dtype == torch.float32
+                and self.stored_dtype == torch.float32 and x.dtype == torch.float32
+                and x.numel() // max(1, self.n_cols) < self.n_rows)
+
+    def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for float32 ``x`` (t, n_cols) in the codec's space: the
+        inputs rotated (``H`` is symmetric and orthonormal, so ``x @ (Q H S).T =
+        (x S H) @ Q.T``), times the gathered rows ``Q``, times the gains, plus
+        the leaf as ``(x @ basis.T) @ (leaf * scale).T``. Equals the product
+        with the decoded weight up to float32 rounding; no weight is rotated."""
+        g, t = self.group, self.tensor
+        self.rows_decoded += self.n_rows
+        if self.device.type == "cpu":
+            pals = [[to_numpy(g[f"palette.{si}.{j}"]).astype(np.float32) for j in range(len(st.widths))]
+                    for si, st in enumerate(parse_stages(g.params["stages"]))]
+            twigs = [to_numpy(t[f"twig.{si}"]) for si in range(len(pals))]
+            q = torch.from_numpy(vq_decode_rows(pals, twigs, self.n_cols, None, None))
+        else:
+            q = gather_stages(g.params, g, t)
+        xr = rotate_inputs(x, g["rotation"]) if "rotation" in g else x
+        y = xr @ q.t()
+        if "gain" in t:
+            y *= t["gain"].to(torch.float32)
+        if "leaf" in t:
+            c = (x @ g["basis"].to(torch.float32).t()) * t["leaf_scale"][0].to(torch.float32)
+            y += c @ t["leaf"].to(torch.float32).t()
+        return y
 
     def rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``(m, n_cols)`` in ``dtype``: rows ``idx`` (1-D integer tensor), all when None."""
@@ -177,10 +213,17 @@ class CompressedWeight(nn.Module):
 
 
 class CompressedLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` decoded from its stored parts per forward.
-    Stands in for ``nn.Linear`` (and GPT-2's ``Conv1D``, whose weight is the
-    transposed row matrix: the same product). ``weight`` decodes the dense
-    weight on access (for code that reads it)."""
+    """``y = x @ W.T + b`` from the stored parts of ``W``. Stands in for
+    ``nn.Linear`` (and GPT-2's ``Conv1D``, whose weight is the transposed row
+    matrix: the same product).
+
+    A weight in the cache is used as is. With a cache (``cache_layers`` > 0)
+    the weight is decoded (exactly as a dense load decodes it) and cached.
+    Without one, a float32 hhtl-vq weight given fewer input rows than it has
+    rows (token-by-token generation, small batches) is applied in the codec's
+    space (:meth:`CompressedWeight.matmul_t`: no weight is un-rotated, equal
+    to the decoded product up to float32 rounding); otherwise it is decoded
+    per forward. ``weight`` decodes the dense weight on access."""
 
     def __init__(self, source: CompressedWeight, bias: nn.Parameter | None):
         super().__init__()
@@ -197,7 +240,13 @@ class CompressedLinear(nn.Module):
         return self.source.dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.source.dense()
+        src = self.source
+        w = src.cache.get(id(src))
+        if w is None and src.cache.max_layers == 0 and src.codec_space_ok(x):
+            y = src.matmul_t(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        if w is None:
+            w = src.dense()
         if x.is_floating_point() and w.dtype != x.dtype:
             w = w.to(x.dtype)
         return F.linear(x, w, self.bias)

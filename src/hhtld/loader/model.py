@@ -318,8 +318,8 @@ def _check_materialised(model, where: Path) -> None:
 
 # -- the public calls ----------------------------------------------------------------------------
 def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = None, auto_class=None,
-         dtype=None, device=None, keep_compressed: bool = False, cache_layers: int = 0, strict: bool = True,
-         trust_remote_code: bool = False, attn_implementation: str | None = None):
+         dtype=None, device=None, keep_compressed: bool = False, cache_layers: int = 0, codec_space: bool = True,
+         strict: bool = True, trust_remote_code: bool = False, attn_implementation: str | None = None):
     """A ready ``transformers`` model (eval mode) from a ``.hhtld`` pack.
 
     ``pack``: a path or an open :class:`Pack`. ``config``: the architecture
@@ -333,8 +333,13 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
     (a ``torch.dtype``, e.g. ``torch.float32``, or its name) for every float
     one; ``device`` places it (default CPU). ``keep_compressed=True`` keeps
     encoded ``nn.Linear`` / ``nn.Embedding`` weights as their stored parts
-    and decodes them on use (see :mod:`hhtld.loader.compressed`);
-    ``cache_layers=N`` then keeps the N most recently decoded weights.
+    and decodes them on use (see :mod:`hhtld.loader.compressed`):
+    embeddings decode only the rows they look up; ``cache_layers=N`` keeps
+    the N most recently decoded weights; with ``codec_space`` (default) a
+    float32 hhtl-vq linear given fewer input rows than it has output rows
+    rotates its inputs instead of decoding its weight (much faster for
+    generation; equal to the decoded product up to float32 rounding), and
+    ``codec_space=False`` decodes every weight exactly as the dense load.
 
     Raises :class:`NoConfigError` (no config), :class:`ArchitectureError`
     (transformers cannot build it), :class:`TensorMismatchError` (parameters
@@ -360,7 +365,7 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
     if keep_compressed:
         from .compress_model import CompressPlan
 
-        comp = CompressPlan(p, net, dtype, cache_layers, device)
+        comp = CompressPlan(p, net, dtype, cache_layers, device, codec_space)
     with torch.no_grad():
         for slot in slots:
             if comp is not None and comp.take(slot):

@@ -1,30 +1,26 @@
-"""The decode of the default codec (hhtl-vq) in torch, for weights kept compressed.
+"""The decode of the default codec (hhtl-vq) in torch, for weights kept
+compressed on a device other than the CPU (on the CPU the codec's own numpy
+decode runs, on zero-copy views of the same buffers).
 
 Same steps as :func:`hhtld.codecs.vq.decode_rows` and
-``HhtlVqCodec.decode_rows`` (numpy), on torch tensors so that it runs where
-the buffers live (CPU or GPU): per residual stage one gather per pattern
+``HhtlVqCodec.decode_rows``: per residual stage one gather per pattern
 position into the group's bf16 palettes, the stages summed, times the per-row
 bf16 gain, the inverse randomised block-Hadamard rotation (``@ H`` per block,
-then the ±1 signs), plus the Slot L leaf summed lane by lane.
-
-On the CPU the rotation is the codec's own numpy ``rotate`` (one BLAS
-product on the same memory), every other step is element-wise in the same
-order as numpy, so the result has exactly the bits of ``Codec.decode_rows``
-and a compressed model computes what the dense load computes. On other
-devices the product is torch's, which sums in another order: the rows then
-differ from numpy's by float32 rounding of a ``b``-term dot product (a few
-ulps of the largest weight; tested).
+then the ±1 signs), plus the Slot L leaf summed lane by lane. The element-wise
+steps run in numpy's order; the product sums in torch's order, so rows differ
+from numpy's by the float32 rounding of a ``b``-term dot product (a few ulps
+of the largest weight; tested).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from ..codecs.vq import hadamard_block, parse_stages, rotate
+from ..codecs.vq import hadamard_block, parse_stages
 
 
 @lru_cache(maxsize=32)
-def _hadamard(b: int, device: str):
+def hadamard(b: int, device: str):
     """Orthonormal Sylvester Hadamard (b, b) float32, as ``codecs.vq`` builds it."""
     import torch
 
@@ -34,16 +30,9 @@ def _hadamard(b: int, device: str):
     return (h / torch.sqrt(torch.tensor(float(b), dtype=torch.float32))).to(device)
 
 
-def decode_rows_vq(params, group, tensor, idx=None, numpy_rotation: bool | None = None):
-    """float32 (m, n_cols) rows ``idx`` (a 1-D int64 tensor; all rows when None).
-
-    ``params``: the group's manifest params (``stages``, ``n_cols``);
-    ``group`` / ``tensor``: mappings part name → torch tensor (palettes
-    ``palette.<stage>.<pos>`` (k, w) bf16, ``rotation`` (c,) int8, ``basis``
-    (lanes, c) bf16; ``twig.<stage>`` (n, segments) uint8/uint16, ``gain``
-    (n,) bf16, ``leaf`` (n, lanes) int8, ``leaf_scale`` (1,) float32).
-    ``numpy_rotation``: undo the rotation with the codec's numpy ``rotate``
-    (default: on the CPU) or with a torch product (elsewhere)."""
+def gather_stages(params, group, tensor, idx=None):
+    """float32 (m, n_cols): the summed palette gathers of rows ``idx`` — the row
+    before its gain, rotation and leaf (the row in the rotated, unit-gain space)."""
     import torch
     import torch.nn.functional as F
 
@@ -76,21 +65,29 @@ def decode_rows_vq(params, group, tensor, idx=None, numpy_rotation: bool | None 
     if out is None:
         m = tensor["gain"].shape[0] if idx is None else idx.shape[0]
         out = torch.zeros((m, n_cols), dtype=torch.float32)
+    return out
+
+
+def decode_rows_vq(params, group, tensor, idx=None):
+    """float32 (m, n_cols) rows ``idx`` (a 1-D int64 tensor; all rows when None).
+
+    ``params``: the group's manifest params (``stages``, ``n_cols``);
+    ``group`` / ``tensor``: mappings part name → torch tensor (palettes
+    ``palette.<stage>.<pos>`` (k, w) bf16, ``rotation`` (c,) int8, ``basis``
+    (lanes, c) bf16; ``twig.<stage>`` (n, segments) uint8/uint16, ``gain``
+    (n,) bf16, ``leaf`` (n, lanes) int8, ``leaf_scale`` (1,) float32)."""
+    import torch
+
+    n_cols = int(params["n_cols"])
+    out = gather_stages(params, group, tensor, idx)
     if "gain" in tensor:
         g = tensor["gain"] if idx is None else tensor["gain"].index_select(0, idx)
         out *= g.to(torch.float32)[:, None]
     if "rotation" in group:
-        signs = group["rotation"]
-        if numpy_rotation is None:
-            numpy_rotation = out.device.type == "cpu"
-        if numpy_rotation:
-            out = out.cpu()
-            out = torch.from_numpy(rotate(out.numpy(), signs.cpu().numpy(), inverse=True)).to(signs.device)
-        else:
-            m = out.shape[0]
-            b = hadamard_block(n_cols)
-            out = (out.reshape(m * (n_cols // b), b) @ _hadamard(b, str(out.device))).reshape(m, n_cols)
-            out *= signs.to(torch.float32)
+        m = out.shape[0]
+        b = hadamard_block(n_cols)
+        out = (out.reshape(m * (n_cols // b), b) @ hadamard(b, str(out.device))).reshape(m, n_cols)
+        out *= group["rotation"].to(torch.float32)
     if "leaf" in tensor:
         q = tensor["leaf"] if idx is None else tensor["leaf"].index_select(0, idx)
         c = q.to(torch.float32) * tensor["leaf_scale"][0].to(torch.float32)
@@ -100,3 +97,13 @@ def decode_rows_vq(params, group, tensor, idx=None, numpy_rotation: bool | None 
             leaf += c[:, lane:lane + 1] * basis[lane]
         out += leaf
     return out
+
+
+def rotate_inputs(x, signs):
+    """The codec's forward rotation of activations ``x`` (t, n_cols) float32:
+    ``(x * signs) @ blockdiag(H)``; ``x @ W.T`` equals ``rotate_inputs(x) @ (W H S).T``
+    for the block-Hadamard ``H`` (symmetric, orthonormal) and signs ``S``."""
+    n = x.shape[-1]
+    b = hadamard_block(n)
+    y = (x * signs.to(x.dtype)).reshape(-1, b) @ hadamard(b, str(x.device))
+    return y.reshape(x.shape)
