@@ -37,6 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/rate_distortion.py
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

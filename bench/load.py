@@ -11,15 +11,20 @@ On all-MiniLM-L6-v2 encoded with one fixed rung (``--encode-all --stages 2+4``):
   folder, keep_compressed vs dense;
 * weights held in memory (``hhtld.weight_memory``) against the pack's bytes;
 * sentences/s on the 256 held-out sentences (batch 32, tokenised once),
-  dense vs keep_compressed (no cache, and a cache of every layer).
+  dense vs keep_compressed (no cache, and a cache of every layer), and one
+  sentence at a time on the first 64 (where keep_compressed applies its
+  linears in the codec's space).
 
 And on a random Llama built here (hidden 512, 8 layers, vocab 16000, ~40 M
 parameters; random weights, so only speed and memory mean anything): greedy
-tokens/s, dense vs keep_compressed.
+tokens/s, dense vs keep_compressed (codec space; codec_space=False; a cache
+of every layer).
 
-Writes ``bench/load.json`` and ``bench/load.md``.
+torch and BLAS run on ``--threads`` threads (default 1: on a small machine
+shared with other jobs two threads made every timing, dense included, swing
+several-fold). Writes ``bench/load.json`` and ``bench/load.md``.
 
-    python bench/load.py [--repeats 5]
+    python bench/load.py [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -129,7 +134,10 @@ def minilm(root: Path, repeats: int) -> dict:
     res["weight_memory"] = {"dense": hhtld.weight_memory(dense), "compressed": hhtld.weight_memory(comp)}
     speed = {}
     for name, m in (("dense", dense), ("keep_compressed", comp), (f"keep_compressed cache_layers={n_layers}", cached)):
-        speed[name] = len(texts) / median_time(lambda: embed_all(m), repeats)
+        speed[f"batch 32: {name}"] = len(texts) / median_time(lambda: embed_all(m), repeats)
+    singles = [tok([t], truncation=True, max_length=128, return_tensors="pt") for t in texts[:64]]
+    for name, m in (("dense", dense), ("keep_compressed", comp)):
+        speed[f"batch 1: {name}"] = len(singles) / median_time(lambda: [pooled(m, b) for b in singles], repeats)
     res["weight_memory"]["compressed cache all"] = hhtld.weight_memory(cached)
     res["sentences_per_s"] = speed
     res["rss_increment"] = {k: v - base for k, v in res["rss"].items() if k != "baseline"}
@@ -156,10 +164,11 @@ def llama(root: Path, repeats: int) -> dict:
     enc_s = time.perf_counter() - t0
     n_layers = 8 * 7 + 1
     models = {"dense": hhtld.load(pack), "keep_compressed": hhtld.load(pack, keep_compressed=True),
+              "keep_compressed codec_space=False": hhtld.load(pack, keep_compressed=True, codec_space=False),
               f"keep_compressed cache_layers={n_layers}": hhtld.load(pack, keep_compressed=True,
                                                                      cache_layers=n_layers)}
     prompt = torch.randint(3, 16000, (1, 16), generator=torch.Generator().manual_seed(0))
-    new = 64
+    new = 32
     out = {}
     ref = None
     for name, m in models.items():
@@ -190,7 +199,8 @@ def write_md(res: dict) -> str:
     lines = [
         f"all-MiniLM-L6-v2, `--encode-all --stages {STAGES}`: pack {mb(m['pack_bytes'])} "
         f"({mb(m['pack_weight_bytes'])} without the carried side files), dense float32 {mb(m['dense_bytes'])}; "
-        f"torch threads {res['threads']}.",
+        f"torch/BLAS threads {res['threads']} (load average at start "
+        f"{res['load_average_at_start'][0]:.1f} on {os.cpu_count()} cores).",
         "",
         *rows,
         "",
@@ -208,11 +218,11 @@ def write_md(res: dict) -> str:
         f"| keep_compressed (stored parts {mb(wm_c['compressed'])} + dense norms/biases {mb(wm_c['dense'])}) | "
         f"{mb(wm_c['total'])} | {wm_c['total'] / m['pack_weight_bytes']:.2f} |",
         "",
-        "| MiniLM, 256 sentences, batch 32 | sentences/s | × dense |",
+        "| MiniLM (256 sentences in batches of 32; 64 one at a time) | sentences/s | × dense |",
         "|---|---|---|",
     ]
-    d = m["sentences_per_s"]["dense"]
     for k, v in m["sentences_per_s"].items():
+        d = m["sentences_per_s"][k.split(":")[0] + ": dense"]
         lines.append(f"| {k} | {v:.1f} | {v / d:.2f} |")
     lw = res["llama"]
     lines += [
@@ -235,11 +245,15 @@ def write_md(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     import torch
+    from threadpoolctl import threadpool_limits
 
-    res = {"threads": torch.get_num_threads(), "repeats": args.repeats}
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    res = {"threads": torch.get_num_threads(), "repeats": args.repeats, "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="hhtld-bench-load-") as tmp:
         res["minilm"] = minilm(Path(tmp), args.repeats)
         res["llama"] = llama(Path(tmp), args.repeats)
