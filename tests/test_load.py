@@ -515,3 +515,12 @@ def test_cli_embed(built, capsys, tmp_path):
 def test_cli_missing_pack(tmp_path, capsys):
     assert main(["embed", str(tmp_path / "none.hhtld"), "x"]) == 1
     assert capsys.readouterr().err == f"hhtld: error: {tmp_path / 'none.hhtld'}: no such file or directory\n"
+
+
+def test_import_hhtld_stays_light():
+    import subprocess
+
+    code = "import sys, hhtld; hhtld.load; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONPATH": str(Path(hhtld.__file__).parents[1]), "PATH": "/usr/bin:/bin"})
+    assert r.stdout.split() == ["False", "False"]
