@@ -300,14 +300,10 @@ def decode_tensor(pack: Pack, name: str, device=None):
 
 
 def _set_tensor(model, key: str, value, is_param: bool) -> None:
-    import torch
-
+    """Put ``value`` (a Parameter, or a tensor for a buffer) in place of ``key``."""
     mod_name, _, leaf = key.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
-    if is_param:
-        mod._parameters[leaf] = value
-    else:
-        mod._buffers[leaf] = value if isinstance(value, torch.Tensor) else value.data
+    (mod._parameters if is_param else mod._buffers)[leaf] = value
 
 
 def _check_materialised(model, where: Path) -> None:

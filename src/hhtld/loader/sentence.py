@@ -21,7 +21,7 @@ from .sidefiles import has_file, open_pack_arg, read_json, side_files
 MIN_VERSION = "6.2"
 
 
-def _transformer_base(st):
+def _transformer_base():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from sentence_transformers.models import Transformer
@@ -57,7 +57,7 @@ def load_sentence_transformer(pack: str | os.PathLike | Pack, *, config=None, dt
     modules = read_json(p, "modules.json")
     if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
         raise LoadError(f"{p.path}: the carried modules.json is not a list of sentence-transformers modules")
-    base = _transformer_base(st)
+    base = _transformer_base()
     net = load(p, config=config, family="embedding", dtype=dtype, keep_compressed=keep_compressed,
                cache_layers=cache_layers)
 

@@ -22,9 +22,9 @@ def _check_family(p: Pack, config, want: str, command: str) -> None:
     if fam != want:
         cfg = carried_config(p) if config is None else {}
         arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "")
-        what = "a causal LM" if fam == "causal" else "an embedding model"
+        what = {"causal": "a causal LM", "embedding": "an embedding model"}
         other = "hhtld generate / hhtld.generate" if fam == "causal" else "hhtld embed / hhtld.embed"
-        raise ArchitectureError(f"{p.path}: {what}{f' ({arch})' if arch else ''}, not {'an embedding model' if want == 'embedding' else 'a causal LM'}; "
+        raise ArchitectureError(f"{p.path}: {what[fam]}{f' ({arch})' if arch else ''}, not {what[want]}; "
                                 f"{command} does not apply, use {other}")
 
 
