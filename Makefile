@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a local file here), so transformers does not pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[verify,dev]'
+	$(BIN)/pip install -q -e '.[verify,load,sentence-transformers,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/rate_distortion.py
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

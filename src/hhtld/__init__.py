@@ -25,7 +25,19 @@ from .codecs import (  # noqa: E402
     build_group_with_leaf,
     make_codec,
 )
-from .errors import CheckpointError, CodecError, GateError, HhtldError, OptionsError, PackError  # noqa: E402
+from .errors import (  # noqa: E402
+    ArchitectureError,
+    CheckpointError,
+    CodecError,
+    GateError,
+    HhtldError,
+    LoadError,
+    MissingDependencyError,
+    NoConfigError,
+    OptionsError,
+    PackError,
+    TensorMismatchError,
+)
 from .pack import Pack, decode_pack, encode_checkpoint, open_pack  # noqa: E402
 from .codecs.hhtl_d import HhtlDEntry, HhtlDTensor, build_hhtl_d_group  # noqa: E402
 from .codecs.fisher_quality import FisherZQuality, fisher_z_quality  # noqa: E402
@@ -43,6 +55,18 @@ from .gates import (  # noqa: E402  (torch/transformers/matplotlib load only whe
     compare_outputs,
     heldout_texts,
     verify,
+)
+
+from .loader import (  # noqa: E402  (torch/transformers load only when called)
+    Generation,
+    LoadInfo,
+    embed,
+    embedding_pooling,
+    generate,
+    load,
+    load_sentence_transformer,
+    load_tokenizer,
+    weight_memory,
 )
 
 __all__ = [
@@ -63,4 +87,8 @@ __all__ = [
     # lookup grade and the attention probe (issue 4)
     "AttentionProbeResult", "FisherZQuality", "HhtlDEntry", "HhtlDTensor", "build_hhtl_d_group",
     "fisher_z_quality", "probe_attention",
+    # use a pack directly
+    "ArchitectureError", "Generation", "LoadError", "LoadInfo", "MissingDependencyError", "NoConfigError",
+    "TensorMismatchError", "embed", "embedding_pooling", "generate", "load", "load_sentence_transformer",
+    "load_tokenizer", "weight_memory",
 ]

@@ -181,6 +181,72 @@ def cmd_probe_attention(args) -> int:
     return 0
 
 
+def _load_options(args) -> dict:
+    if args.cache_layers < 0:
+        raise OptionsError(f"--cache-layers must be >= 0, got {args.cache_layers}")
+    if args.cache_layers and not args.keep_compressed:
+        raise OptionsError("--cache-layers applies to --keep-compressed")
+    return {"config": args.config, "dtype": None if args.dtype == "auto" else args.dtype,
+            "keep_compressed": args.keep_compressed, "cache_layers": args.cache_layers}
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from .loader import embed, embedding_pooling
+
+    if args.batch_size < 1:
+        raise OptionsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    vecs = embed(args.pack, args.texts, batch_size=args.batch_size, **_load_options(args))
+    pooling = embedding_pooling(args.pack)
+    if args.json:
+        _emit_json({"pack": str(args.pack), "pooling": pooling, "dim": int(vecs.shape[1]), "texts": args.texts,
+                    "embeddings": [[float(x) for x in v] for v in vecs]}, args.json)
+        if args.json not in (True, "-"):
+            print(f"wrote {args.json}")
+        return 0
+    print(f"{len(args.texts)} embedding(s) of {vecs.shape[1]} dims (pooling: {pooling}); --json for the full vectors")
+    for i, (t, v) in enumerate(zip(args.texts, vecs)):
+        head = " ".join(f"{x:+.4f}" for x in v[:4])
+        short = t if len(t) <= 48 else t[:45] + "..."
+        print(f"[{i}] norm {np.linalg.norm(v):.4f}  {head} ... {v[-1]:+.4f}  {short!r}")
+    if len(vecs) > 1:
+        n = np.linalg.norm(vecs, axis=1, keepdims=True)
+        cos = (vecs / np.maximum(n, 1e-12)) @ (vecs / np.maximum(n, 1e-12)).T
+        print("cosine similarity:")
+        print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(vecs))))
+        for i, row in enumerate(cos):
+            print(f"{f'[{i}]':>5}" + "".join(f"{c:8.4f}" for c in row))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .loader import generate
+
+    g = generate(args.pack, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **_load_options(args))
+    if args.json:
+        _emit_json({"pack": str(args.pack), "prompt": g.prompt, "chat": g.chat, "text": g.text, "tokens": g.tokens,
+                    "prompt_tokens": g.prompt_tokens, "new_tokens": len(g.tokens), "seconds": g.seconds,
+                    "tokens_per_second": g.tokens_per_second}, args.json)
+        if args.json not in (True, "-"):
+            print(f"wrote {args.json}")
+        return 0
+    print(g.text)
+    return 0
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loading the pack")
+    g.add_argument("--config", default=None, metavar="CONFIG",
+                   help="config.json (or a folder holding one) for a pack that carries none")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the float weights (default: each as the checkpoint stored it)")
+    g.add_argument("--keep-compressed", action="store_true",
+                   help="keep encoded Linear/Embedding weights compressed in memory, decoded on use")
+    g.add_argument("--cache-layers", type=int, default=0, metavar="N",
+                   help="with --keep-compressed: keep the N most recently decoded weights (default 0)")
+
+
 def _rules_only(args):
     """The rule table of ``--rule``/``--rules`` (commands without the encodable policy)."""
     extra = [parse_rule(r) for r in args.rule]
@@ -264,6 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--rule", action="append", default=[], metavar="PATTERN=ROLE", help="classification rule (see encode)")
     pa.add_argument("--rules", metavar="FILE.json", help="JSON rules file (see encode)")
     pa.set_defaults(func=cmd_probe_attention)
+
+    em = sub.add_parser("embed", help="sentence embeddings of TEXTs from an embedding-model pack",
+                        description="Sentence embeddings straight from PACK (no dense files): as sentence-transformers "
+                                    "computes them when the pack carries its files (modules.json, pooling config), "
+                                    "else mean pooling over the attention mask and L2 normalisation. Prints a short "
+                                    "view of each vector and their cosine similarities; --json gives the full vectors.")
+    em.add_argument("pack", help="the .hhtld pack of an embedding model (e.g. BERT, MiniLM)")
+    em.add_argument("texts", nargs="+", metavar="TEXT", help="the texts to embed")
+    em.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default %(default)s)")
+    em.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the vectors as JSON")
+    _add_load_args(em)
+    em.set_defaults(func=cmd_embed)
+
+    ge = sub.add_parser("generate", help="greedy continuation of PROMPT by a causal-LM pack",
+                        description="Greedy decoding straight from PACK (no dense files); prints the new text only. "
+                                    "--chat wraps PROMPT as one user message in the tokenizer's chat template.")
+    ge.add_argument("pack", help="the .hhtld pack of a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)")
+    ge.add_argument("prompt", help="the prompt text")
+    ge.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate at most (default %(default)s)")
+    ge.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to PROMPT (a user turn)")
+    ge.add_argument("--json", nargs="?", const=True, metavar="FILE",
+                    help="print (or write to FILE) the text, token ids and timing as JSON")
+    _add_load_args(ge)
+    ge.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("verify", help="measure the four gates of a pack against its model (SPEC §6)",
                        description="Row fidelity, behaviour parity, storage and output agreement of PACK against "

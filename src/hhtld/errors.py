@@ -25,3 +25,24 @@ class OptionsError(HhtldError):
 
 class GateError(HhtldError):
     """A gate cannot be measured (no runnable config, model/pack mismatch)."""
+
+
+class LoadError(HhtldError):
+    """A pack cannot be loaded as a ready model (``hhtld.load`` and what builds on it)."""
+
+
+class NoConfigError(LoadError):
+    """The pack carries no ``config.json`` and none was given (``config=`` / ``--config``)."""
+
+
+class ArchitectureError(LoadError):
+    """transformers cannot build the architecture the config names (or the wrong family was asked for)."""
+
+
+class TensorMismatchError(LoadError):
+    """The pack's tensors do not fit the model's parameters (missing, extra, or of another shape)."""
+
+
+class MissingDependencyError(HhtldError, ImportError):
+    """An optional dependency (torch, transformers, sentence-transformers) is not installed;
+    the message names the extra that brings it."""

@@ -1,0 +1,136 @@
+"""What ``hhtld embed`` and ``hhtld generate`` run: sentence embeddings and
+greedy generation straight from a pack."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ArchitectureError, LoadError
+from ..pack.reader import Pack
+from .deps import require
+from .model import _first_line, family_of, load, load_tokenizer
+from .sidefiles import carried_config, has_file, open_pack_arg
+
+
+def _check_family(p: Pack, config, want: str, command: str) -> None:
+    fam = family_of(p, config)
+    if fam != want:
+        cfg = carried_config(p) if config is None else {}
+        arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "")
+        what = {"causal": "a causal LM", "embedding": "an embedding model"}
+        other = "hhtld generate / hhtld.generate" if fam == "causal" else "hhtld embed / hhtld.embed"
+        raise ArchitectureError(f"{p.path}: {what[fam]}{f' ({arch})' if arch else ''}, not {what[want]}; "
+                                f"{command} does not apply, use {other}")
+
+
+def embedding_pooling(pack: str | os.PathLike | Pack) -> str:
+    """How :func:`embed` pools a pack: ``sentence-transformers`` when it carries
+    ``modules.json``, else ``mean+l2`` (mean over the attention mask, then L2 norm)."""
+    return "sentence-transformers" if has_file(open_pack_arg(pack), "modules.json") else "mean+l2"
+
+
+def embed(pack: str | os.PathLike | Pack, texts: list[str], *, batch_size: int = 32, config=None, dtype=None,
+          keep_compressed: bool = False, cache_layers: int = 0) -> np.ndarray:
+    """Sentence embeddings float32 ``(len(texts), dim)`` of an embedding-model pack.
+
+    With the pack's sentence-transformers files: exactly what its
+    ``SentenceTransformer.encode`` computes (its pooling and normalisation);
+    otherwise mean pooling over the attention mask and L2 normalisation.
+    A causal-LM pack is an :class:`ArchitectureError`."""
+    torch = require("torch", "hhtld.embed")
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise LoadError("no texts to embed")
+    p = open_pack_arg(pack)
+    _check_family(p, config, "embedding", "embed")
+    if embedding_pooling(p) == "sentence-transformers":
+        from .sentence import load_sentence_transformer
+
+        st = load_sentence_transformer(p, config=config, dtype=dtype, keep_compressed=keep_compressed,
+                                       cache_layers=cache_layers, device="cpu")
+        with torch.no_grad():
+            out = st.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+    model = load(p, config=config, family="embedding", dtype=dtype, keep_compressed=keep_compressed,
+                 cache_layers=cache_layers)
+    tok = load_tokenizer(p)
+    chunks = []
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s:s + batch_size], padding=True, truncation=True, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
+    return np.concatenate(chunks, axis=0)
+
+
+@dataclass
+class Generation:
+    """A greedy continuation: ``text`` is the new text only (special tokens
+    skipped), ``tokens`` its token ids, ``prompt_tokens`` the prompt's length in
+    tokens (after the chat template when ``chat``), ``seconds`` the time
+    ``generate`` took (model loading not included)."""
+
+    prompt: str
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    chat: bool = False
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int = 32, chat: bool = False,
+             config=None, dtype=None, keep_compressed: bool = False, cache_layers: int = 0) -> Generation:
+    """Greedy continuation of ``prompt`` by a causal-LM pack (up to
+    ``max_new_tokens`` tokens; stops early at an end-of-sequence token).
+
+    ``chat=True`` wraps the prompt as one user message in the tokenizer's chat
+    template (with the generation prompt); a tokenizer without one is a
+    :class:`LoadError`. An embedding-model pack is an :class:`ArchitectureError`."""
+    torch = require("torch", "hhtld.generate")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise LoadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    p = open_pack_arg(pack)
+    _check_family(p, config, "causal", "generate")
+    tok = load_tokenizer(p)
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise LoadError(f"{p.path}: the carried tokenizer has no chat template; drop --chat (chat=True)")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    enc.pop("token_type_ids", None)
+    if enc["input_ids"].shape[1] == 0:
+        raise LoadError("the prompt is empty after tokenisation; give some text")
+    model = load(p, config=config, family="causal", dtype=dtype, keep_compressed=keep_compressed,
+                 cache_layers=cache_layers)
+    gc = copy.deepcopy(model.generation_config)
+    gc.do_sample = False
+    gc.temperature = gc.top_p = gc.top_k = None
+    gc.num_beams = 1
+    gc.max_new_tokens = max_new_tokens
+    gc.max_length = None
+    if gc.pad_token_id is None:
+        gc.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=gc)
+    except Exception as e:
+        raise LoadError(f"{p.path}: generation failed ({type(e).__name__}: {_first_line(e)})") from None
+    seconds = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    return Generation(prompt, tok.decode(new, skip_special_tokens=True), new, int(enc["input_ids"].shape[1]),
+                      chat, seconds)

@@ -1,0 +1,109 @@
+"""The decode of the default codec (hhtl-vq) in torch, for weights kept
+compressed on a device other than the CPU (on the CPU the codec's own numpy
+decode runs, on zero-copy views of the same buffers).
+
+Same steps as :func:`hhtld.codecs.vq.decode_rows` and
+``HhtlVqCodec.decode_rows``: per residual stage one gather per pattern
+position into the group's bf16 palettes, the stages summed, times the per-row
+bf16 gain, the inverse randomised block-Hadamard rotation (``@ H`` per block,
+then the ±1 signs), plus the Slot L leaf summed lane by lane. The element-wise
+steps run in numpy's order; the product sums in torch's order, so rows differ
+from numpy's by the float32 rounding of a ``b``-term dot product (a few ulps
+of the largest weight; tested).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ..codecs.vq import hadamard_block, parse_stages
+
+
+@lru_cache(maxsize=32)
+def hadamard(b: int, device: str):
+    """Orthonormal Sylvester Hadamard (b, b) float32, as ``codecs.vq`` builds it."""
+    import torch
+
+    h = torch.ones((1, 1), dtype=torch.float32)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / torch.sqrt(torch.tensor(float(b), dtype=torch.float32))).to(device)
+
+
+def gather_stages(params, group, tensor, idx=None):
+    """float32 (m, n_cols): the summed palette gathers of rows ``idx`` — the row
+    before its gain, rotation and leaf (the row in the rotated, unit-gain space)."""
+    import torch
+    import torch.nn.functional as F
+
+    n_cols = int(params["n_cols"])
+    out = None
+    for si, st in enumerate(parse_stages(params["stages"])):
+        tw = tensor[f"twig.{si}"]
+        if idx is not None:
+            tw = tw.index_select(0, idx)
+        tw = tw.to(torch.int64)
+        m = tw.shape[0]
+        widths = st.widths
+        period = sum(widths)
+        n_periods = -(-n_cols // period)
+        t3 = tw.view(m, n_periods, len(widths))
+        pals = [group[f"palette.{si}.{j}"].to(torch.float32) for j in range(len(widths))]
+        if len(widths) == 1:
+            q = F.embedding(t3[:, :, 0], pals[0])  # (m, n_periods, w)
+        else:
+            q = torch.empty((m, n_periods, period), dtype=torch.float32, device=tw.device)
+            off = 0
+            for j, (p, w) in enumerate(zip(pals, widths)):
+                q[:, :, off:off + w] = F.embedding(t3[:, :, j], p)
+                off += w
+        q2 = q.reshape(m, n_periods * period)[:, :n_cols]
+        if out is None:
+            out = q2 if n_periods * period == n_cols else q2.contiguous()
+        else:
+            out += q2
+    if out is None:
+        m = tensor["gain"].shape[0] if idx is None else idx.shape[0]
+        out = torch.zeros((m, n_cols), dtype=torch.float32)
+    return out
+
+
+def decode_rows_vq(params, group, tensor, idx=None):
+    """float32 (m, n_cols) rows ``idx`` (a 1-D int64 tensor; all rows when None).
+
+    ``params``: the group's manifest params (``stages``, ``n_cols``);
+    ``group`` / ``tensor``: mappings part name → torch tensor (palettes
+    ``palette.<stage>.<pos>`` (k, w) bf16, ``rotation`` (c,) int8, ``basis``
+    (lanes, c) bf16; ``twig.<stage>`` (n, segments) uint8/uint16, ``gain``
+    (n,) bf16, ``leaf`` (n, lanes) int8, ``leaf_scale`` (1,) float32)."""
+    import torch
+
+    n_cols = int(params["n_cols"])
+    out = gather_stages(params, group, tensor, idx)
+    if "gain" in tensor:
+        g = tensor["gain"] if idx is None else tensor["gain"].index_select(0, idx)
+        out *= g.to(torch.float32)[:, None]
+    if "rotation" in group:
+        m = out.shape[0]
+        b = hadamard_block(n_cols)
+        out = (out.reshape(m * (n_cols // b), b) @ hadamard(b, str(out.device))).reshape(m, n_cols)
+        out *= group["rotation"].to(torch.float32)
+    if "leaf" in tensor:
+        q = tensor["leaf"] if idx is None else tensor["leaf"].index_select(0, idx)
+        c = q.to(torch.float32) * tensor["leaf_scale"][0].to(torch.float32)
+        basis = group["basis"].to(torch.float32)
+        leaf = torch.zeros_like(out)
+        for lane in range(basis.shape[0]):  # lane by lane, as combine_lanes sums
+            leaf += c[:, lane:lane + 1] * basis[lane]
+        out += leaf
+    return out
+
+
+def rotate_inputs(x, signs):
+    """The codec's forward rotation of activations ``x`` (t, n_cols) float32:
+    ``(x * signs) @ blockdiag(H)``; ``x @ W.T`` equals ``rotate_inputs(x) @ (W H S).T``
+    for the block-Hadamard ``H`` (symmetric, orthonormal) and signs ``S``."""
+    n = x.shape[-1]
+    b = hadamard_block(n)
+    y = (x * signs.to(x.dtype)).reshape(-1, b) @ hadamard(b, str(x.device))
+    return y.reshape(x.shape)
