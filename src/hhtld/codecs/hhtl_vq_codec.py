@@ -81,6 +81,15 @@ def stored_bytes(stages: str, n_tensors: int, n_rows: int, n_cols: int, gain: bo
     return {"group": group, "tensors": tensors, "total": group + tensors, "weights": total_rows * n_cols}
 
 
+def rotation_block(params) -> int:
+    """The Hadamard block of a group's rotation: ``params.rotation_block``, or for
+    packs written before it was stored the largest power of two dividing the
+    column count, at most ``LEGACY_ROTATION_MAX_BLOCK``."""
+    if "rotation_block" in params:
+        return int(params["rotation_block"])
+    return hadamard_block(int(params["n_cols"]), LEGACY_ROTATION_MAX_BLOCK)
+
+
 def bits_per_weight(stages: str, n_tensors: int, n_rows: int, n_cols: int, **kw) -> float:
     b = stored_bytes(stages, n_tensors, n_rows, n_cols, **kw)
     return 8.0 * b["total"] / max(1, b["weights"])
@@ -199,10 +208,7 @@ class HhtlVqCodec(Codec):
             twigs.append(np.asarray(tensor[f"twig.{si}"][sel]))
         gain = np.asarray(tensor["gain"][sel], dtype=np.float32) if "gain" in tensor else None
         signs = np.asarray(group["rotation"]) if "rotation" in group else None
-        block = hadamard_block(n_cols, LEGACY_ROTATION_MAX_BLOCK) if signs is not None else None
-        if signs is not None and "rotation_block" in p:
-            block = int(p["rotation_block"])
-        out = vq_decode_rows(palettes, twigs, n_cols, gain, signs, block)
+        out = vq_decode_rows(palettes, twigs, n_cols, gain, signs, rotation_block(p))
         return add_stored_leaf(out, group, tensor, sel)
 
 
@@ -224,4 +230,4 @@ class _VqFit:
         return DictParts(self.params, self.arrays)
 
 
-__all__ = ["HhtlVqCodec", "bits_per_weight", "stored_bytes"]
+__all__ = ["HhtlVqCodec", "bits_per_weight", "rotation_block", "stored_bytes"]

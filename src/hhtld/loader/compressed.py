@@ -31,6 +31,7 @@ from torch import nn
 from ..codecs.hhtl_vq_codec import HhtlVqCodec
 from ..codecs.vq import decode_rows as vq_decode_rows, parse_stages
 from .tensors import to_numpy, to_torch
+from ..codecs.hhtl_vq_codec import rotation_block
 from .torch_vq import decode_rows_vq, gather_stages, rotate_inputs
 
 
@@ -174,7 +175,7 @@ class CompressedWeight(nn.Module):
             q = torch.from_numpy(vq_decode_rows(pals, twigs, self.n_cols, None, None))
         else:
             q = gather_stages(g.params, g, t)
-        xr = rotate_inputs(x, g["rotation"]) if "rotation" in g else x
+        xr = rotate_inputs(x, g["rotation"], rotation_block(self.group.params)) if "rotation" in g else x
         y = xr @ q.t()
         if "gain" in t:
             y *= t["gain"].to(torch.float32)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..codecs.vq import hadamard_block, parse_stages
+from ..codecs.hhtl_vq_codec import rotation_block
+from ..codecs.vq import parse_stages
 
 
 @lru_cache(maxsize=32)
@@ -85,7 +86,7 @@ def decode_rows_vq(params, group, tensor, idx=None):
         out *= g.to(torch.float32)[:, None]
     if "rotation" in group:
         m = out.shape[0]
-        b = hadamard_block(n_cols)
+        b = rotation_block(params)
         out = (out.reshape(m * (n_cols // b), b) @ hadamard(b, str(out.device))).reshape(m, n_cols)
         out *= group["rotation"].to(torch.float32)
     if "leaf" in tensor:
@@ -99,11 +100,10 @@ def decode_rows_vq(params, group, tensor, idx=None):
     return out
 
 
-def rotate_inputs(x, signs):
+def rotate_inputs(x, signs, block: int):
     """The codec's forward rotation of activations ``x`` (t, n_cols) float32:
     ``(x * signs) @ blockdiag(H)``; ``x @ W.T`` equals ``rotate_inputs(x) @ (W H S).T``
-    for the block-Hadamard ``H`` (symmetric, orthonormal) and signs ``S``."""
-    n = x.shape[-1]
-    b = hadamard_block(n)
+    for the block-Hadamard ``H`` (symmetric, orthonormal, ``block`` wide) and signs ``S``."""
+    b = int(block)
     y = (x * signs.to(x.dtype)).reshape(-1, b) @ hadamard(b, str(x.device))
     return y.reshape(x.shape)
