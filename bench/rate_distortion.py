@@ -39,7 +39,7 @@ from hhtld.gates.runner import ModelRunner, compare_outputs  # noqa: E402
 from hhtld.gates.texts import heldout_texts  # noqa: E402
 from hhtld.pack.reader import Pack  # noqa: E402
 from hhtld.pack.writer import read_rows  # noqa: E402
-from hhtld.budget.sensitivity import to_original  # noqa: E402
+from hhtld.classify.shapes import from_row_matrix  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNGS = ("vq1.0", "vq1.6", "vq2.0", "vq2.3", "vq2.7", "vq3.2", "vq4.0", "vq4.5", "vq5.0", "vq6.0", "vq8.0")
@@ -138,7 +138,7 @@ def main() -> int:
     results = []
 
     def behaviour(recs):
-        w = {t.name: to_original(t, r) for (g, _), rr in zip(groups, recs) for t, r in zip(g.tensors, rr)}
+        w = {t.name: from_row_matrix(r, t.shape, t.transposed) for (g, _), rr in zip(groups, recs) for t, r in zip(g.tensors, rr)}
         return compare_outputs(ref, runner.run(texts, w))
 
     def record(name, kind, recs, bits, secs, extra=None):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from hhtld.budget import LADDER, encode_budget, greedy
 from hhtld.budget.allocate import allocate_rows
-from hhtld.budget.sensitivity import Trial
+from hhtld.budget.trials import Trial
 from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey, GroupPlan
 from hhtld.errors import OptionsError

@@ -6,7 +6,6 @@ exactly those of the decode-to-disk route, kept compressed or not."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import warnings

@@ -1,19 +1,17 @@
-"""Rate allocation: which ladder rung each group gets (SPEC §4, issue 5).
+"""Rate allocation: which ladder rung each group (or tensor) gets (SPEC §4, §8).
 
 Targets:
 
-* ``rows`` — per group, the cheapest rung whose row cosines meet the gate-1
-  thresholds of its regime (median and 5th percentile, measured on a row
-  sample with a small margin, then checked on the written pack).
-* ``behaviour`` — the cheapest allocation whose predicted output change on
-  the **calibration** texts stays under the target; greedy marginal utility
-  (output change removed per extra bit, from measured per-group
-  sensitivities × measured row distortion), then checked by running the
-  model with the decoded pack on the calibration texts; if the check fails
-  the target is tightened and the allocation continues.
-* ``--bpw X`` — a fixed budget of X bits per encoded weight (all stored bytes
-  of the groups), spent greedily by the same utility (behaviour when the
-  model can be run, else row distortion weighted by the regime's target).
+* ``rows`` (data-free) — per group, the cheapest rung whose row cosines meet
+  the gate-1 thresholds of its regime (measured on a row sample with a small
+  margin, then on every decoded row while encoding).
+* ``behaviour`` (runs the model) — the calibrated encode of
+  :mod:`hhtld.calibrate`: layer-wise Hessians and Fisher diagonals on
+  calibration text, per-tensor rungs by predicted output change, error
+  feedback, and one check of the written pack on calibration text.
+* ``--bpw X`` — a fixed budget of X bits per encoded weight: data-free (spent
+  where it removes the most row distortion), or with ``behaviour`` where it
+  removes the most predicted output change.
 
 Every choice lands in the manifest (group ``options.setting``) and in
 ``inspect``; :class:`Allocation` keeps the measurements for the report.
@@ -21,8 +19,6 @@ Every choice lands in the manifest (group ``options.setting``) and in
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +33,11 @@ from ..errors import GateError, OptionsError
 from ..outputs import check_output_file
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..pack.writer import EncodeResult, encode_checkpoint
-from .sensitivity import GroupTrials, measure_sensitivity, output_change, sample_group_rows
+from .trials import GroupTrials, sample_group_rows
 from .settings import LADDER, Setting
 
 TARGETS = ("rows", "behaviour")
 ROW_MARGIN = 0.001  # cosine margin of the sample-based rows decision
-CAL_TEXTS = 96  # calibration texts per model run
-GOAL_SHARE = 0.7  # the allocation aims at this share of the allowed output change ...
-TIGHTEN = 0.7  # ... and at this factor less after a failed calibration check
 START = {"argmax": "vq2.0", "index": "vq2.7"}  # first rung tried by the rows target
 
 
@@ -61,27 +54,37 @@ class Choice:
     def to_json(self) -> dict:
         return {"group": self.key, "regime": self.regime, "setting": self.setting.name,
                 "stages": self.setting.stages, "bpw": round(self.bits / max(1, self.n_weights), 4),
-                "weights": self.n_weights, "sensitivity": self.sensitivity}
+                "weights": self.n_weights, "sensitivity": self.trials}
 
 
 @dataclass
 class Allocation:
+    """What an allocation chose and measured. ``choices``: a rung per group (data-free
+    targets); ``calibration``: the calibrated encode's report (per-tensor rungs);
+    ``met``: whether the target was met (None for a plain ``--bpw`` budget)."""
+
     target: str
     choices: dict[str, Choice]
     notes: list[str] = field(default_factory=list)
     predicted: dict[str, float] = field(default_factory=dict)
     checks: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    calibration: Any = None
+    met: bool | None = None
 
     def group_options(self) -> dict[str, dict[str, Any]]:
         return {k: c.setting.options() for k, c in self.choices.items()}
 
     @property
     def bits(self) -> int:
+        if self.calibration is not None:
+            return self.calibration.allocation.bits
         return sum(c.bits for c in self.choices.values())
 
     @property
     def n_weights(self) -> int:
+        if self.calibration is not None:
+            return self.calibration.allocation.weights
         return sum(c.n_weights for c in self.choices.values())
 
     @property
@@ -89,9 +92,12 @@ class Allocation:
         return self.bits / max(1, self.n_weights)
 
     def to_json(self) -> dict:
-        return {"target": self.target, "bpw": round(self.bpw, 4), "notes": self.notes,
-                "predicted": self.predicted, "checks": self.checks, "seconds": self.seconds,
-                "groups": [c.to_json() for c in self.choices.values()]}
+        out = {"target": self.target, "met": self.met, "bpw": round(self.bpw, 4), "notes": self.notes,
+               "predicted": self.predicted, "checks": self.checks, "seconds": self.seconds,
+               "groups": [c.to_json() for c in self.choices.values()]}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
+        return out
 
 
 def _choice(g: GroupPlan, s: Setting, sens: float | None = None) -> Choice:
@@ -169,7 +175,7 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
                   policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
                   codec_options: dict[str, Any] | None = None, include_aux: bool = True,
                   progress: bool = False, thresholds=None, log: Callable[[str], None] | None = None,
-                  calibration: int = CAL_TEXTS, max_rounds: int = 3, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                  calibration: int | None = None, max_rounds: int = 2, sample_rows: int = DEFAULT_SAMPLE_ROWS,
                   threads: int | None = None) -> tuple[EncodeResult, Allocation]:
     """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``.
 
@@ -200,22 +206,15 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
     seconds: dict[str, float] = {}
     ckpt = open_checkpoint(model)
     out = _check_out(out, ckpt)
+    notes: list[str] = []
+    if target == "behaviour":
+        done = _encode_behaviour(model, out, ckpt, bpw, config, policy, rules, codec_options, include_aux, th,
+                                 calibration, max_rounds, sample_rows, threads, log, notes)
+        if done is not None:
+            return done
+        target = "rows"
     plan = plan_checkpoint(ckpt, policy, rules)
     groups = plan.groups
-    notes: list[str] = []
-    runner = None
-    if target == "behaviour":
-        try:
-            from ..gates.runner import ModelRunner
-
-            runner = ModelRunner.from_model(model, config)
-        except GateError as e:
-            notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
-            target = "rows"
-        except ImportError as e:
-            notes.append(f"target behaviour needs torch and transformers ({e}); falling back to --target rows")
-            target = "rows"
-    seconds["runner"] = time.perf_counter() - t0
     extra = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
     t1 = time.perf_counter()
     trials = {str(g.key): GroupTrials(sample_group_rows(ckpt, g), seed=int(extra.get("seed", 0)))
@@ -232,15 +231,38 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
         d_target = 1.0 / med**2 - 1.0
         return g.n_weights * trials[str(g.key)](s).rel_mse / d_target
 
-    if runner is None:
-        result = _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_loss, th, alloc,
-                                   seconds, log, enc_kw)
-    else:
-        result = _encode_behaviour(model, out, ckpt, plan, runner, bpw, budget_bits, trials, th, alloc, seconds,
-                                   log, calibration, max_rounds, enc_kw)
+    result = _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_loss, th, alloc,
+                               seconds, log, enc_kw)
     seconds["total"] = time.perf_counter() - t0
     alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result, alloc
+
+
+def _encode_behaviour(model, out, ckpt, bpw, config, policy, rules, codec_options, include_aux, th, calibration,
+                      max_rounds, sample_rows, threads, log, notes):
+    """The calibrated encode (:mod:`hhtld.calibrate`), or None (with a note) when the
+    model cannot be run here."""
+    try:
+        from ..calibrate.layerwise import build_empty
+        from ..calibrate.pipeline import Target, encode_calibrated
+
+        build_empty(model, config)  # fails fast (no config, no tokenizer, no torch) before any work
+    except GateError as e:
+        notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
+        return None
+    except ImportError as e:
+        notes.append(f"target behaviour needs torch, transformers and accelerate ({e}); "
+                     "falling back to --target rows")
+        return None
+    tgt = Target(max_kl=th.max_kl, max_ppl_ratio=getattr(th, "max_ppl_ratio", 1.02), min_top1=th.min_top1,
+                 min_cosine=th.min_cosine)
+    res, report = encode_calibrated(model, out, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
+                                    codec_options=codec_options, texts=calibration, sample_rows=sample_rows,
+                                    threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log)
+    alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
+                       checks=[r["check"] for r in report.rounds], seconds=report.seconds)
+    alloc.predicted = {"output_change": report.allocation.predicted}
+    return res, alloc
 
 
 def _allocation_line(alloc: Allocation, bpw, rnd: int | None = None) -> str:
@@ -323,70 +345,6 @@ def _rows_summary(result: EncodeResult, th) -> dict[str, Any]:
     return res
 
 
-def _encode_behaviour(model, out, ckpt, plan, runner, bpw, budget_bits, trials, th, alloc, seconds, log,
-                      calibration, max_rounds, enc_kw) -> EncodeResult:
-    """Rounds of allocate → encode → check on the calibration texts, tightening the goal after a failed check."""
-    from ..gates.texts import calibration_texts
-
-    groups = plan.groups
-    t1 = time.perf_counter()
-    texts = calibration_texts()[:calibration]
-    ref = runner.run(texts)
-    sens = measure_sensitivity(runner, ckpt, groups, texts, ref, log=log)
-    seconds["sensitivity"] = time.perf_counter() - t1
-
-    def behaviour_loss(g, s):
-        return sens[str(g.key)] * trials[str(g.key)](s).rel_mse
-
-    cos_target = GOAL_SHARE * (1.0 - th.min_cosine)  # output change allowed, tightened on failure
-    kl_target = GOAL_SHARE * th.max_kl
-    result = None
-    rounds: list[Path] = []  # this call's temporary round files, all next to ``out``
-    try:
-        for rnd in range(max_rounds):
-            t1 = time.perf_counter()
-            if bpw is not None:
-                start = {str(g.key): 0 for g in groups}
-                state = greedy(groups, start, behaviour_loss, lambda _l: False, budget_bits)
-            else:
-                goal = kl_target if runner.family == "causal" else cos_target
-                start = {str(g.key): _ladder_index("vq2.0") for g in groups}
-                state = greedy(groups, start, behaviour_loss, lambda l: l <= goal)
-                alloc.predicted = {"output_change": sum(behaviour_loss(g, LADDER[state[str(g.key)]]) for g in groups),
-                                   "goal": goal}
-            alloc.choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]], sens.get(str(g.key))) for g in groups}
-            seconds[f"allocate.{rnd}"] = time.perf_counter() - t1
-            _say(log, _allocation_line(alloc, bpw, rnd))
-            t1 = time.perf_counter()
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".round", dir=out.parent)
-            os.close(fd)
-            rounds.append(Path(tmp_name))
-            result = encode_checkpoint(model, rounds[-1], group_options=alloc.group_options(),
-                                       reuse=rounds[-2] if len(rounds) > 1 else None, **enc_kw)
-            if len(rounds) > 1:  # the previous round failed its check and has served as a source
-                rounds[-2].unlink(missing_ok=True)
-            seconds[f"encode.{rnd}"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            check = _check(rounds[-1], plan, runner, texts, ref, th)
-            seconds[f"check.{rnd}"] = time.perf_counter() - t1
-            alloc.checks.append(check)
-            _say(log, "check on calibration texts: "
-                      + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
-            if check["ok"] or bpw is not None:
-                break
-            cos_target *= TIGHTEN
-            kl_target *= TIGHTEN
-        os.replace(rounds[-1], out)  # the chosen (last) round; the earlier ones failed their check
-        result.path = out
-    finally:
-        for r in rounds:
-            r.unlink(missing_ok=True)
-    if not alloc.checks[-1]["ok"] and bpw is None:
-        n = len(alloc.checks)
-        alloc.notes.append(f"the behaviour target was not met on the check after {n} round{'s' if n != 1 else ''}")
-    return result
-
-
 def _check_out(out, ckpt) -> Path:
     """``out`` checked as the writer checks it (the rounds go to temporary files); its folder is created."""
     out = check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
@@ -394,26 +352,6 @@ def _check_out(out, ckpt) -> Path:
     if str(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _check(out, plan, runner, texts, ref, th) -> dict:
-    """Run the model with the decoded pack ``out`` on the calibration texts."""
-    from ..gates.runner import compare_outputs
-    from ..pack.reader import Pack
-    from .sensitivity import to_original
-
-    pack = Pack(out)
-    weights = {}
-    for g in plan.groups:
-        for t in g.tensors:
-            weights[t.name] = to_original(t, pack.rows(t.name))
-    cmp = compare_outputs(ref, runner.run(texts, weights))
-    change = output_change(cmp, runner.family)
-    if runner.family == "causal":
-        ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["kl_mean"] <= th.max_kl * 0.75
-    else:
-        ok = cmp["top1"] >= th.min_top1 + 0.01 and cmp["cos_mean"] >= th.min_cosine + 0.001
-    return {**{k: float(v) for k, v in cmp.items()}, "output_change": change, "ok": bool(ok)}
 
 
 __all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget", "greedy"]

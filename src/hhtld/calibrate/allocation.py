@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..budget.settings import LADDER, Setting
-from ..codecs.hhtl_vq_codec import stored_bytes
 from ..codecs.vq import hadamard_block, rotation_signs
 from ..codecs.vq_feedback import DEFAULT_DAMP, inverse_cholesky, rotated_hessian
 

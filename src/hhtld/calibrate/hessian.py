@@ -21,16 +21,23 @@ class HessianHooks:
 
     def __init__(self, modules: dict[str, Any]):
         self.modules = modules
-        self._sums: dict[str, Any] = {}  # torch float32 (c, c) per layer
+        self._sums: dict[str, Any] = {}  # torch float32 (c, c) per distinct input
+        self._source: dict[str, str] = {}  # layer → the first layer that saw the same input
         self.tokens = 0
         self.valid = None
         self._handles = []
-        self._cache: dict[tuple, Any] = {}
+        self._cache: dict[tuple, tuple[str, Any]] = {}
 
     @property
     def hessians(self) -> dict[str, np.ndarray]:
-        """{checkpoint name: (c, c) float64} summed over every batch so far."""
-        return {k: v.double().numpy() for k, v in self._sums.items()}
+        """{checkpoint name: (c, c) float64} summed over every batch so far (layers
+        fed the same input share one array)."""
+        arrays = {k: v.double().numpy() for k, v in self._sums.items()}
+        return {name: arrays[src] for name, src in self._source.items()}
+
+    def shared(self) -> dict[str, str]:
+        """{checkpoint name: name of the layer whose Hessian it shares (maybe itself)}."""
+        return dict(self._source)
 
     def new_batch(self, valid) -> None:
         self.valid = None if bool(valid.all()) else valid
@@ -41,17 +48,20 @@ class HessianHooks:
         def hook(module, args, kwargs=None):
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             key = (x.data_ptr(), tuple(x.shape))
-            xtx = self._cache.get(key)
-            if xtx is None:
-                flat = x.detach().reshape(-1, x.shape[-1])
-                if self.valid is not None and self.valid.numel() == flat.shape[0]:
-                    flat = flat[self.valid]
-                flat = flat.float()
-                xtx = flat.T @ flat
-                self._cache[key] = xtx
-            h = self._sums.get(name)
+            hit = self._cache.get(key)
+            if hit is not None:  # the same input as a layer already seen in this batch
+                self._source.setdefault(name, self._source[hit[0]])
+                return
+            flat = x.detach().reshape(-1, x.shape[-1])
+            if self.valid is not None and self.valid.numel() == flat.shape[0]:
+                flat = flat[self.valid]
+            flat = flat.float()
+            xtx = flat.T @ flat
+            self._cache[key] = (name, xtx)
+            src = self._source.setdefault(name, name)
+            h = self._sums.get(src)
             if h is None:
-                self._sums[name] = xtx.clone()
+                self._sums[src] = xtx
             else:
                 h += xtx
 

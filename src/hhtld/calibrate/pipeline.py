@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,26 +43,34 @@ from ..format import DEFAULT_SAMPLE_ROWS
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
 
-DEFAULT_TEXTS = 64  # calibration passages (causal) ...
-DEFAULT_SEQ_LEN = 256  # ... of this many tokens
-DEFAULT_SENTENCES = 256  # calibration sentences (embedding models)
+# How much calibration text, by family: texts for the Hessians, texts for the Fisher
+# diagonal (a subset, a few at a time: the head's logits of a batch are in memory) and
+# texts for the final check. Causal: prose passages cut to DEFAULT_SEQ_LEN tokens;
+# embedding: the calibration sentences (the check ranks all of them, as verify does).
+DEFAULT_SEQ_LEN = 256
+TEXTS = {"causal": 32, "embedding": 256}
+FISHER_TEXTS = {"causal": 8, "embedding": 64}
+FISHER_BATCH = {"causal": 2, "embedding": 8}
+CHECK_TEXTS = {"causal": 16, "embedding": 256}
 BATCH = 8
-CHECK_TEXTS = 32  # calibration passages of the final check
-FISHER_TEXTS = 16  # calibration texts the Fisher diagonal is taken on ...
-FISHER_BATCH = 2  # ... a few at a time (the head's logits of a batch are in memory)
 
 
 @dataclass
 class CalibrationReport:
+    """What the calibrated encode measured and chose: the per-tensor allocation
+    of the written round, the check of every round, and whether the target
+    was met (None for a ``--bpw`` budget)."""
+
     family: str
     target: dict[str, Any]
-    allocation: TensorAllocation
+    allocation: TensorAllocation | None
     stats: list[TensorStats]
     check: dict[str, Any] = field(default_factory=dict)
-    met: bool = False
+    met: bool | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tensor: rung, cosines, output error
 
     def to_json(self) -> dict:
@@ -69,7 +79,7 @@ class CalibrationReport:
             groups.setdefault(c.group, {}).setdefault(c.setting.name, 0)
             groups[c.group][c.setting.name] += 1
         return {"family": self.family, "target": self.target, "met": self.met, "check": self.check,
-                "notes": self.notes, "seconds": self.seconds, "calibration_tokens": self.tokens,
+                "rounds": self.rounds, "notes": self.notes, "seconds": self.seconds, "calibration_tokens": self.tokens,
                 "bpw_tensors": round(self.allocation.bits / max(1, self.allocation.weights), 4),
                 "predicted_error": self.allocation.predicted, "rungs_per_group": groups,
                 "tensors": [c.to_json() for c in self.allocation.choices.values()]}
@@ -146,15 +156,38 @@ def _to_original(t, rows: np.ndarray) -> np.ndarray:
     return from_row_matrix(rows, t.shape, t.transposed)
 
 
-def analyse(lw, ckpt, plan, batches, log=None, seed: int = 0) -> tuple[dict[str, TensorStats], dict[str, Any]]:
-    """Pass 1: the original model block by block; per encoded tensor its
-    :class:`TensorStats`, plus the residual-stream energy at each block input."""
+class HessianStore:
+    """The Hessians of the analysis pass, one float32 ``.npy`` file per distinct layer
+    input in a temporary folder (layers fed the same input share a file), so the
+    encode pass needs neither the model nor memory for all of them."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        self.tokens: dict[str, int] = {}
+
+    def put(self, name: str, h: np.ndarray, tokens: int, same_as: str | None = None) -> None:
+        if same_as is not None and same_as in self.files:
+            self.files[name] = self.files[same_as]
+        else:
+            f = self.folder / f"h{len(self.files):05d}.npy"
+            np.save(f, np.asarray(h, dtype=np.float32))
+            self.files[name] = f
+        self.tokens[name] = tokens
+
+    def get(self, name: str) -> np.ndarray | None:
+        f = self.files.get(name)
+        return None if f is None else np.load(f).astype(np.float64)
+
+
+def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 0) -> tuple[dict[str, TensorStats], dict]:
+    """The original model block by block on the calibration batches: per encoded
+    tensor its :class:`TensorStats` and its Hessian (into ``store``)."""
     from .hessian import HessianHooks
 
     tplans = {t.name: (g, t) for g in plan.groups for t in g.tensors}
     stats: dict[str, TensorStats] = {}
     tokens = sum(int(b.valid.sum()) for b in batches)
-    info = {"tokens": tokens, "blocks": len(lw.blocks)}
     lw.capture(batches)
     for i in range(len(lw.blocks)):
         keys = lw.keys_under(lw.block_prefix(i))
@@ -164,10 +197,11 @@ def analyse(lw, ckpt, plan, batches, log=None, seed: int = 0) -> tuple[dict[str,
             for b in batches:
                 hk.new_batch(b.valid)
                 lw.run_block(i, [b])
+        hs, src = hk.hessians, hk.shared()
         for n in lin:
             g, t = tplans[n]
-            w = TensorRows(ckpt, t).read()
-            stats[n] = tensor_stats(n, str(g.key), t.role, w, hk.hessians[n], hk.tokens, seed)
+            stats[n] = tensor_stats(n, str(g.key), t.role, TensorRows(ckpt, t).read(), hs[n], hk.tokens, seed)
+            store.put(n, hs[n], hk.tokens, same_as=src[n] if src[n] != n else None)
         lw.release(keys)
         if log:
             log(f"  analysed block {i + 1}/{len(lw.blocks)}")
@@ -176,8 +210,9 @@ def analyse(lw, ckpt, plan, batches, log=None, seed: int = 0) -> tuple[dict[str,
         g, t = tplans[hn]
         h, n = _head_hessian(lw, batches)
         stats[hn] = tensor_stats(hn, str(g.key), t.role, TensorRows(ckpt, t).read(), h, n, seed)
+        store.put(hn, h, n)
     lw.release(lw.outside_blocks())
-    return stats, info
+    return stats, {"tokens": tokens, "blocks": len(lw.blocks)}
 
 
 @dataclass
@@ -190,18 +225,17 @@ class _Sub:
     stats: list = field(default_factory=list)
 
 
-def encode_pass(lw, ckpt, plan, batches, alloc: TensorAllocation, fixed: dict[str, Any], pw, pool,
+def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None, pw, pool,
                 codec_options: dict[str, Any], sample_rows: int, log=None) -> dict[str, Any]:
-    """Pass 2: encode every group's tensors at their rungs, the linears of each block
-    with error feedback on the stream of the already encoded blocks. ``fixed``:
-    tensors with no Hessian → their rung (encoded without feedback). Writes tensors
-    and groups to ``pw``; returns per-tensor results (cosines, predicted errors)."""
+    """Encode every group's tensors at their rungs: a tensor with a Hessian in
+    ``store`` with error feedback against it, the others without. Tensors of a
+    group at the same rung share palettes (trained on the whole group's
+    sample). Several tensors are encoded at once; bytes do not depend on it.
+    Writes tensors and groups to ``pw``; returns per-tensor results."""
     from ..checkpoint.rows import sample_across
-    from ..codecs.base import DictParts
-    from .hessian import HessianHooks
+    from ..codecs.base import ordered_map
 
     rung = {n: c.setting for n, c in alloc.choices.items()}
-    rung.update(fixed)
     subs: dict[tuple[str, str], _Sub] = {}
     sub_of: dict[str, _Sub] = {}
     for g in plan.groups:
@@ -216,44 +250,23 @@ def encode_pass(lw, ckpt, plan, batches, alloc: TensorAllocation, fixed: dict[st
                 subs[key] = _Sub(GroupPlan(len(subs), g.key, []), codec, codec.fit_group(g.key, sample, pool))
             subs[key].plan.tensors.append(t)
             sub_of[t.name] = subs[key]
-    tplans = {t.name: t for g in plan.groups for t in g.tensors}
     results: dict[str, dict[str, Any]] = {}
+    order = [t for g in plan.groups for t in g.tensors]
 
-    def encode(name: str, hessian=None) -> np.ndarray:
-        sub = sub_of[name]
-        t = tplans[name]
-        et = sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), pool, measure=True, hessian=hessian)
+    def encode(t):
+        sub = sub_of[t.name]
+        h = store.get(t.name) if store is not None else None
+        return sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), None, measure=True, hessian=h)
+
+    width = pool.width if pool is not None else 1
+    for k, (t, et) in enumerate(zip(order, ordered_map(encode, order, pool, window=width))):
+        sub = sub_of[t.name]
         pw.write_tensor(t, et)
         sub.stats.append(et.stats)
-        results[name] = {"setting": rung[name].name, "cosine_median": float(np.median(et.cosines)),
-                         "output_error": et.stats.get("output_error")}
-        rows = sub.codec.decode_rows(sub.fit.decode_parts(), DictParts({}, et.arrays))
-        return _to_original(t, rows)
-
-    lw.capture(batches)
-    for i in range(len(lw.blocks)):
-        keys = lw.keys_under(lw.block_prefix(i))
-        lw.materialise(keys)
-        lin = {n: m for n, m in lw.linears(i) if n in sub_of}
-        with HessianHooks(lin) as hk:
-            for b in batches:
-                hk.new_batch(b.valid)
-                lw.run_block(i, [b], update=False)
-        decoded = {n: encode(n, hk.hessians[n]) for n in lin}
-        lw.materialise([lw.param_of[n] for n in decoded], override=decoded)
-        lw.run_block(i, batches)
-        lw.release(keys)
-        if log:
-            log(f"  encoded block {i + 1}/{len(lw.blocks)}")
-    hn = head_name(lw)
-    if hn is not None and hn in sub_of and hn not in results:
-        h, _ = _head_hessian(lw, batches)
-        encode(hn, h)
-    lw.release(lw.outside_blocks())
-    for g in plan.groups:  # tables and anything else the blocks do not hold, in checkpoint order
-        for t in g.tensors:
-            if t.name not in results:
-                encode(t.name)
+        results[t.name] = {"setting": rung[t.name].name, "cosine_median": float(np.median(et.cosines)),
+                           "output_error": et.stats.get("output_error")}
+        if log and (k + 1) % 20 == 0:
+            log(f"  encoded {k + 1}/{len(order)} tensors")
     for sub in sorted(subs.values(), key=lambda s: s.plan.index):
         pw.write_group(sub.plan, sub.codec, sub.codec.finish_group(sub.fit, sub.stats))
     return results
@@ -341,98 +354,183 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dic
 
 
 
-def encode_calibrated(model, out, *, family_target: dict[str, float] | None = None, bpw: float | None = None,
-                      goal: float | None = None, config=None, policy: EncodablePolicy = EncodablePolicy(),
-                      rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
-                      texts: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                      threads: int | None = None, include_aux: bool = True, check_texts: int = CHECK_TEXTS,
-                      floor: dict[str, int] | None = None, log: Callable[[str], None] | None = None):
+@dataclass(frozen=True)
+class Target:
+    """What the calibrated encode aims at, by family. Causal LMs: mean next-token KL
+    ≤ ``max_kl`` and perplexity ratio ≤ ``max_ppl_ratio``; embedding models:
+    top-1 retrieval ≥ ``min_top1`` and mean embedding cosine ≥ ``min_cosine``.
+    ``share``: the predicted output change the allocation aims at, as a share of
+    what is allowed (room for the prediction's error)."""
+
+    max_kl: float = 0.02
+    max_ppl_ratio: float = 1.02
+    min_top1: float = 0.95
+    min_cosine: float = 0.995
+    share: float = 0.7
+
+    def allowed(self, family: str) -> float:
+        """The output change allowed: KL (causal), or 1 − cos (embedding; at most
+        EMBED_TOP1_CHANGE, below which retrieval top-1 holds as measured on MiniLM)."""
+        if family == "causal":
+            return self.max_kl
+        return min(1.0 - self.min_cosine, EMBED_TOP1_CHANGE)
+
+    def met(self, family: str, check: dict) -> bool:
+        if family == "causal":
+            return check["kl_mean"] <= self.max_kl and check["ppl_ratio"] <= self.max_ppl_ratio
+        return check["top1"] >= self.min_top1 and check["cos_mean"] >= self.min_cosine
+
+    def to_json(self, family: str) -> dict:
+        if family == "causal":
+            return {"max_kl": self.max_kl, "max_ppl_ratio": self.max_ppl_ratio}
+        return {"min_top1": self.min_top1, "min_cosine": self.min_cosine}
+
+
+EMBED_TOP1_CHANGE = 0.0015  # 1 − cos of sentence embeddings that kept ≥ 95 % top-1 retrieval on MiniLM
+RETIGHTEN = 0.6  # a round that met the change but missed top-1 / perplexity aims this much lower
+
+
+def change_of(family: str, check: dict) -> float:
+    """The measured output change the prediction is about: KL, or 1 − cos."""
+    return float(check["kl_mean"]) if family == "causal" else float(1.0 - check["cos_mean"])
+
+
+def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | None = None, config=None,
+                      policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
+                      codec_options: dict[str, Any] | None = None, texts: int | None = None,
+                      seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                      threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
+                      max_rounds: int = 2, feedback: bool = True, log: Callable[[str], None] | None = None):
     """Calibrated hhtl-vq encode of ``model`` into ``out`` (module docstring).
 
-    ``goal``: the predicted output change to reach; ``bpw``: a budget of bits
-    per encoded weight instead. Returns (EncodeResult, CalibrationReport)."""
+    Without ``bpw`` the allocation aims at ``target`` (:class:`Target`): if the
+    check on calibration text misses it, the goal is corrected by what the
+    check measured and the tensors are encoded again (analysis reused), up to
+    ``max_rounds``. With ``bpw`` one round spends that budget (bits per encoded
+    weight, tensor parts) and the check is reported without a target.
+    ``feedback=False`` encodes without error feedback (the same allocation).
+    Each round is written next to ``out`` and only the chosen one renamed onto
+    it. Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
+    the target was met. Raises :class:`GateError` (no runnable model) or
+    ImportError (torch/transformers/accelerate missing) before any work."""
     from threadpoolctl import threadpool_limits
 
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise OptionsError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     # numpy's BLAS on one thread next to torch's: two thread pools spinning on two cores
-    # made small Cholesky factorisations 100x slower
+    # made small Cholesky factorisations 20-30x slower
     with threadpool_limits(limits=1, user_api="blas"):
-        return _encode_calibrated(model, out, family_target=family_target, bpw=bpw, goal=goal, config=config,
-                                  policy=policy, rules=rules, codec_options=codec_options, texts=texts,
-                                  seq_len=seq_len, sample_rows=sample_rows, threads=threads,
-                                  include_aux=include_aux, check_texts=check_texts, floor=floor, log=log)
+        return _encode_calibrated(model, out, target or Target(), bpw, config, policy, rules, codec_options, texts,
+                                  seq_len, sample_rows, threads, include_aux, check_texts, max_rounds, feedback, log)
 
 
-def _encode_calibrated(model, out, *, family_target, bpw, goal, config, policy, rules, codec_options, texts, seq_len,
-                       sample_rows, threads, include_aux, check_texts, floor, log):
-    from ..budget.sensitivity import GroupTrials, sample_group_rows
-    from ..budget.settings import LADDER, setting
+def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_options, texts, seq_len, sample_rows,
+                       threads, include_aux, check_texts, max_rounds, feedback, log):
+    from ..budget.trials import GroupTrials, sample_group_rows
+    from ..budget.settings import LADDER
+    from ..classify.shapes import from_row_matrix
+    from ..outputs import check_output_file
+    from ..pack.reader import Pack
     from ..pack.writer import EncodeResult, _PackWriter
     from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
 
     t0 = time.perf_counter()
     sec: dict[str, float] = {}
     ckpt = open_checkpoint(model)
-    out = Path(out)
+    out = check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
+                            what="pack")
+    out.parent.mkdir(parents=True, exist_ok=True)
     plan = plan_checkpoint(ckpt, policy, rules)
     codec_options = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
     seed = int(codec_options.get("seed", 0))
     net, tok, fam, cfile = build_empty(model, config)
     lw = LayerwiseModel(net, checkpoint_param_map(net, ckpt), ckpt.read_float)
-    n_texts = texts or (DEFAULT_TEXTS if fam == "causal" else DEFAULT_SENTENCES)
+    n_texts = texts or TEXTS[fam]
+    check_texts = check_texts or CHECK_TEXTS[fam]
     batches = calibration_batches(tok, fam, n_texts, seq_len)
-    sec["load"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    stats, info = analyse(lw, ckpt, plan, batches, log=log, seed=seed)
-    sec["analyse"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    rel = {}
-    for g in plan.groups:
-        tr = GroupTrials(sample_group_rows(ckpt, g), seed=seed)
-        rel[str(g.key)] = {s.name: tr(s).rel_mse for s in LADDER}
-    sec["trials"] = time.perf_counter() - t1
     total_w = sum(g.n_weights for g in plan.groups) or 1
-    # tensors the calibration cannot see (tables read by index, unused heads): their relative
-    # weight error is their relative output error
-    for g in plan.groups:
-        for t in g.tensors:
-            if t.name not in stats:  # tables read by index, heads the blocks do not reach
-                stats[t.name] = tensor_stats(t.name, str(g.key), t.role, TensorRows(ckpt, t).read())
-    t1 = time.perf_counter()
-    fb = calibration_batches(tok, fam, min(n_texts, FISHER_TEXTS), seq_len, batch=FISHER_BATCH)
-    fis = fisher_diagonals(lw, fb, fam, set(stats), seed=seed)
-    for n, st in stats.items():
-        st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
-    sec["fisher"] = time.perf_counter() - t1
-    alloc = allocate(list(stats.values()), rel, goal=goal, budget_bits=None if bpw is None else bpw * total_w,
-                     floor=floor)
-    if log:
-        log(f"allocation: {alloc.bits / total_w:.3f} bits per encoded weight (tensor parts), predicted "
-            f"output change {alloc.predicted:.4g}")
-    t1 = time.perf_counter()
-    pw = _PackWriter(out, ckpt, plan)
+    sec["load"] = time.perf_counter() - t0
+    report = CalibrationReport(fam, {} if bpw is not None else target.to_json(fam), None, [])
+    work = tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".calibration", dir=out.parent)
+    rounds: list[Path] = []
     try:
-        with encode_pool(threads) as pool:
-            results = encode_pass(lw, ckpt, plan, batches, alloc, {}, pw, pool, codec_options, sample_rows, log)
-        pw.finish(make_codec("hhtl-vq", **codec_options), policy, sample_rows, include_aux,
-                  extra={"calibration": {"family": fam, "tokens": info["tokens"], "texts": n_texts,
-                                         "seq_len": seq_len if fam == "causal" else None}})
-    except BaseException:
-        pw.abort()
-        raise
-    sec["encode"] = time.perf_counter() - t1
-    report = CalibrationReport(fam, dict(family_target or {}), alloc, list(stats.values()), tokens=info["tokens"])
-    t1 = time.perf_counter()
-    from ..pack.reader import Pack
-    from ..classify.shapes import from_row_matrix
-
-    pack = Pack(out)
-    replaced = {n: (lambda n=n: from_row_matrix(pack.rows(n), pack.info(n)["shape"], bool(pack.info(n).get("transposed"))))
-                for n in pack.encoded_names()}
-    check_batches = batches[: max(1, -(-min(check_texts, n_texts) // BATCH))]
-    report.check = layerwise_compare(lw, check_batches, replaced, fam)
-    sec["check"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        store = HessianStore(Path(work.name))
+        stats, info = analyse(lw, ckpt, plan, batches, store, log=log, seed=seed)
+        report.tokens = info["tokens"]
+        sec["analyse"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        rel = {}
+        for g in plan.groups:
+            tr = GroupTrials(sample_group_rows(ckpt, g), seed=seed)
+            rel[str(g.key)] = {s.name: tr(s).rel_mse for s in LADDER}
+        sec["trials"] = time.perf_counter() - t1
+        for g in plan.groups:
+            for t in g.tensors:
+                if t.name not in stats:  # tables read by index, heads the blocks do not reach
+                    stats[t.name] = tensor_stats(t.name, str(g.key), t.role, TensorRows(ckpt, t).read())
+        t1 = time.perf_counter()
+        fb = calibration_batches(tok, fam, min(n_texts, FISHER_TEXTS[fam]), seq_len, batch=FISHER_BATCH[fam])
+        fis = fisher_diagonals(lw, fb, fam, set(stats), seed=seed)
+        for n, st in stats.items():
+            st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
+        report.stats = list(stats.values())
+        sec["fisher"] = time.perf_counter() - t1
+        check_batches = batches[: max(1, -(-min(check_texts, n_texts) // BATCH))]
+        goal = None if bpw is not None else target.share * target.allowed(fam)
+        for rnd in range(max_rounds):
+            t1 = time.perf_counter()
+            alloc = allocate(report.stats, rel, goal=goal, budget_bits=None if bpw is None else bpw * total_w)
+            if log:
+                log(f"allocation, round {rnd + 1}: {alloc.bits / total_w:.3f} bits per encoded weight (tensor parts), "
+                    f"predicted output change {alloc.predicted:.4g}" + ("" if goal is None else f" (goal {goal:.4g})"))
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".round", dir=out.parent)
+            os.close(fd)
+            rounds.append(Path(tmp))
+            pw = _PackWriter(rounds[-1], ckpt, plan)
+            try:
+                with encode_pool(threads) as pool:
+                    results = encode_pass(ckpt, plan, alloc, store if feedback else None, pw, pool, codec_options,
+                                          sample_rows, log)
+                pw.finish(make_codec("hhtl-vq", **codec_options), policy, sample_rows, include_aux,
+                          extra={"calibration": {"family": fam, "tokens": info["tokens"], "texts": n_texts,
+                                                 "seq_len": seq_len if fam == "causal" else None,
+                                                 "feedback": bool(feedback)}})
+            except BaseException:
+                pw.abort()
+                raise
+            if len(rounds) > 1:
+                rounds[-2].unlink(missing_ok=True)
+            sec[f"encode.{rnd}"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            pack = Pack(rounds[-1])
+            replaced = {n: (lambda n=n: from_row_matrix(pack.rows(n), pack.info(n)["shape"],
+                                                         bool(pack.info(n).get("transposed"))))
+                        for n in pack.encoded_names()}
+            check = layerwise_compare(lw, check_batches, replaced, fam)
+            sec[f"check.{rnd}"] = time.perf_counter() - t1
+            met = None if bpw is not None else target.met(fam, check)
+            report.rounds.append({"goal": goal, "predicted": alloc.predicted,
+                                  "bpw_tensors": round(alloc.bits / total_w, 4), "check": check, "met": met})
+            report.allocation, report.check, report.met, report.results = alloc, check, met, results
+            if log:
+                log("check on calibration text: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                            for k, v in check.items()))
+            if met is None or met or rnd + 1 == max_rounds:
+                break
+            measured = change_of(fam, check)
+            ratio = measured / alloc.predicted if alloc.predicted > 0 else 1.0
+            goal = target.share * target.allowed(fam) / max(ratio, 1e-9)
+            if measured <= target.allowed(fam):  # the change was in range: top-1 or perplexity missed
+                goal = min(goal, alloc.predicted * RETIGHTEN)
+        os.replace(rounds[-1], out)
+    finally:
+        for r in rounds:
+            r.unlink(missing_ok=True)
+        work.cleanup()
+    if report.met is False:
+        report.notes.append("the behaviour target was not met on calibration text after "
+                            f"{len(report.rounds)} round{'s' if len(report.rounds) != 1 else ''}")
     sec["total"] = time.perf_counter() - t0
     report.seconds = {k: round(v, 2) for k, v in sec.items()}
-    report.results = results
     return EncodeResult(out, ckpt.path, sec["total"], total_w, plan), report

@@ -14,7 +14,7 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
 
 import numpy as np
 

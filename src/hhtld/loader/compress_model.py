@@ -9,7 +9,6 @@ embedding that scales its output) keep a dense weight.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..pack.reader import Pack
