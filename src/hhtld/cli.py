@@ -82,11 +82,17 @@ def cmd_encode(args) -> int:
         if fixed:
             raise HhtldError(f"--{fixed[0].replace('_', '-')} applies to a fixed --stages setting; "
                              "the allocation's ladder sets it per rung")
+        from .gates.targets import Thresholds
+
+        targets = {k: getattr(args, k) for k in ("max_kl", "min_top1", "min_cosine", "max_ppl_ratio")
+                   if getattr(args, k, None) is not None}
         res, allocation = encode_budget(args.model, args.output, target=args.target, bpw=args.bpw,
                                         config=args.config, policy=policy, rules=rules, codec_options=opts,
                                         include_aux=not args.no_aux_files, progress=not args.quiet,
                                         log=None if (args.json or args.quiet) else print,
-                                        sample_rows=args.sample_rows, threads=args.threads)
+                                        sample_rows=args.sample_rows, threads=args.threads,
+                                        thresholds=Thresholds(**targets) if targets else None,
+                                        calibration=args.calibration_texts)
     else:
         if args.target is not None or args.bpw is not None:
             raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
@@ -99,13 +105,7 @@ def cmd_encode(args) -> int:
     info["weights_encoded"] = res.n_weights_encoded
     if allocation is not None:
         info["allocation"] = allocation.to_json()
-    if args.json:
-        _emit_json(info, args.json)
-        return 0
-    if not args.quiet:
-        print(format_inspect(info))
-    secs = info["encode_seconds"]
-    rate = res.n_weights_encoded / secs / 1e6 if secs > 0 else float("inf")
+    # notes go to stderr whatever the output format
     if allocation is not None:
         for note in allocation.notes:
             print(f"hhtld: note: {note}", file=sys.stderr)
@@ -114,13 +114,41 @@ def cmd_encode(args) -> int:
         print(f"hhtld: note: {len(small)} float matrices ({human_bytes(sum(t.nbytes for t in small))}) are kept dense "
               f"by the size thresholds (--min-rows {args.min_rows}, --min-bytes {args.min_bytes}); "
               "--encode-all encodes them too", file=sys.stderr)
+    missed = allocation is not None and allocation.met is False
+    if missed:
+        print(f"hhtld: target not met: {_target_line(allocation)}; the pack was written (exit status 3)",
+              file=sys.stderr)
+    if args.json:
+        _emit_json(info, args.json)
+        return 3 if missed else 0
+    if not args.quiet:
+        print(format_inspect(info))
+    secs = info["encode_seconds"]
+    rate = res.n_weights_encoded / secs / 1e6 if secs > 0 else float("inf")
     if allocation is not None and not args.quiet:
         print(f"allocation --target {allocation.target}"
               f"{'' if args.bpw is None else f' --bpw {args.bpw}'}: {allocation.bpw:.3f} bits per encoded weight")
+        if allocation.met is not None:
+            print(f"target {'met' if allocation.met else 'NOT met'}: {_target_line(allocation)}")
     print(f"wrote {res.path}: {human_bytes(info['file_bytes'])}, {info['ratio_vs_bf16']:.2f}:1 against bf16; "
           f"{res.n_weights_encoded / 1e6:.2f}M weights encoded in {secs:.1f} s ({rate:.2f} M weights/s"
           f"{', allocation included' if allocation is not None else ''})")
-    return 0
+    return 3 if missed else 0
+
+
+def _target_line(allocation) -> str:
+    """What the check measured against the target, in one line."""
+    cal = allocation.calibration
+    if cal is not None:
+        c, t = cal.check, cal.target
+        if cal.family == "causal":
+            return (f"mean KL {c['kl_mean']:.4f} (target <= {t['max_kl']:g}), perplexity ratio {c['ppl_ratio']:.4f} "
+                    f"(target <= {t['max_ppl_ratio']:g}) on calibration text")
+        return (f"top-1 retrieval {100 * c['top1']:.1f}% (target >= {100 * t['min_top1']:g}%), cosine "
+                f"{c['cos_mean']:.4f} (target >= {t['min_cosine']:g}) on calibration text")
+    c = allocation.checks[-1] if allocation.checks else {}
+    failing = ", ".join(c.get("failing", [])) or "none"
+    return f"gate 1 on every decoded row (groups failing: {failing})"
 
 
 def cmd_decode(args) -> int:
@@ -277,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "data-free unless --target behaviour is given too")
     e.add_argument("--config", default=None, metavar="CONFIG",
                    help="config.json (or a folder holding one) to run the model for --target behaviour")
+    tg = e.add_argument_group("behaviour target (checked on calibration text; exit status 3 when missed)")
+    tg.add_argument("--max-kl", type=float, metavar="X", help="causal LMs: mean next-token KL in nats (default 0.02)")
+    tg.add_argument("--max-ppl-ratio", type=float, metavar="X", help="causal LMs: perplexity ratio (default 1.02)")
+    tg.add_argument("--min-top1", type=float, metavar="X", help="embedding models: top-1 retrieval (default 0.95)")
+    tg.add_argument("--min-cosine", type=float, metavar="X", help="embedding models: mean cosine (default 0.995)")
+    tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
+                    help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
+                         "256 sentences for embedding models)")
     e.add_argument("--stages", default=None,
                    help="hhtl-vq: one fixed setting for every group instead of an allocation, e.g. '4', '4,3', '2+4' "
                         "(segment widths per residual stage; WIDTH:K for palettes of K > 256)")

@@ -1,0 +1,158 @@
+"""Calibrated encode: error feedback, the layer-wise runner, Fisher sensitivities,
+per-tensor allocation, targets and exit status (tiny models built here; MiniLM slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hhtld.budget.settings import LADDER, setting
+from hhtld.calibrate.allocation import TensorStats, allocate, tensor_bits
+from hhtld.checkpoint.rows import ArrayRows
+from hhtld.classify import EncodablePolicy
+from hhtld.classify.groups import GroupKey
+from hhtld.codecs.base import DictParts
+from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec
+from hhtld.codecs.vq_feedback import output_error
+
+ALL = EncodablePolicy(encode_all=True)
+
+
+def correlated(seed=0, m=256, c=128, n=2048):
+    """Rows and a Hessian of correlated inputs with a few loud channels, like real activations."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((m, c)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((n, c)) @ (rng.standard_normal((c, c)) / np.sqrt(c))
+    x[:, :4] *= 8
+    return w, x.T @ x
+
+
+@pytest.mark.parametrize("stages", ["2", "4,3", "2+4"])
+def test_error_feedback_lowers_the_output_error_and_predicts_it(stages):
+    w, h = correlated()
+    codec = HhtlVqCodec(stages=stages)
+    fit = codec.fit_group(GroupKey("x", "up", w.shape), w)
+    errs = []
+    for hess in (None, h):
+        et = codec.encode_tensor(fit, ArrayRows(w), hessian=hess, measure=True)
+        eg = codec.finish_group(fit, [et.stats])
+        dec = codec.decode_rows(DictParts(eg.params, eg.arrays), DictParts({}, et.arrays))
+        err = output_error(w, dec, h)
+        if hess is not None:  # the codec's own prediction is the decoded tensor's error
+            assert et.stats["output_error"] == pytest.approx(err, rel=1e-3)
+            assert eg.params["bytes"] == sum(a.nbytes for a in et.arrays.values()) + sum(
+                a.nbytes for a in eg.arrays.values())  # the same stored format and bytes
+        errs.append(err)
+    assert errs[1] < 0.5 * errs[0]
+
+
+def test_allocation_spends_bits_where_the_predicted_change_falls_most():
+    rel = {"g": {s.name: 2.0 ** (-2 * i / 3) for i, s in enumerate(LADDER)}}
+    loud = TensorStats("loud", "g", "up", 64, 64, np.ones(64), sensitivity=100.0)
+    quiet = TensorStats("quiet", "g", "up", 64, 64, np.ones(64), sensitivity=1.0)
+    budget = tensor_bits(setting("vq6.0"), 64, 64, "up") + tensor_bits(setting("vq2.0"), 64, 64, "up")
+    al = allocate([loud, quiet], rel, budget_bits=budget)
+    assert al.bits <= budget
+    names = [s.name for s in LADDER]
+    assert names.index(al.choices["loud"].setting.name) > names.index(al.choices["quiet"].setting.name)
+    goal = allocate([loud, quiet], rel, goal=0.5)
+    assert goal.predicted <= 0.5
+    assert allocate([loud, quiet], rel, goal=10.0).bits < goal.bits
+
+
+# -- the tiny Llama -------------------------------------------------------------------------------------
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from .test_verify_causal import make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=64, layers=2)
+
+
+@pytest.fixture(scope="module")
+def lw(llama):
+    from hhtld import open_checkpoint
+    from hhtld.calibrate.layerwise import LayerwiseModel, build_empty, checkpoint_param_map
+
+    net, tok, fam, _ = build_empty(llama)
+    ck = open_checkpoint(llama)
+    return LayerwiseModel(net, checkpoint_param_map(net, ck), ck.read_float), tok, fam, ck
+
+
+def test_layerwise_self_comparison_is_exact_and_holds_one_block(lw):
+    from hhtld.calibrate.pipeline import calibration_batches, layerwise_compare
+
+    model, tok, fam, ck = lw
+    batches = calibration_batches(tok, fam, 4, 32)
+    same = {n: (lambda n=n: ck.read_float(n)) for n in ck.tensors if n.endswith("proj.weight")}
+    c = layerwise_compare(model, batches, same, fam)
+    assert c["kl_mean"] == pytest.approx(0.0, abs=1e-6) and c["top1"] == 1.0 and c["ppl_ratio"] == pytest.approx(1.0)
+    assert c["positions"] == 4 * 31
+    assert all(p.device.type == "meta" for p in model.model.parameters())  # everything released again
+
+
+def test_fisher_reaches_every_linear_and_the_tables(lw):
+    from hhtld.calibrate.fisher import fisher_diagonals
+    from hhtld.calibrate.pipeline import calibration_batches
+
+    model, tok, fam, ck = lw
+    names = {n for n in ck.tensors if n.endswith(".weight") and len(ck.tensors[n].shape) == 2}
+    f = fisher_diagonals(model, calibration_batches(tok, fam, 4, 32, batch=2), fam, names)
+    linears = {n for n in names if "proj" in n} | {"lm_head.weight"}
+    assert set(f["rows"]) == linears
+    for n in linears:
+        assert f["rows"][n].shape == (ck.tensors[n].shape[0],) and np.all(f["rows"][n] >= 0) and f["rows"][n].sum() > 0
+    assert set(f["table"]) == {"model.embed_tokens.weight"} and f["table"]["model.embed_tokens.weight"] > 0
+
+
+def test_calibrated_encode_writes_the_same_pack_for_any_thread_count(llama, tmp_path):
+    from hhtld import open_pack
+    from hhtld.calibrate.pipeline import encode_calibrated
+
+    outs = []
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}.hhtld"
+        res, rep = encode_calibrated(llama, out, bpw=5.0, policy=ALL, texts=8, seq_len=32, threads=threads)
+        outs.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert outs[0] == outs[1]
+    p = open_pack(tmp_path / "t1.hhtld")
+    assert rep.met is None and rep.target == {} and len(rep.rounds) == 1
+    assert rep.allocation.bits <= 5.0 * sum(c.weights for c in rep.allocation.choices.values())
+    assert {c["codec"] for c in p.groups} == {"hhtl-vq"}
+    assert json.loads(p.header.metadata["hhtld.manifest"])["calibration"]["feedback"] is True
+    # a linear encoded with feedback reports its predicted output error; tables have none
+    assert rep.results["model.layers.0.mlp.down_proj.weight"]["output_error"] > 0
+    assert rep.results["model.embed_tokens.weight"]["output_error"] is None
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["t1.hhtld", "t2.hhtld"]  # no leftovers
+
+
+def test_error_feedback_lowers_the_measured_kl(llama, tmp_path):
+    from hhtld.calibrate.pipeline import encode_calibrated
+
+    kl = {}
+    for fb in (True, False):
+        _, rep = encode_calibrated(llama, tmp_path / f"{fb}.hhtld", bpw=3.0, policy=ALL, texts=8, seq_len=32,
+                                   feedback=fb)
+        kl[fb] = rep.check["kl_mean"]
+    assert kl[True] < kl[False]
+
+
+def test_a_missed_target_writes_the_pack_and_exits_3(llama, tmp_path, capsys):
+    from hhtld.cli import main
+
+    out = tmp_path / "m.hhtld"
+    rc = main(["encode", str(llama), "-o", str(out), "--encode-all", "--max-kl", "1e-9", "--calibration-texts", "8",
+               "-q", "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 3 and out.is_file()
+    assert "hhtld: target not met: mean KL" in err and "(exit status 3)" in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["allocation"]["met"] is False and len(report["allocation"]["calibration"]["rounds"]) == 2
