@@ -12,13 +12,28 @@ from enum import IntEnum
 
 # --- pack identity ---------------------------------------------------------
 FORMAT_NAME = "hhtld"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+# Versions a reader accepts, and nothing else (0, negative or unknown numbers are refused):
+# 1 has a CRC32 per stored array and nothing over the header or manifest;
+# 2 adds the manifest digest and, per stored array, its dtype, shape, offsets and SHA-256.
+READABLE_VERSIONS = frozenset({1, 2})
 FILE_SUFFIX = ".hhtld"
 
 # --- __metadata__ keys -----------------------------------------------------
 META_FORMAT = "format"
 META_VERSION = "format_version"
 META_MANIFEST = "hhtld.manifest"
+META_DIGEST = "hhtld.digest"  # version 2: "sha256:<hex>" of the manifest text (UTF-8)
+META_KEYS = {1: (META_FORMAT, META_VERSION, META_MANIFEST), 2: (META_FORMAT, META_VERSION, META_MANIFEST, META_DIGEST)}
+DIGEST_ALGORITHM = "sha256"  # the manifest digest and every stored array's hash (version 2)
+CRC32_HEX_CHARS = 8  # version 1: one CRC32 per stored array, 8 lowercase hex digits
+MAX_VERSION_CHARS = 9  # the format_version string: decimal digits only, at most this many
+
+# --- limits on untrusted JSON (safetensors header and manifest), checked before parsing ---
+MAX_JSON_DEPTH = 32  # nesting of arrays/objects (a pack needs 8)
+MAX_JSON_NUMBER_CHARS = 40  # characters of one number literal (an int64 has 20, a float repr 24)
+MAX_JSON_INT = 2**53  # every integer of a manifest or header lies in [-2**53, 2**53]
+MAX_ROW_COLS = 1 << 20  # widest row matrix a pack may declare (hhtl-d stores 4 B a row, whatever its width)
 
 # --- stored array names ----------------------------------------------------
 SEP = "::"  # between an owner and the part it stores
@@ -118,13 +133,24 @@ BLOCK_ELEMS = 1 << 20
 ROTATION_MAX_BLOCK = 1024
 LEGACY_ROTATION_MAX_BLOCK = 1024
 
+# Largest |weight| a codec encodes (its float32 arithmetic stays finite below it); a
+# codec may declare less (Codec.max_abs). Larger finite weights are refused, never saturated.
+MAX_ENCODE_ABS = 2.0**100
+
 # --- encodable defaults (SPEC §2) -------------------------------------------
 DEFAULT_MIN_ROWS = 512
 DEFAULT_MIN_BYTES = 100_000  # strictly more than this many bytes
 
 # --- dtypes --------------------------------------------------------------------
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # read as float32 rows, may be encoded
-# Every dtype name the safetensors format defines, with its byte width.
+# Every dtype name the safetensors format defines, with its width in bits
+# (sub-byte dtypes are packed: a tensor takes numel * bits / 8 bytes, a whole number).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64,
+    "F64": 64,
+}
+# Byte width of every dtype name (sub-byte dtypes count 1; sizes come from DTYPE_BITS).
 DTYPE_BYTES = {
     "BOOL": 1,
     "U8": 1,

@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
-from .format import DTYPE_BYTES
-from .outputs import check_output_file, make_public
+from .format import DTYPE_BITS, MAX_JSON_DEPTH, MAX_JSON_INT, MAX_JSON_NUMBER_CHARS
+from .outputs import check_output_file, make_public, make_temp_file, publish, remove_temp, sweep_stale
 
 HEADER_LEN_BYTES = 8
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library applies
+MAX_HEADER_BYTES = 100_000_000  # the cap of safetensors/src/tensor.rs
 ALIGN = 8
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -57,6 +57,78 @@ def as_bytes(arr: np.ndarray) -> np.ndarray:
 
 class FormatProblem(Exception):
     """Raised by this module; callers wrap it into their own HhtldError with the path."""
+
+
+# --- untrusted JSON ---------------------------------------------------------------------------
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_LONG_NUMBER = re.compile(rb"[-+0-9.eE]{%d,}" % (MAX_JSON_NUMBER_CHARS + 1))
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def check_json_limits(raw: bytes, what: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH or with a number literal longer
+    than MAX_JSON_NUMBER_CHARS, before any parser sees it (the parsers recurse
+    per level and convert long integers in quadratic time)."""
+    bare = _JSON_STRING.sub(b'""', raw)  # brackets and digits inside strings do not count
+    if _JSON_LONG_NUMBER.search(bare):
+        raise FormatProblem(f"{what} has a number longer than {MAX_JSON_NUMBER_CHARS} characters")
+    if bare:
+        depth = np.cumsum(_OPEN[np.frombuffer(bare, np.uint8)], dtype=np.int64)
+        if int(depth.max()) > MAX_JSON_DEPTH:
+            raise FormatProblem(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _no_surrogates(s: str, what: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatProblem(f"{what} holds the string {s[:40]!r}, which is not valid Unicode (a lone surrogate)") from None
+    return s
+
+
+def _check_strings(v: Any, what: str) -> None:
+    if isinstance(v, str):
+        _no_surrogates(v, what)
+    elif isinstance(v, list):
+        for x in v:
+            _check_strings(x, what)
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """Parse untrusted JSON strictly: limits checked first (:func:`check_json_limits`),
+    UTF-8 only, no duplicate keys, no lone surrogates, integers within ±MAX_JSON_INT.
+    Raises FormatProblem naming ``what``."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    check_json_limits(data, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatProblem(f"{what} is not UTF-8") from None
+
+    def pairs(items):
+        out = {}
+        for k, v in items:
+            if k in out:
+                raise FormatProblem(f"{what} has the key {k[:80]!r} twice")
+            _no_surrogates(k, what)
+            _check_strings(v, what)
+            out[k] = v
+        return out
+
+    def integer(s: str) -> int:
+        v = int(s)
+        if not -MAX_JSON_INT <= v <= MAX_JSON_INT:
+            raise FormatProblem(f"{what} has the integer {s}, outside ±2**53")
+        return v
+
+    try:
+        obj = json.loads(text, object_pairs_hook=pairs, parse_int=integer)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        raise FormatProblem(f"{what} is not valid JSON") from None
+    _check_strings(obj, what)
+    return obj
 
 
 def st_dtype_name(dtype: np.dtype) -> str:
@@ -120,37 +192,36 @@ def read_header(path: str | os.PathLike) -> Header:
             )
         raw = f.read(n)
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatProblem("not a safetensors file (header is not JSON)") from None
+        obj = parse_json(raw, "the header")
+    except FormatProblem as e:
+        raise FormatProblem(f"not a safetensors file ({e})") from None
     if not isinstance(obj, dict):
         raise FormatProblem("not a safetensors file (header is not a JSON object)")
     data_start = HEADER_LEN_BYTES + n
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatProblem("__metadata__ must map strings to strings")
     entries: list[TensorEntry] = []
     for name, info in obj.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise FormatProblem(f"tensor '{name}': malformed header entry")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise FormatProblem(f"tensor '{name}': malformed header entry (it needs exactly dtype, shape, data_offsets)")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_BYTES:
-            raise FormatProblem(f"tensor '{name}': unknown dtype '{dtype}'")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise FormatProblem(f"tensor '{name}': unknown dtype {dtype!r}")
         if (
             not isinstance(shape, list)
-            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not all(_is_count(d) for d in shape)
             or not isinstance(offs, list)
             or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)
+            or not all(_is_count(o) for o in offs)
         ):
             raise FormatProblem(f"tensor '{name}': malformed shape or data_offsets")
         b, e = offs
-        numel = 1
+        bits = DTYPE_BITS[dtype]
         for d in shape:
-            numel *= d
-        if e < b or e - b != numel * DTYPE_BYTES[dtype] and dtype not in ("F4", "F6_E2M3", "F6_E3M2"):
+            bits *= d
+        if e < b or bits % 8 or e - b != bits // 8:
             raise FormatProblem(
                 f"tensor '{name}': data_offsets {offs} do not match {dtype} shape {shape}"
             )
@@ -166,6 +237,11 @@ def read_header(path: str | os.PathLike) -> Header:
     if expected < size:
         raise FormatProblem(f"{size - expected} trailing bytes after the last tensor")
     return Header(path, dict(metadata), {t.name: t for t in entries}, data_start, size)
+
+
+def _is_count(v) -> bool:
+    """A JSON integer >= 0 (not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def read_raw(header: Header, entry: TensorEntry) -> np.ndarray:
@@ -192,6 +268,8 @@ class SafetensorsWriter:
     temporary file over the target. Until then the target is untouched; on
     error (or ``abort()``) nothing is left behind. Header keys are written in
     the order tensors were added, so the same calls give the same bytes.
+    Temporary files follow :mod:`hhtld.outputs` (recognisable names, removed
+    on any error; leftovers of killed runs are swept when a writer starts).
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
@@ -199,8 +277,8 @@ class SafetensorsWriter:
         self.metadata = dict(metadata or {})
         self._dir = self.path.parent if str(self.path.parent) else Path(".")
         self._dir.mkdir(parents=True, exist_ok=True)
-        fd, spill = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self._dir)
-        self._spill_path = Path(spill)
+        sweep_stale(self._dir)
+        fd, self._spill_path = make_temp_file(self.path, ".data")
         self._spill: BinaryIO | None = os.fdopen(fd, "wb")
         self._entries: dict[str, dict] = {}
         self._offset = 0
@@ -214,6 +292,9 @@ class SafetensorsWriter:
         """Append raw bytes under a safetensors dtype name (passthrough of any dtype)."""
         if self._spill is None:
             raise FormatProblem("writer is closed")
+        if not isinstance(name, str):
+            raise FormatProblem(f"tensor name {name!r} is not a string")
+        _no_surrogates(name, "a tensor name")
         if name in self._entries:
             raise FormatProblem(f"tensor '{name}' added twice")
         if name == "__metadata__":
@@ -232,6 +313,11 @@ class SafetensorsWriter:
     @property
     def data_bytes(self) -> int:
         return self._offset
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        """The header entries written so far (name → dtype, shape, data_offsets), in order."""
+        return self._entries
 
     def mark(self) -> tuple[int, int]:
         """A point to :meth:`rollback` to: (data bytes, tensors) written so far."""
@@ -254,45 +340,50 @@ class SafetensorsWriter:
         if self.metadata:
             obj["__metadata__"] = self.metadata
         obj.update(self._entries)
-        raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        try:
+            raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatProblem("the header holds a string that is not valid Unicode (a lone surrogate)") from None
         pad = (-(len(raw) + HEADER_LEN_BYTES)) % ALIGN
         return raw + b" " * pad
 
-    def close(self, check=None) -> Path:
+    def close(self, check=None, overwrite: bool = True) -> Path:
         """Write header + data to a temporary file and rename it over the target.
 
         ``check(path)``, when given, is called on the complete temporary file
-        before the rename; if it raises, the target stays untouched."""
+        before the rename; if it raises, the target stays untouched.
+        ``overwrite=False``: fail (OptionsError) rather than replace a target
+        that exists by then, e.g. one another process wrote meanwhile."""
         if self._spill is None:
             raise FormatProblem("writer is closed")
         self._spill.close()
         self._spill = None
-        header = self.header_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self._dir)
+        tmp = None
         try:
+            header = self.header_bytes()
+            fd, tmp = make_temp_file(self.path, ".tmp")
             with os.fdopen(fd, "wb") as out, open(self._spill_path, "rb") as data:
                 out.write(struct.pack("<Q", len(header)))
                 out.write(header)
                 shutil.copyfileobj(data, out, 16 * 1024 * 1024)
                 out.flush()
                 os.fsync(out.fileno())
-            self._spill_path.unlink(missing_ok=True)
+            remove_temp(self._spill_path)
             if check is not None:
-                check(Path(tmp))
+                check(tmp)
             make_public(tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            publish(tmp, self.path, overwrite)
         finally:
-            self._spill_path.unlink(missing_ok=True)
+            if tmp is not None:
+                remove_temp(tmp)
+            remove_temp(self._spill_path)
         return self.path
 
     def abort(self) -> None:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
-        self._spill_path.unlink(missing_ok=True)
+        remove_temp(self._spill_path)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
