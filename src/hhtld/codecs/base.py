@@ -31,7 +31,8 @@ from ..checkpoint.rows import ArrayRows, RowSource, row_blocks, sample_across
 from ..classify.groups import GroupKey
 from ..cosine import row_cosines
 from ..errors import CodecError, OptionsError
-from ..format import DEFAULT_SAMPLE_ROWS, CodecId
+from ..format import DEFAULT_SAMPLE_ROWS, MAX_ENCODE_ABS, CodecId
+from .layout import NoParams, Params, Stored, StoredLayout
 
 
 @dataclass
@@ -89,6 +90,11 @@ class Codec(ABC):
     name: ClassVar[str]
     codec_id: ClassVar[CodecId]
     defaults: ClassVar[dict[str, Any]] = {}
+    params_model: ClassVar[type[Params]]  # a group's manifest params (codecs/layout.py)
+    tensor_params_model: ClassVar[type[Params]] = NoParams  # a tensor's manifest params
+    # largest |weight| the codec encodes without overflow in float32 (its encode and decode
+    # arithmetic, measured); larger finite weights are refused with the tensor named
+    max_abs: ClassVar[float] = MAX_ENCODE_ABS
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))
@@ -102,6 +108,16 @@ class Codec(ABC):
 
     def validate(self) -> None:
         """Raise CodecError/OptionsError for options out of range."""
+
+    def check_range(self, x: np.ndarray, rows: RowSource | None = None, key: GroupKey | None = None) -> None:
+        """Refuse weights beyond :attr:`max_abs` (CodecError naming the tensor of ``rows``,
+        or the group ``key`` for a training sample): encoding them would give inf/NaN,
+        never a silent saturation."""
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        if peak > self.max_abs:
+            who = f"{source_where(rows)}tensor '{rows.name}'" if rows is not None else f"group {key}"
+            raise CodecError(f"{who}: weights up to {peak:.3g} in magnitude are beyond what codec {self.name} "
+                             f"encodes (|w| <= {self.max_abs:.3g}); scale the tensor down or keep it dense")
 
     def options(self) -> dict[str, Any]:
         return dict(self.opts)
@@ -155,6 +171,22 @@ class Codec(ABC):
     @abstractmethod
     def decode_rows(cls, group: Parts, tensor: Parts, idx: np.ndarray | None = None) -> np.ndarray:
         """(m, n_cols) float32: the rows ``idx`` (all when None) of one tensor."""
+
+    @classmethod
+    @abstractmethod
+    def stored_layout(cls, params: Params, n_rows: int, n_cols: int, stored: Stored, version: int) -> StoredLayout:
+        """The exact parts a group with these (validated) ``params`` stores, and
+        those of each of its tensors (``n_rows`` x ``n_cols`` row matrices):
+        dtypes, shapes and value checks. ``stored``: the group parts as stored
+        (dtype, shape), for sizes the params do not fix (e.g. a palette smaller
+        than k). ``version``: the pack's format version. Raises LayoutProblem
+        naming the parameter that contradicts the shape."""
+
+
+def source_where(rows: RowSource) -> str:
+    """``"<weight file>: "`` of a checkpoint tensor's rows, for messages ("" for in-memory rows)."""
+    ckpt, plan = getattr(rows, "ckpt", None), getattr(rows, "plan", None)
+    return f"{ckpt.weight_path(plan.file)}: " if ckpt is not None and plan is not None else ""
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], pool: Executor | None, window: int):

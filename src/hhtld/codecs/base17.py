@@ -53,10 +53,19 @@ def fold_means(rows: np.ndarray) -> np.ndarray:
     return means[:, GOLDEN_POS]  # dim i <- position class GOLDEN_POS[i]
 
 
+# largest |octave mean| the fold stores without clamping (rounds to at most 32767 / 256)
+MAX_FOLD_MEAN = (_I16_MAX + 0.5) / BASE17_SCALE
+
+
+def fold_from_means(means: np.ndarray) -> np.ndarray:
+    """(n, 17) octave means (``fold_means``) → (n, 17) int16: ``round(mean * 256)`` clamped."""
+    return np.clip(np.rint(means * BASE17_SCALE), _I16_MIN, _I16_MAX).astype(np.int16)
+
+
 def fold(rows: np.ndarray) -> np.ndarray:
     """rows (n, d) float (or one row (d,)) → (n, 17) int16 (or (17,)): ``round(mean * 256)`` clamped."""
     one = np.asarray(rows).ndim == 1
-    q = np.clip(np.rint(fold_means(rows) * BASE17_SCALE), _I16_MIN, _I16_MAX).astype(np.int16)
+    q = fold_from_means(fold_means(rows))
     return q[0] if one else q
 
 

@@ -16,18 +16,36 @@ representative rows). A row decodes to its unfolded Base17 centroid (+ leaf).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
 from ..errors import CodecError
-from ..format import ROUTE_ATTEND_PERCENTILE, ROUTE_SKIP_PERCENTILE, SLOT_L_LANES, CodecId
-from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
-from .base17 import fold
+from ..format import (
+    BASE17_DIMS,
+    BASE17_SCALE,
+    HIP_FAMILIES,
+    MAX_PALETTE_K,
+    ROUTE_ATTEND_PERCENTILE,
+    ROUTE_SKIP_PERCENTILE,
+    SLOT_D_BASIN_MASK,
+    SLOT_D_BASIN_SHIFT,
+    SLOT_D_TWIG_MASK,
+    SLOT_D_TWIG_SHIFT,
+    SLOT_L_LANES,
+    CodecId,
+    HeelBasin,
+    RouteAction,
+)
+from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks, source_where
+from .base17 import MAX_FOLD_MEAN, fold, fold_from_means, fold_means
 from .base17_palette import palette_stats
 from .hhtl_cache import check_percentiles
 from .hhtl_d import HhtlDShared, build_shared, decode_rows17, entry_twigs, heel_basin, pack_entries, residual_fields
+from .layout import Count, LayoutProblem, PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import check_k
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
@@ -44,11 +62,77 @@ class _DFit:
         return DictParts({"cols": s.cols}, arrays)
 
 
+class FisherZQualityParams(Params):
+    """What ``hhtld inspect`` shows of a group's Fisher-z table."""
+
+    spearman: float | None
+    mean_abs_error: float
+    max_abs_error: float
+    pairs: Count
+
+
+class HhtlDParams(Params):
+    """Group params: palette size ``k``, row width ``cols``, leaf, heel basin; the
+    rest is what the encoder measured (route thresholds and mix, Fisher-z quality)."""
+
+    k: Annotated[int, Field(ge=1, le=MAX_PALETTE_K)]
+    leaf: bool
+    cols: Count
+    basin: Literal["QK", "V", "Gate", "FFN"] | None = None
+    route: dict[str, Any] | None = None
+    fisher_z_quality: FisherZQualityParams | None = None
+    reconstruction: str | None = None
+    basis_energy: float | None = None
+
+
+def _entries_check(k: int, basin: str | None):
+    """Entries (n, 2) u16: twig bits inside the palette, reserved bit 0, the group's basin."""
+
+    def check(a: np.ndarray) -> str | None:
+        if not a.size:
+            return None
+        d = np.asarray(a[:, 0])
+        twig = (d >> SLOT_D_TWIG_SHIFT) & SLOT_D_TWIG_MASK
+        if int(twig.max()) >= k:
+            return f"holds twig {int(twig.max())}, but its palette has {k} rows"
+        if (d & 1).any():
+            return "has the reserved bit 0 of slot_d set"
+        if basin is not None:
+            want = int(HeelBasin[basin])
+            got = (d >> SLOT_D_BASIN_SHIFT) & SLOT_D_BASIN_MASK
+            if (got != want).any():
+                return f"holds heel basin {int(got[got != want][0])}, but the group's basin is {basin} ({want})"
+        return None
+
+    return check
+
+
 class HhtlDCodec(Codec):
     name = "hhtl-d"
     codec_id = CodecId.HHTL_D
     defaults = {"k": 256, "leaf_lanes": SLOT_L_LANES, "attend_percentile": ROUTE_ATTEND_PERCENTILE,
                 "skip_percentile": ROUTE_SKIP_PERCENTILE}
+    params_model = HhtlDParams
+    max_abs = 2.0**50  # squared L2 distances and norms of rows up to MAX_ROW_COLS wide stay finite in float32
+
+    @classmethod
+    def stored_layout(cls, params: HhtlDParams, n_rows: int, n_cols: int, stored: Stored,
+                      version: int) -> StoredLayout:
+        if params.cols != n_cols:
+            raise LayoutProblem(f"params.cols is {params.cols}, but the group's rows have {n_cols} columns")
+        k = params.k
+        out = StoredLayout(
+            group={"palette17": PartSpec(("I16",), (k, BASE17_DIMS)), "radius": PartSpec(("U32",), (k,)),
+                   "count": PartSpec(("U32",), (k,)), "hip": PartSpec(("U8",), (k,), below(HIP_FAMILIES, "there are {k} HIP families")),
+                   "distance": PartSpec(("U16",), (k, k)),
+                   "route": PartSpec(("U8",), (k, k), below(len(RouteAction), "there are {k} route actions")),
+                   "fisher_z": PartSpec(("I8",), (k, k)), "gamma": PartSpec(("F32",), (2,), finite)},
+            tensor={"entry": PartSpec(("U16",), (n_rows, 2), _entries_check(k, params.basin))})
+        if params.leaf:
+            leaf = leaf_parts_layout(stored, n_rows, n_cols)
+            out.group.update(leaf.group)
+            out.tensor.update(leaf.tensor)
+        return out
 
     def validate(self) -> None:
         check_k(self.opts["k"])
@@ -60,6 +144,7 @@ class HhtlDCodec(Codec):
     def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _DFit:
         """Palette, HIP map, cache, Fisher-z table (representatives: sample rows) and,
         for index-regime roles, the basis of the residuals, all on the sample."""
+        self.check_range(sample, key=key)
         o = self.opts
         if sample.shape[0] == 0:
             return _DFit(key, None)
@@ -75,7 +160,14 @@ class HhtlDCodec(Codec):
         unfolded = s.palette.unfolded(s.cols)  # (k, d)
 
         def one(x, a, b):
-            x17 = fold(x)
+            self.check_range(x, rows)
+            means = fold_means(x)
+            peak = float(np.max(np.abs(means))) if means.size else 0.0
+            if peak > MAX_FOLD_MEAN:
+                raise CodecError(f"{source_where(rows)}tensor '{rows.name}': row means up to {peak:.4g} are beyond what "
+                                 f"the Base17 fold stores (|mean| <= {MAX_FOLD_MEAN:.4g}, int16 in units of "
+                                 f"1/{BASE17_SCALE}); hhtl-d would saturate them: use hhtl-vq or hhtl-f32")
+            x17 = fold_from_means(means)
             twig, dist = s.palette.assign(x17)
             polarity, value = residual_fields(x17, s.palette.centroids[twig])
             entries = pack_entries(basin, s.hip[twig], twig, polarity, value)

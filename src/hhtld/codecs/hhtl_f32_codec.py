@@ -14,16 +14,18 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
 from ..errors import CodecError
-from ..format import SLOT_L_LANES, CodecId
+from ..format import MAX_PALETTE_K, SLOT_L_LANES, CodecId
 from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
 from .fisher_z import FisherZTable
+from .layout import PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import assign_nearest, check_k, furthest_point_sample, to_bf16
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
@@ -40,10 +42,35 @@ class _F32Fit:
         return DictParts({}, self.arrays)
 
 
+class HhtlF32Params(Params):
+    """Group params: palette size ``k`` (rows stored), whether tensors carry a leaf."""
+
+    k: Annotated[int, Field(ge=1, le=MAX_PALETTE_K)]
+    leaf: bool
+    basis_energy: float | None = None
+
+
 class HhtlF32Codec(Codec):
     name = "hhtl-f32"
     codec_id = CodecId.HHTL_F32
     defaults = {"k": 256, "leaf_lanes": SLOT_L_LANES}
+    params_model = HhtlF32Params
+    max_abs = 2.0**50  # squared L2 distances and norms of rows up to MAX_ROW_COLS wide stay finite in float32
+
+    @classmethod
+    def stored_layout(cls, params: HhtlF32Params, n_rows: int, n_cols: int, stored: Stored,
+                      version: int) -> StoredLayout:
+        k = params.k
+        out = StoredLayout(
+            group={"palette": PartSpec(("BF16",), (k, n_cols), finite), "radius": PartSpec(("F32",), (k,), finite),
+                   "count": PartSpec(("U32",), (k,)), "fisher_z": PartSpec(("I8",), (k, k)),
+                   "gamma": PartSpec(("F32",), (2,), finite)},
+            tensor={"twig": PartSpec(("U8",), (n_rows,), below(k))})
+        if params.leaf:
+            leaf = leaf_parts_layout(stored, n_rows, n_cols)
+            out.group.update(leaf.group)
+            out.tensor.update(leaf.tensor)
+        return out
 
     def validate(self) -> None:
         check_k(self.opts["k"])
@@ -52,6 +79,7 @@ class HhtlF32Codec(Codec):
             raise CodecError(f"codec {self.name}: leaf_lanes={lanes} is out of range (1..64)")
 
     def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _F32Fit:
+        self.check_range(sample, key=key)
         d = int(key.shape[1])
         if sample.shape[0] == 0:
             return _F32Fit(key, np.zeros((0, d), np.float32), None)
@@ -69,6 +97,7 @@ class HhtlF32Codec(Codec):
         leaf = fit.basis is not None
 
         def one(x, s, e):
+            self.check_range(x, rows)
             twig, dist = assign_nearest(x, fit.centroids)  # (m,), (m,)
             count = np.bincount(twig, minlength=k).astype(np.uint32)
             radius = np.zeros(k, np.float32)

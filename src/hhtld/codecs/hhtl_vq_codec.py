@@ -21,16 +21,29 @@ the whole-file ratio).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from ..checkpoint.rows import ArrayRows
 from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
 from ..errors import CodecError, OptionsError
-from ..format import BF16_BYTES, F32_BYTES, LEGACY_ROTATION_MAX_BLOCK, SLOT_L_SCALE_BYTES, CodecId
+from ..format import BF16_BYTES, F32_BYTES, LEGACY_ROTATION_MAX_BLOCK, MAX_PALETTE_K, SLOT_L_SCALE_BYTES, CodecId
 from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
+from .layout import (
+    Count,
+    LayoutProblem,
+    PartSpec,
+    Params,
+    Stored,
+    StoredLayout,
+    below_by_position,
+    finite,
+    leaf_parts_layout,
+    signs,
+)
 from .palette import to_bf16
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
@@ -95,9 +108,27 @@ def bits_per_weight(stages: str, n_tensors: int, n_rows: int, n_cols: int, **kw)
     return 8.0 * b["total"] / max(1, b["weights"])
 
 
+class HhtlVqParams(Params):
+    """Group params: the stage specification, row width, gain/rotation/leaf switches,
+    the rotation's Hadamard block, the leaf's lanes; the rest is informational."""
+
+    stages: str
+    n_cols: Count
+    gain: bool
+    rotate: bool
+    leaf: bool
+    rotation_block: Count | None = None  # always written since format version 2
+    leaf_lanes: Annotated[int, Field(ge=1, le=64)] | None = None
+    setting: str | None = None
+    basis_energy: float | None = None
+    bytes: Count | None = None
+    bpw: float | None = None
+
+
 class HhtlVqCodec(Codec):
     name = "hhtl-vq"
     codec_id = CodecId.HHTL_VQ
+    params_model = HhtlVqParams
     defaults = {
         "stages": "3",  # segment widths per residual stage (see codecs/vq.py)
         "gain": True,  # per-row bf16 gain
@@ -131,6 +162,7 @@ class HhtlVqCodec(Codec):
         params = {"stages": o["stages"], "n_cols": n_cols, "gain": o["gain"], "rotate": o["rotate"], "leaf": False}
         if o.get("setting"):
             params["setting"] = o["setting"]
+        self.check_range(sample, key=key)
         fit = _VqFit(key, params)
         if sample.shape[0] == 0:
             return fit
@@ -159,6 +191,7 @@ class HhtlVqCodec(Codec):
         plan = FeedbackPlan.build(fit.model, hessian) if hessian is not None else None
 
         def one(x, s, e):
+            self.check_range(x, rows)
             if plan is None:
                 b = encode_block(fit.model, x, rec=leaf, cosines=measure and not leaf)
             else:
@@ -193,6 +226,46 @@ class HhtlVqCodec(Codec):
         nbytes = sum(t["bytes"] for t in stats) + sum(a.nbytes for a in fit.arrays.values())
         out.params["bytes"] = int(nbytes)
         out.params["bpw"] = round(8.0 * nbytes / weights, 6)
+        return out
+
+    @classmethod
+    def stored_layout(cls, params: HhtlVqParams, n_rows: int, n_cols: int, stored: Stored,
+                      version: int) -> StoredLayout:
+        try:
+            stages = parse_stages(params.stages)
+        except CodecError as e:
+            raise LayoutProblem(f"params.stages: {e}") from None
+        if params.n_cols != n_cols:
+            raise LayoutProblem(f"params.n_cols is {params.n_cols}, but the group's rows have {n_cols} columns")
+        out = StoredLayout()
+        for si, st in enumerate(stages):
+            ks = []
+            for j, (w, k) in enumerate(zip(st.widths, st.ks)):
+                name = f"palette.{si}.{j}"
+                out.group[name] = PartSpec(("BF16",), ((1, k), w), finite)
+                have = stored.get(name)
+                ks.append(have[1][0] if have is not None and len(have[1]) == 2 and 1 <= have[1][0] <= k else k)
+            twig = "U8" if max(st.ks) <= MAX_PALETTE_K else "U16"
+            out.tensor[f"twig.{si}"] = PartSpec((twig,), (n_rows, Layout(st, n_cols).n_segments),
+                                                below_by_position(tuple(ks)))
+        if params.gain:
+            out.tensor["gain"] = PartSpec(("BF16",), (n_rows,), finite)
+        if params.rotate:
+            if params.rotation_block is None and version >= 2:
+                raise LayoutProblem("params.rotation_block is missing (the rotation's Hadamard block)")
+            b = params.rotation_block
+            if b is None:
+                b = hadamard_block(n_cols, LEGACY_ROTATION_MAX_BLOCK)
+            if b < 1 or b & (b - 1) or n_cols % b:
+                raise LayoutProblem(f"params.rotation_block is {b}: it must be a power of two dividing the "
+                                    f"{n_cols} columns")
+            out.group["rotation"] = PartSpec(("I8",), (n_cols,), signs)
+        if params.leaf:
+            if params.leaf_lanes is None:
+                raise LayoutProblem("params.leaf_lanes is missing (the leaf's lanes)")
+            leaf = leaf_parts_layout(stored, n_rows, n_cols, params.leaf_lanes)
+            out.group.update(leaf.group)
+            out.tensor.update(leaf.tensor)
         return out
 
     @classmethod

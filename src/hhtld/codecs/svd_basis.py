@@ -19,6 +19,7 @@ from ..format import BF16_BYTES, F32_BYTES, SLOT_L_LANES, SVD_MAX_SAMPLE_ROWS
 from .palette import to_bf16
 
 FULL_SVD_MAX_ELEMS = 1 << 20  # samples up to this size take the full (float64) SVD
+SAFE_SVD_PEAK = 2.0**32  # larger samples are scaled down first (float32 ARPACK squares them)
 
 
 def sample_rows(n: int, max_rows: int = SVD_MAX_SAMPLE_ROWS) -> np.ndarray:
@@ -31,6 +32,10 @@ def top_singular(sample: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     singular vectors (rows, float64) of ``sample`` (m, d)."""
     m, d = sample.shape
     r = min(m, d)
+    peak = float(np.max(np.abs(sample))) if sample.size else 0.0
+    if peak > SAFE_SVD_PEAK:  # float32 products would overflow: the same directions on the scaled sample
+        s, vt = top_singular(np.asarray(sample, dtype=np.float64) / peak, n)
+        return s * peak, vt
     # one BLAS thread: the same bits whatever the machine's thread count
     with threadpool_limits(limits=1, user_api="blas"):
         if m * d <= FULL_SVD_MAX_ELEMS or n + 1 >= r:

@@ -341,7 +341,12 @@ def _prepare(x: np.ndarray, signs: np.ndarray | None, block: int, gain: bool) ->
     y = rotate(x, signs, block=block) if signs is not None else np.asarray(x, dtype=np.float32)
     if not gain:
         return y, y, None
-    g0 = np.sqrt(np.einsum("ij,ij->i", y, y) / c).astype(np.float32)
+    ss = np.einsum("ij,ij->i", y, y)
+    big = ~np.isfinite(ss)
+    if big.any():  # squares past float32's range (|w| beyond ~1e19): the same sum in float64
+        ss = ss.astype(np.float64)
+        ss[big] = np.einsum("ij,ij->i", y[big], y[big], dtype=np.float64)
+    g0 = np.sqrt(ss / c).astype(np.float32)
     g0 = np.where(g0 > 0, g0, 1.0).astype(np.float32)
     return y, y / g0[:, None], g0
 
