@@ -44,7 +44,8 @@ def test_pack_is_a_safetensors_file_with_hhtld_metadata(pack_path):
     assert "encoder.layer.0.intermediate.dense.weight::twig" in keys
     assert "__group__.0000::basis" in keys  # the index-regime group has one basis
     assert "__group__.0001::basis" not in keys
-    assert set(manifest["checksums"]) == keys
+    assert set(manifest["arrays"]) == keys
+    assert meta["hhtld.digest"] == "sha256:" + hashlib.sha256(meta[META_MANIFEST].encode()).hexdigest()
 
 
 def test_round_trip_names_shapes_dtypes_and_passthrough_bytes(small_ckpt, pack_path):
@@ -191,11 +192,12 @@ def test_refuses_a_newer_version(tmp_path):
 
 def test_refuses_a_manifest_without_its_parts(tmp_path):
     p = tmp_path / "empty.hhtld"
-    with SafetensorsWriter(p, {"format": "hhtld", META_VERSION: "1", META_MANIFEST: "{}"}) as w:
+    with SafetensorsWriter(p, {"format": "hhtld", META_VERSION: "1",
+                               META_MANIFEST: '{"format": "hhtld", "version": 1}'}) as w:
         w.add("x", np.zeros(1, np.float32))
     with pytest.raises(PackError) as e:
         open_pack(p)
-    assert str(e.value) == f"{p}: damaged hhtld pack (manifest lacks 'source')"
+    assert str(e.value) == f"{p}: damaged hhtld pack (manifest field source is missing)"
 
 
 def test_refuses_a_truncated_pack(pack_path):
@@ -223,12 +225,16 @@ def test_detects_a_damaged_array(pack_path):
         open_pack(pack_path).verify()
 
 
-def rewrite_manifest(pack_path, edit) -> None:
-    """Replace the pack's manifest text by ``edit(text)``, keeping the data bytes."""
+def rewrite_manifest(pack_path, edit, resign: bool = False) -> None:
+    """Replace the pack's manifest text by ``edit(text)``, keeping the data bytes;
+    ``resign``: also replace its digest (a crafted file rather than an accident)."""
     data = pack_path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
     header["__metadata__"][META_MANIFEST] = edit(header["__metadata__"][META_MANIFEST])
+    if resign:
+        header["__metadata__"]["hhtld.digest"] = "sha256:" + hashlib.sha256(
+            header["__metadata__"][META_MANIFEST].encode()).hexdigest()
     raw = json.dumps(header).encode()
     raw += b" " * ((-(len(raw) + 8)) % 8)
     pack_path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
@@ -238,7 +244,12 @@ def test_detects_a_damaged_manifest(pack_path):
     rewrite_manifest(pack_path, lambda text: text[:-10])
     with pytest.raises(PackError) as e:
         open_pack(pack_path)
-    assert str(e.value) == f"{pack_path}: damaged hhtld pack (manifest missing or not valid JSON)"
+    assert str(e.value) == (f"{pack_path}: damaged hhtld pack (the manifest does not match its digest: the manifest "
+                            "or the pack header was changed)")
+    rewrite_manifest(pack_path, lambda text: text, resign=True)
+    with pytest.raises(PackError) as e:
+        open_pack(pack_path)
+    assert str(e.value) == f"{pack_path}: damaged hhtld pack (the manifest is not valid JSON)"
 
 
 def test_unknown_tensor_name(pack_path):
@@ -318,10 +329,11 @@ def test_unsafe_paths_in_a_manifest_are_refused(pack_path):
         manifest["source"]["files"] = ["../../evil.safetensors"]
         return json.dumps(manifest)
 
-    rewrite_manifest(pack_path, evil)
+    rewrite_manifest(pack_path, evil, resign=True)
     with pytest.raises(PackError) as e:
         open_pack(pack_path)
-    assert str(e.value) == f"{pack_path}: damaged hhtld pack (unsafe file path '../../evil.safetensors' in the manifest)"
+    assert str(e.value) == (f"{pack_path}: damaged hhtld pack (manifest field source.files[0]: unsafe file path "
+                            "'../../evil.safetensors' (has an empty, '.' or '..' component))")
 
 
 def test_output_that_is_not_a_regular_file_is_refused(small_ckpt, tmp_path):

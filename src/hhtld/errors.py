@@ -12,7 +12,8 @@ class CheckpointError(HhtldError):
 
 
 class PackError(HhtldError):
-    """A file is not a readable .hhtld pack (not a pack, newer version, truncated, damaged)."""
+    """A file is not a readable .hhtld pack (not a pack, newer version, truncated, damaged),
+    or a field of its manifest is invalid; the message names the file and the field."""
 
 
 class CodecError(HhtldError):
@@ -41,6 +42,12 @@ class ArchitectureError(LoadError):
 
 class TensorMismatchError(LoadError):
     """The pack's tensors do not fit the model's parameters (missing, extra, or of another shape)."""
+
+
+class HhtldNote(UserWarning):
+    """Something a user should know that is not an error (an old pack format, a
+    fallback taken). Issued with :func:`warnings.warn`; the command line prints
+    each one as ``hhtld: note: ...`` on stderr, whatever the output format."""
 
 
 class MissingDependencyError(HhtldError, ImportError):

@@ -86,8 +86,8 @@ def inspect_pack(path) -> dict[str, Any]:
         "kind": "pack",
         "path": str(path),
         "format_version": p.version,
-        "codec": p.manifest["codec"],
-        "codec_options": p.manifest["codec_options"],
+        "codec": p.manifest.get("codec"),
+        "codec_options": p.manifest.get("codec_options"),
         "source": {k: p.manifest["source"][k] for k in ("kind", "name", "files", "bytes", "bf16_bytes")},
         "tensors": len(p.tensors),
         "file_bytes": b["file_bytes"],
@@ -146,7 +146,8 @@ def format_inspect(info: dict[str, Any]) -> str:
                  human_bytes(g["bytes"]), f"{g['bits_per_weight']:.3f}"] for g in info["groups"]]
         out.append(format_table(rows, ["#", "group (component/role/shape)", "regime", "codec", "setting", "tensors",
                                        "rows", "bytes", "bits/w"], {0, 5, 6, 7, 8}))
-        fzq = [(g["key"], g["params"]["fisher_z_quality"]) for g in info["groups"] if "fisher_z_quality" in g["params"]]
+        fzq = [(g["key"], g["params"]["fisher_z_quality"]) for g in info["groups"]
+               if g["params"].get("fisher_z_quality") is not None]
         if fzq:
             rows = [[k, "n/a" if q["spearman"] is None else f"{q['spearman']:.5f}", f"{q['mean_abs_error']:.5f}",
                      f"{q['max_abs_error']:.5f}", q["pairs"]] for k, q in fzq]

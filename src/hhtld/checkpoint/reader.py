@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..format import FLOAT_DTYPES
+from ..names import path_problem
 from ..stfile import FormatProblem, Header, TensorEntry, read_array, read_header, read_raw
 
 # Side files of a model folder that travel in the pack: what transformers and
@@ -171,6 +172,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{target}: not a valid safetensors index (no 'weight_map')")
+        for name, f in weight_map.items():
+            bad = path_problem(f)
+            if bad:
+                raise CheckpointError(f"{target}: tensor '{name}' is mapped to the shard {f!r}, which {bad}; "
+                                      "an index names shards inside its own folder")
         files = list(dict.fromkeys(weight_map.values()))
         if kind == "file":
             kind = "sharded"

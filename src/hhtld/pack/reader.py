@@ -1,39 +1,58 @@
-"""Read a ``.hhtld`` pack lazily: a tensor or a single row decodes only its parts."""
+"""Read a ``.hhtld`` pack lazily: a tensor or a single row decodes only its parts.
+
+Opening a pack checks, before anything is decoded: the safetensors header
+(strictly, JSON limits first), the format name and version (an explicit
+set), for version 2 the manifest digest, the manifest schema, and every
+field against the arrays actually stored (``pack/validate.py``). Each
+array's hash and value checks run the first time it is read (``verify()``
+runs them all). Every failure is one :class:`PackError` naming the file and
+the field.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import re
+import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from ..checkpoint.rows import row_blocks
 from ..codecs.base import Codec
-from ..codecs.registry import codec_by_id
-from ..errors import PackError
+from ..errors import HhtldNote, PackError
 from ..format import (
     CATEGORIES,
     FLOAT_DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_VERSION_CHARS,
+    META_DIGEST,
     META_FORMAT,
+    META_KEYS,
     META_MANIFEST,
     META_VERSION,
+    READABLE_VERSIONS,
     aux_array_name,
     group_array_name,
     part_category,
     tensor_array_name,
 )
-from ..stfile import FormatProblem, NUMPY_DTYPES, read_array, read_header, read_raw
+from ..stfile import FormatProblem, NUMPY_DTYPES, read_header, read_raw
+from .manifest import ManifestProblem, manifest_digest, parse_manifest
+from .validate import check_pack
+
+# what a 16-bit float output can hold: decoded values just past it are clamped, not turned into inf
+_FINITE_MAX = {"F16": float(np.finfo(np.float16).max)}
 
 
 @dataclass
 class _LazyParts:
-    """``Parts`` backed by the pack: arrays are loaded (and checksummed) on first use."""
+    """``Parts`` backed by the pack: arrays are loaded (and checked) on first use."""
 
     pack: "Pack"
     params: Mapping[str, Any]
@@ -46,17 +65,10 @@ class _LazyParts:
         return part in self.names
 
 
-def _safe_relpath(rel) -> bool:
-    """A manifest path must stay inside the output folder: relative, no '..'."""
-    if not isinstance(rel, str) or not rel or "\\" in rel:
-        return False
-    pp = PurePosixPath(rel)
-    return not pp.is_absolute() and ".." not in pp.parts
-
-
 class Pack:
     """An open ``.hhtld`` pack. Construction validates the header, format,
-    version and manifest; array bytes are checked against their checksums the
+    version, digest (version 2) and manifest; array bytes are checked against
+    their hashes, and their values against their codec's declaration, the
     first time they are read (``verify()`` checks everything at once)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -72,69 +84,88 @@ class Pack:
             if msg.startswith("truncated"):
                 raise PackError(f"{self.path}: damaged hhtld pack ({msg})") from None
             raise PackError(f"{self.path}: not an hhtld pack ({msg})") from None
+        except OSError as e:
+            raise PackError(f"{self.path}: cannot read: {e.strerror or e}") from None
         meta = self.header.metadata
         if meta.get(META_FORMAT) != FORMAT_NAME:
             raise PackError(f"{self.path}: not an hhtld pack (a safetensors file without 'format = {FORMAT_NAME}' metadata)")
-        try:
-            version = int(meta.get(META_VERSION, ""))
-        except ValueError:
-            raise PackError(f"{self.path}: damaged hhtld pack (format version {meta.get(META_VERSION)!r} is not a number)") from None
-        if version > FORMAT_VERSION:
-            raise PackError(
-                f"{self.path}: pack format version {version} is newer than this hhtld reads "
-                f"(up to {FORMAT_VERSION}); upgrade hhtld"
-            )
-        try:
-            self.manifest: dict = json.loads(meta[META_MANIFEST])
-        except (KeyError, json.JSONDecodeError):
-            raise PackError(f"{self.path}: damaged hhtld pack (manifest missing or not valid JSON)") from None
+        raw_version = meta.get(META_VERSION, "")
+        if not re.fullmatch(r"[0-9]{1,%d}" % MAX_VERSION_CHARS, raw_version):
+            raise self._damaged(f"format version {raw_version[:20]!r} is not a number")
+        version = int(raw_version)
+        if version not in READABLE_VERSIONS:
+            if version > max(READABLE_VERSIONS):
+                raise PackError(
+                    f"{self.path}: pack format version {version} is newer than this hhtld reads "
+                    f"(up to {FORMAT_VERSION}); upgrade hhtld"
+                )
+            raise self._damaged(f"format version {version} does not exist (versions: "
+                                f"{', '.join(map(str, sorted(READABLE_VERSIONS)))})")
         self.version = version
-        for key in ("source", "groups", "tensors", "checksums"):
-            if not isinstance(self.manifest, dict) or key not in self.manifest:
-                raise PackError(f"{self.path}: damaged hhtld pack (manifest lacks '{key}')")
-        src = self.manifest["source"]
-        paths = list(src.get("files", [])) + list(src.get("aux_files", [])) + [src.get("index")]
-        paths += [t.get("file") for t in self.manifest["tensors"].values()]
-        for rel in paths:
-            if rel is not None and not _safe_relpath(rel):
-                raise PackError(f"{self.path}: damaged hhtld pack (unsafe file path {rel!r} in the manifest)")
-        checks = self.manifest["checksums"]
-        missing = [n for n in checks if n not in self.header.tensors]
-        if missing:
-            raise PackError(f"{self.path}: damaged hhtld pack (stored array '{missing[0]}' is missing)")
-        self._checksums: dict[str, str] = checks
+        unknown = sorted(set(meta) - set(META_KEYS[version]))
+        if unknown:
+            raise self._damaged(f"unexpected metadata key {unknown[0][:80]!r} for format version {version}")
+        text = meta.get(META_MANIFEST)
+        if text is None:
+            raise self._damaged("manifest missing")
+        if version >= 2 and meta.get(META_DIGEST) != manifest_digest(text):
+            raise self._damaged("the manifest does not match its digest: the manifest or the pack header was changed")
+        try:
+            self.manifest, self.model = parse_manifest(text, version)
+            self._checked = check_pack(self.header, self.model, version)
+        except ManifestProblem as e:
+            raise self._damaged(str(e)) from None
         self._verified: set[str] = set()
         self.tensors: dict[str, dict] = self.manifest["tensors"]
         self.groups: list[dict] = self.manifest["groups"]
+        if version < FORMAT_VERSION:
+            warnings.warn(HhtldNote(
+                f"{self.path}: pack format version {version}: only each array's CRC32 guards it (no digest over the "
+                f"manifest and header); encode it again for version {FORMAT_VERSION}'s integrity checks"), stacklevel=2)
+
+    def _damaged(self, what: str) -> PackError:
+        return PackError(f"{self.path}: damaged hhtld pack ({what})")
 
     # -- raw arrays ------------------------------------------------------------
     def _check(self, name: str, raw: np.ndarray) -> None:
         if name in self._verified:
             return
-        want = self._checksums.get(name)
-        if want is None:
-            raise PackError(f"{self.path}: damaged hhtld pack (no checksum for '{name}')")
-        got = f"{zlib.crc32(memoryview(raw)) & 0xFFFFFFFF:08x}"
+        algo, want = self._checked.hashes[name]
+        if algo == "sha256":
+            got = hashlib.sha256(memoryview(raw)).hexdigest()
+        else:
+            got = f"{zlib.crc32(memoryview(raw)) & 0xFFFFFFFF:08x}"
         if got != want:
-            raise PackError(f"{self.path}: damaged hhtld pack (checksum mismatch in '{name}')")
-        self._verified.add(name)
+            raise self._damaged(f"checksum mismatch in '{name}'")
 
     def array(self, name: str) -> np.ndarray:
-        """A stored array by its stored name (memory-mapped, checksum-checked)."""
+        """A stored array by its stored name (memory-mapped, read-only; its hash and
+        values are checked the first time it is read)."""
         entry = self.header.tensors.get(name)
         if entry is None:
             raise PackError(f"{self.path}: no stored array '{name}'")
-        raw = read_raw(self.header, entry)
-        self._check(name, raw)
+        dt = NUMPY_DTYPES.get(entry.dtype)
+        if dt is None:
+            raise PackError(f"{self.path}: stored array '{name}': dtype {entry.dtype} has no numpy equivalent")
         try:
-            return read_array(self.header, entry)
-        except FormatProblem as e:
-            raise PackError(f"{self.path}: {e}") from None
+            raw = read_raw(self.header, entry)
+        except (OSError, ValueError) as e:
+            raise PackError(f"{self.path}: cannot read stored array '{name}': {e}") from None
+        arr = raw.view(dt).reshape(entry.shape)
+        if name not in self._verified:
+            self._check(name, raw)
+            spec = self._checked.specs.get(name)
+            if spec is not None and spec.values is not None:
+                bad = spec.values(arr)
+                if bad:
+                    raise self._damaged(f"stored array '{name}' {bad}")
+            self._verified.add(name)
+        return arr
 
     def verify(self) -> None:
-        """Check every stored array against its checksum."""
-        for name in self._checksums:
-            self._check(name, read_raw(self.header, self.header.tensors[name]))
+        """Check every stored array: its hash and, for codec parts, its values."""
+        for name in self.header.tensors:
+            self.array(name)
 
     # -- tensors ----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -157,7 +188,7 @@ class Pack:
         return self.groups[self.info(name)["group"]]
 
     def codec_of(self, name: str) -> type[Codec]:
-        return codec_by_id(self.group_of(name)["codec_id"])
+        return self._checked.codecs[self.info(name)["group"]]
 
     def group_parts(self, index: int) -> _LazyParts:
         g = self.groups[index]
@@ -167,12 +198,19 @@ class Pack:
         t = self.info(name)
         return _LazyParts(self, t.get("params", {}), {p: tensor_array_name(name, p) for p in t.get("parts", [])})
 
+    def _row_count(self, name: str) -> int:
+        t = self.info(name)
+        if t["kind"] == "encoded":
+            return t["row_shape"][0]
+        if len(t["shape"]) != 2 or t["dtype"] not in FLOAT_DTYPES:
+            raise PackError(f"{self.path}: tensor '{name}' is a passthrough {t['dtype']} {t['shape']}, not a float matrix")
+        return t["shape"][0]
+
     def rows(self, name: str, idx=None) -> np.ndarray:
         """float32 rows (m, cols) of the tensor's row matrix (effective shape,
         rows = output features); only the parts of this tensor are read."""
-        t = self.info(name)
+        n = self._row_count(name)
         if idx is not None:
-            n = (t.get("row_shape") or t["shape"])[0]
             idx = np.asarray(idx)
             if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < -n or idx.max() >= n)):
                 raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row index out of range or not an integer")
@@ -183,18 +221,18 @@ class Pack:
         t = self.info(name)
         if t["kind"] == "encoded":
             codec = self.codec_of(name)
-            return codec.decode_rows(self.group_parts(t["group"]), self.tensor_parts(name), sel)
-        a = self.tensor(name)
-        if a.ndim != 2 or t["dtype"] not in FLOAT_DTYPES:
-            raise PackError(f"{self.path}: tensor '{name}' is a passthrough {t['dtype']} {list(a.shape)}, not a float matrix")
-        a = np.asarray(a, dtype=np.float32)
+            try:
+                return codec.decode_rows(self.group_parts(t["group"]), self.tensor_parts(name), sel)
+            except (IndexError, ValueError, TypeError, KeyError) as e:  # validation should make this unreachable
+                raise self._damaged(f"tensor '{name}' cannot be decoded: {type(e).__name__}: {e}") from None
+        self._row_count(name)
+        a = np.asarray(self.array(name), dtype=np.float32)
         return a if sel is None else a[sel]
 
     def row(self, name: str, i: int) -> np.ndarray:
         """One float32 row (cols,) of a tensor's row matrix."""
-        t = self.info(name)
-        n = (t.get("row_shape") or t["shape"])[0]
-        if not -n <= i < n:
+        n = self._row_count(name)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
             raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row {i} is out of range")
         return self.rows(name, np.array([i % n]))[0]
 
@@ -209,9 +247,13 @@ class Pack:
         n_rows, n_cols = t["row_shape"]
         out = np.empty(tuple(t["shape"]), dtype=NUMPY_DTYPES[t["dtype"]])
         # the row matrix as a view of ``out``: (rows, cols), or the stored (cols, rows) turned
-        view = out.reshape(n_cols, n_rows).T if t.get("transposed") else out.reshape(n_rows, n_cols)
+        view = out.reshape(n_cols, n_rows).T if t["transposed"] else out.reshape(n_rows, n_cols)
+        top = _FINITE_MAX.get(t["dtype"])
         for s, e in row_blocks(n_rows, n_cols):
-            view[s:e] = self._rows(name, slice(s, e))
+            block = self._rows(name, slice(s, e))
+            if top is not None:  # a decoded value just past the dtype's range is its largest value, not inf
+                block = np.clip(block, -top, top)
+            view[s:e] = block
         return out
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -220,9 +262,11 @@ class Pack:
 
     # -- side files -------------------------------------------------------------
     def aux_files(self) -> list[str]:
-        return list(self.manifest["source"].get("aux_files", []))
+        return list(self.manifest["source"]["aux_files"])
 
     def aux_bytes(self, rel: str) -> bytes:
+        if rel not in self.manifest["source"]["aux_files"]:
+            raise PackError(f"{self.path}: no side file '{rel}' in this pack")
         return bytes(self.array(aux_array_name(rel)))
 
     # -- accounting -------------------------------------------------------------
@@ -237,7 +281,7 @@ class Pack:
             for p in g["parts"]:
                 owner[group_array_name(gi, p)] = (gi, part_category(p))
             for n in g["tensors"]:
-                for p in self.tensors[n].get("parts", []):
+                for p in self.tensors[n]["parts"]:
                     owner[tensor_array_name(n, p)] = (gi, part_category(p))
         for name, e in self.header.tensors.items():
             if name in owner:

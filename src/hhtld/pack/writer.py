@@ -4,8 +4,12 @@ Memory follows the largest tensor, never the number of layers: a group's
 shared parts are trained on a bounded sample of its rows (drawn evenly
 across all of its tensors), then its tensors are encoded one at a time,
 block by block, and every array goes to the output's spill file as soon as
-it is made. The finished pack is opened and checked (header, manifest,
-every checksum) before it is renamed over the target.
+it is made. The manifest (format version 2) records every array's dtype,
+shape, offsets and SHA-256 and is itself covered by a digest; it goes through
+the declared schema (``pack/manifest.py``) before it is written. The finished
+pack is opened and checked exactly as a reader checks it (header, digest,
+schema, every field against the stored arrays, every array's hash and
+values) before it is renamed over the target.
 """
 
 from __future__ import annotations
@@ -13,28 +17,30 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..checkpoint.rows import TensorRows, sample_across
+from ..checkpoint.rows import TensorRows, row_blocks, sample_across
 from ..classify import DEFAULT_RULES, EncodablePolicy, GroupPlan, Plan, RuleTable, plan_checkpoint
 from ..codecs.base import Codec, ordered_map
 from ..codecs.parallel import check_threads, encode_pool
 from ..codecs.registry import make_codec
-from ..errors import OptionsError, PackError
+from ..errors import CheckpointError, OptionsError, PackError
 from ..format import (
     BF16_BYTES,
     DEFAULT_SAMPLE_ROWS,
     FLOAT_DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_ROW_COLS,
+    META_DIGEST,
     META_FORMAT,
     META_MANIFEST,
     META_VERSION,
@@ -42,8 +48,10 @@ from ..format import (
     group_array_name,
     tensor_array_name,
 )
+from ..names import name_problem, path_conflicts, path_problem
 from ..outputs import check_output_file
-from ..stfile import SafetensorsWriter, as_bytes
+from ..stfile import FormatProblem, SafetensorsWriter
+from .manifest import ManifestV2, array_sha256, describe_error, manifest_digest
 
 # One fixed codec setting for every group; the product default (hhtl-vq with a
 # rate allocation) is hhtld.budget.encode_budget, which calls this.
@@ -51,8 +59,34 @@ REFERENCE_CODEC = "hhtl-f32"
 MIN_SAMPLE_ROWS = 16
 
 
-def crc32_hex(data) -> str:
-    return f"{zlib.crc32(as_bytes(np.asarray(data))) & 0xFFFFFFFF:08x}"
+def check_storable(ckpt: Checkpoint, plan: Plan | None = None, include_aux: bool = True) -> None:
+    """Refuse, before any work, a checkpoint whose tensor names or file names a
+    pack cannot hold (CheckpointError naming the file and the tensor): names
+    with control characters or lone surrogates, names that would collide with
+    the pack's own array names (``::``, ``__group__.``), file names that are not
+    safe relative paths; and matrices wider than a pack allows."""
+    for name, t in ckpt.tensors.items():
+        bad = name_problem(name)
+        if bad:
+            raise CheckpointError(f"{ckpt.weight_path(t.file)}: tensor {name!r} cannot be stored in a pack: its name "
+                                  f"{bad}; rename the tensor")
+    files = list(ckpt.files) + ([ckpt.index_name] if ckpt.index_name else [])
+    for f in files:
+        bad = path_problem(f)
+        if bad:
+            raise CheckpointError(f"{ckpt.root / f}: the file name {f!r} cannot be stored in a pack: it {bad}")
+    for rel in ckpt.aux_files if include_aux else []:
+        bad = path_problem(rel)
+        if bad:
+            raise CheckpointError(f"{ckpt.aux_path(rel)}: the side file name {rel!r} cannot be stored in a pack: it "
+                                  f"{bad}; rename it or leave side files out (--no-aux-files)")
+    bad = path_conflicts(files + (list(ckpt.aux_files) if include_aux else []))
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: the files of this checkpoint collide in a pack: {bad}")
+    for tp in (plan.tensors.values() if plan is not None else ()):
+        if tp.encoded and tp.row_shape[1] > MAX_ROW_COLS:
+            raise CheckpointError(f"{ckpt.weight_path(tp.file)}: tensor {tp.name!r}: rows of {tp.row_shape[1]} columns "
+                                  f"are wider than a pack holds ({MAX_ROW_COLS})")
 
 
 def bf16_bytes(ckpt: Checkpoint) -> int:
@@ -156,6 +190,7 @@ def encode_checkpoint(
     base = make_codec(codec, **(codec_options or {}))
     group_options = dict(group_options or {})
     plan = plan_checkpoint(ckpt, policy, rules)
+    check_storable(ckpt, plan, include_aux)
     measure = measure or check_group is not None
     if reuse is not None and not hasattr(reuse, "manifest"):
         from .reader import Pack
@@ -203,10 +238,11 @@ class _PackWriter:
     written), then passthrough tensors, side files and the manifest."""
 
     def __init__(self, out: Path, ckpt: Checkpoint, plan: Plan):
+        check_storable(ckpt, plan, include_aux=False)
         self.writer = SafetensorsWriter(out)
         self.ckpt = ckpt
         self.plan = plan
-        self.checksums: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}  # stored array -> SHA-256
         self.groups: list[dict] = []
         self.tensors: dict[str, dict] = {}
         self._pending: dict[str, tuple[dict, list[str]]] = {}  # written tensors whose group is not yet
@@ -217,7 +253,7 @@ class _PackWriter:
     # -- arrays ---------------------------------------------------------------------------
     def add(self, name: str, arr: np.ndarray) -> int:
         n = self.writer.add(name, arr)
-        self.checksums[name] = crc32_hex(arr)
+        self.checksums[name] = array_sha256(np.ascontiguousarray(arr))
         return n
 
     def mark(self):
@@ -281,7 +317,12 @@ class _PackWriter:
                      measure: bool) -> GroupResult:
         t0 = time.perf_counter()
         sources = [TensorRows(ckpt, t) for t in g.tensors]
-        fit = genc.fit_group(g.key, sample_across(sources, sample_rows), pool)
+        sample = sample_across(sources, sample_rows)
+        if sample.size and float(np.max(np.abs(sample))) > genc.max_abs:  # name the tensor, not only the group
+            for src in sources:
+                for s, e in row_blocks(*src.shape):
+                    genc.check_range(src.block(s, e), src)
+        fit = genc.fit_group(g.key, sample, pool)
         nbytes = 0
         cosines: dict[str, np.ndarray] = {}
         stats = []
@@ -327,10 +368,14 @@ class _PackWriter:
     def add_passthrough(self, ckpt: Checkpoint, tp) -> None:
         raw = ckpt.read_raw(tp.name)
         self.writer.add_raw(tp.name, tp.dtype, tp.shape, raw)
-        self.checksums[tp.name] = crc32_hex(raw)
+        self.checksums[tp.name] = array_sha256(raw)
         self.tensors[tp.name].update({"kind": "passthrough", "reason": tp.reason})
 
     def add_aux(self, ckpt: Checkpoint, rel: str) -> str:
+        bad = path_problem(rel)
+        if bad:
+            raise CheckpointError(f"{ckpt.aux_path(rel)}: the side file name {rel!r} cannot be stored in a pack: it "
+                                  f"{bad}; rename it or leave side files out (--no-aux-files)")
         self.add(aux_array_name(rel), np.frombuffer(ckpt.aux_path(rel).read_bytes(), dtype=np.uint8))
         return rel
 
@@ -366,25 +411,36 @@ class _PackWriter:
             },
             "groups": self.groups,
             "tensors": self.tensors,
-            "checksums": self.checksums,
+            "arrays": {name: {**e, "sha256": self.checksums[name]} for name, e in self.writer.entries.items()},
         }
         missing = [n for n, t in self.tensors.items() if "kind" not in t]
         if missing or self._pending:
             raise PackError(f"{self.writer.path}: tensor '{(missing or list(self._pending))[0]}' was not written")
+        try:
+            text = json.dumps(manifest, separators=(",", ":"), sort_keys=False)
+            ManifestV2.model_validate(json.loads(text))  # the declared schema, as a reader will see it
+        except ValidationError as e:
+            raise PackError(f"{self.writer.path}: the pack's manifest does not follow the format "
+                            f"({describe_error(e)}); nothing was written") from None
         self.writer.metadata = {
             META_FORMAT: FORMAT_NAME,
             META_VERSION: str(FORMAT_VERSION),
-            META_MANIFEST: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
+            META_MANIFEST: text,
+            META_DIGEST: manifest_digest(text),
         }
         expect = len(self.tensors)
-        return self.writer.close(check=lambda tmp: _check_written(tmp, expect))
+        try:
+            return self.writer.close(check=lambda tmp: _check_written(tmp, expect))
+        except FormatProblem as e:
+            raise PackError(f"{self.writer.path}: {e}") from None
 
     def abort(self) -> None:
         self.writer.abort()
 
 
 def _check_written(path: Path, expect: int) -> None:
-    """Open the finished temporary pack as a reader would and check every array."""
+    """Open the finished temporary pack as a reader would (header, digest, schema,
+    every field against the stored arrays) and check every array's hash and values."""
     from .reader import Pack
 
     p = Pack(path)
