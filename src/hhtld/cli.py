@@ -1,22 +1,30 @@
 """The ``hhtld`` command line: a thin layer over the public API.
 
 Every failure the user can cause ends in one line ``hhtld: error: ...`` on
-stderr and a non-zero exit status, never a traceback.
+stderr and a non-zero exit status, never a traceback. Notes (``HhtldNote``
+warnings of the library, and the ones a command adds) go to stderr as
+``hhtld: note: ...`` whatever the output format. SIGTERM (and SIGHUP) unwind
+like SIGINT: temporary files are removed, no partial target is left, exit
+status 143 (129).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .classify import DEFAULT_RULES, EncodablePolicy, load_rules_file, parse_rule
 from .codecs.registry import CODECS, DEFAULT_CODEC
-from .errors import HhtldError, OptionsError
-from .outputs import check_output_file, write_json
+from .errors import HhtldError, HhtldNote, OptionsError
+from .outputs import check_output_file, remove_all_temps, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
 from .inspect import format_inspect, human_bytes, inspect_path
 
@@ -187,6 +195,10 @@ def cmd_verify(args) -> int:
         print(report.format(details=not args.quiet))
         if args.json:
             print(f"wrote {args.json}")
+    else:  # the report's notes are only in the JSON on stdout: say them on stderr too
+        for g in report.gates:
+            if g.note:
+                print(f"hhtld: note: gate {g.gate}: {g.note}", file=sys.stderr)
     if args.plots:
         paths = write_plots(report, args.plots)
         if args.json not in (True, "-"):
@@ -418,9 +430,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like an interrupt (every ``except BaseException``
+    cleanup runs), then exit with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While a command runs in the main thread, SIGTERM and SIGHUP raise Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not break the unwind
+        raise Terminated(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def _notes_to_stderr():
+    """Every HhtldNote the library issues becomes one ``hhtld: note: ...`` line on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HhtldNote):
+            print(f"hhtld: note: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        warnings.simplefilter("always", HhtldNote)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _notes_to_stderr(), _terminate_cleanly():
+        try:
+            return _run(args)
+        except Terminated as e:
+            print("hhtld: terminated", file=sys.stderr)
+            return 128 + e.signum
+        finally:
+            remove_all_temps()
+
+
+def _run(args) -> int:
     try:
         _check_outputs(args)
         return int(args.func(args) or 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -60,24 +59,52 @@ class FormatProblem(Exception):
 
 
 # --- untrusted JSON ---------------------------------------------------------------------------
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_JSON_LONG_NUMBER = re.compile(rb"[-+0-9.eE]{%d,}" % (MAX_JSON_NUMBER_CHARS + 1))
-_OPEN = np.zeros(256, np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
+_BRACKET = np.zeros(256, np.int8)
+_BRACKET[[ord("["), ord("{")]] = 1
+_BRACKET[[ord("]"), ord("}")]] = -1
+_NUMBER_CHAR = np.zeros(256, bool)
+_NUMBER_CHAR[list(b"0123456789+-.eE")] = True
+_SCAN_CHUNK = 1 << 22
 
 
 def check_json_limits(raw: bytes, what: str) -> None:
     """Refuse JSON nested deeper than MAX_JSON_DEPTH or with a number literal longer
-    than MAX_JSON_NUMBER_CHARS, before any parser sees it (the parsers recurse
-    per level and convert long integers in quadratic time)."""
-    bare = _JSON_STRING.sub(b'""', raw)  # brackets and digits inside strings do not count
-    if _JSON_LONG_NUMBER.search(bare):
-        raise FormatProblem(f"{what} has a number longer than {MAX_JSON_NUMBER_CHARS} characters")
-    if bare:
-        depth = np.cumsum(_OPEN[np.frombuffer(bare, np.uint8)], dtype=np.int64)
-        if int(depth.max()) > MAX_JSON_DEPTH:
+    than MAX_JSON_NUMBER_CHARS, before any parser sees it (parsers recurse per level
+    and convert long integers in quadratic time). One linear pass in chunks:
+    brackets and digits inside strings do not count (a quote preceded by an odd
+    run of backslashes is escaped)."""
+    data = np.frombuffer(raw, np.uint8)
+    parity = 0  # 1 while inside a string
+    bs_run = 0  # backslashes right before the chunk
+    depth = 0
+    num_run = 0  # number characters right before the chunk
+    for off in range(0, data.size, _SCAN_CHUNK):
+        a = data[off:off + _SCAN_CHUNK]
+        m = a.size
+        idx = np.arange(m, dtype=np.int64)
+        bs = a == 92
+        last = np.maximum.accumulate(np.where(bs, -1 - bs_run, idx))  # last non-backslash at or before i
+        before = np.empty(m, np.int64)  # backslashes right before i
+        before[0] = bs_run
+        before[1:] = idx[:-1] - last[:-1]
+        quote = (a == 34) & (before % 2 == 0)
+        inside = (parity + np.cumsum(quote)) % 2 == 1
+        outside = ~inside & ~quote
+        d = depth + np.cumsum(np.where(outside, _BRACKET[a], 0))
+        if int(d.max()) > MAX_JSON_DEPTH:
             raise FormatProblem(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        num = (outside & _NUMBER_CHAR[a]).astype(np.int8)
+        edges = np.diff(np.concatenate(([0], num, [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        runs = ends - starts
+        if runs.size and starts[0] == 0:
+            runs[0] += num_run
+        if runs.size and int(runs.max()) > MAX_JSON_NUMBER_CHARS or (not runs.size and num_run > MAX_JSON_NUMBER_CHARS):
+            raise FormatProblem(f"{what} has a number longer than {MAX_JSON_NUMBER_CHARS} characters")
+        num_run = int(runs[-1]) if runs.size and ends[-1] == m else 0
+        parity = int(inside[-1])
+        bs_run = int(m - 1 - last[-1])
+        depth = int(d[-1])
 
 
 def _no_surrogates(s: str, what: str) -> str:

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,7 +428,7 @@ def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_opt
     from ..budget.trials import GroupTrials, sample_group_rows
     from ..budget.settings import LADDER
     from ..classify.shapes import from_row_matrix
-    from ..outputs import check_output_file
+    from ..outputs import check_output_file, make_temp_dir, make_temp_file, publish, remove_temp
     from ..pack.reader import Pack
     from ..pack.writer import EncodeResult, _PackWriter
     from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
@@ -451,11 +450,11 @@ def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_opt
     total_w = sum(g.n_weights for g in plan.groups) or 1
     sec["load"] = time.perf_counter() - t0
     report = CalibrationReport(fam, {} if bpw is not None else target.to_json(fam), None, [])
-    work = tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".calibration", dir=out.parent)
+    work = make_temp_dir(out, ".calibration")
     rounds: list[Path] = []
     try:
         t1 = time.perf_counter()
-        store = HessianStore(Path(work.name))
+        store = HessianStore(work)
         stats, info = analyse(lw, ckpt, plan, batches, store, log=log, seed=seed)
         report.tokens = info["tokens"]
         sec["analyse"] = time.perf_counter() - t1
@@ -484,7 +483,7 @@ def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_opt
             if log:
                 log(f"allocation, round {rnd + 1}: {alloc.bits / total_w:.3f} bits per encoded weight (tensor parts), "
                     f"predicted output change {alloc.predicted:.4g}" + ("" if goal is None else f" (goal {goal:.4g})"))
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".round", dir=out.parent)
+            fd, tmp = make_temp_file(out, ".round")
             os.close(fd)
             rounds.append(Path(tmp))
             pw = _PackWriter(rounds[-1], ckpt, plan)
@@ -500,7 +499,7 @@ def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_opt
                 pw.abort()
                 raise
             if len(rounds) > 1:
-                rounds[-2].unlink(missing_ok=True)
+                remove_temp(rounds[-2])
             sec[f"encode.{rnd}"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             pack = Pack(rounds[-1])
@@ -523,11 +522,11 @@ def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_opt
             goal = target.share * target.allowed(fam) / max(ratio, 1e-9)
             if measured <= target.allowed(fam):  # the change was in range: top-1 or perplexity missed
                 goal = min(goal, alloc.predicted * RETIGHTEN)
-        os.replace(rounds[-1], out)
+        publish(rounds[-1], out)
     finally:
         for r in rounds:
-            r.unlink(missing_ok=True)
-        work.cleanup()
+            remove_temp(r)
+        remove_temp(work)
     if report.met is False:
         report.notes.append("the behaviour target was not met on calibration text after "
                             f"{len(report.rounds)} round{'s' if len(report.rounds) != 1 else ''}")

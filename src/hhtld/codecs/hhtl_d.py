@@ -201,8 +201,13 @@ def residual_fields(rows17: np.ndarray, centroids17: np.ndarray) -> tuple[np.nda
 
 
 def decode_rows17(palette17: np.ndarray, twig: np.ndarray, cols: int) -> np.ndarray:
-    """(m, cols) float32: unfolded centroids of ``twig`` (unfolds only the k centroids once)."""
-    return unfold(np.asarray(palette17), cols)[np.asarray(twig, dtype=np.int64)]
+    """(m, cols) float32: unfolded centroids of ``twig`` (unfolds the k centroids once when
+    there are more rows than centroids, else only the rows' own centroids: the same values)."""
+    pal = np.asarray(palette17)
+    twig = np.asarray(twig, dtype=np.int64)
+    if twig.shape[0] < pal.shape[0]:
+        return unfold(pal[twig], cols)
+    return unfold(pal, cols)[twig]
 
 
 # -- shared parts of a group ----------------------------------------------------------------

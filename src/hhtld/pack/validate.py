@@ -25,6 +25,7 @@ read) and to its expected hash.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -33,7 +34,7 @@ from ..classify.shapes import effective_shape, is_matrix_shape
 from ..codecs.base import Codec
 from ..codecs.layout import LayoutProblem, PartSpec
 from ..codecs.registry import CODECS
-from ..format import AUX_PREFIX, MAX_ROW_COLS, aux_array_name, group_array_name, tensor_array_name
+from ..format import AUX_PREFIX, DTYPE_BITS, MAX_ROW_COLS, aux_array_name, group_array_name, tensor_array_name
 from ..names import path_conflicts
 from ..stfile import Header
 from .manifest import ManifestProblem, describe_error
@@ -144,6 +145,10 @@ def check_pack(header: Header, model, version: int) -> Checked:
                 _fail(f"manifest field tensors[{name!r}]: dtype {t.dtype} shape {t.shape}, but its stored array is "
                       f"{e.dtype} {list(e.shape)}")
             claim(name, None, f"passthrough tensor {name!r}")
+
+    declared = sum(math.prod(t.shape) * DTYPE_BITS[t.dtype] // 8 for t in tensors.values())
+    if declared != src.bytes:
+        _fail(f"manifest field source.bytes is {src.bytes}, but the tensors' shapes and dtypes add up to {declared}")
 
     members: dict[str, int] = {}
     for gi, g in enumerate(model.groups):
