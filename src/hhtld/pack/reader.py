@@ -90,7 +90,7 @@ class Pack:
         if meta.get(META_FORMAT) != FORMAT_NAME:
             raise PackError(f"{self.path}: not an hhtld pack (a safetensors file without 'format = {FORMAT_NAME}' metadata)")
         raw_version = meta.get(META_VERSION, "")
-        if not re.fullmatch(r"[0-9]{1,%d}" % MAX_VERSION_CHARS, raw_version):
+        if not re.fullmatch(r"0|[1-9][0-9]{0,%d}" % (MAX_VERSION_CHARS - 1), raw_version):
             raise self._damaged(f"format version {raw_version[:20]!r} is not a number")
         version = int(raw_version)
         if version not in READABLE_VERSIONS:

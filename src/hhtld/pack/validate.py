@@ -37,7 +37,7 @@ from ..codecs.registry import CODECS
 from ..format import AUX_PREFIX, DTYPE_BITS, MAX_ROW_COLS, aux_array_name, group_array_name, tensor_array_name
 from ..names import path_conflicts
 from ..stfile import Header
-from .manifest import ManifestProblem, describe_error
+from .manifest import ManifestProblem, describe_error, format_loc
 
 
 @dataclass
@@ -48,6 +48,10 @@ class Checked:
     specs: dict[str, PartSpec | None] = field(default_factory=dict)
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)
     codecs: list[type[Codec]] = field(default_factory=list)
+
+
+def _t(name: str) -> str:
+    return format_loc(("tensors", name))
 
 
 def _fail(msg: str):
@@ -106,7 +110,7 @@ def check_pack(header: Header, model, version: int) -> Checked:
         _fail(f"manifest field source: the files decode writes collide: {bad}")
     for f in src.file_metadata:
         if f not in src.files:
-            _fail(f"manifest field source.file_metadata[{f!r}] names a file that is not in source.files")
+            _fail(f"manifest field {format_loc(('source', 'file_metadata', f))} names a file that is not in source.files")
 
     expected: dict[str, PartSpec | None] = {}
 
@@ -119,30 +123,30 @@ def check_pack(header: Header, model, version: int) -> Checked:
     tensors = model.tensors
     for name, t in tensors.items():
         if t.file not in src.files:
-            _fail(f"manifest field tensors[{name!r}].file {t.file!r} is not one of source.files")
+            _fail(f"manifest field {_t(name)}.file {t.file!r} is not one of source.files")
         if t.kind == "encoded":
             if t.group >= len(model.groups):
-                _fail(f"manifest field tensors[{name!r}].group is {t.group}, but the pack has "
+                _fail(f"manifest field {_t(name)}.group is {t.group}, but the pack has "
                       f"{len(model.groups)} group(s)")
             if not is_matrix_shape(t.shape):
-                _fail(f"manifest field tensors[{name!r}].shape {t.shape} is not a matrix (2-D, or 3-D ending in 1)")
+                _fail(f"manifest field {_t(name)}.shape {t.shape} is not a matrix (2-D, or 3-D ending in 1)")
             want = effective_shape(t.shape)
             if t.transposed:
                 if len(t.shape) != 2:
-                    _fail(f"manifest field tensors[{name!r}].transposed is true, but its shape {t.shape} is not 2-D")
+                    _fail(f"manifest field {_t(name)}.transposed is true, but its shape {t.shape} is not 2-D")
                 want = (want[1], want[0])
             if tuple(t.row_shape) != tuple(want):
-                _fail(f"manifest field tensors[{name!r}].row_shape is {t.row_shape}, but shape {t.shape}"
+                _fail(f"manifest field {_t(name)}.row_shape is {t.row_shape}, but shape {t.shape}"
                       f"{' transposed' if t.transposed else ''} gives {list(want)}")
             if t.row_shape[1] > MAX_ROW_COLS:
-                _fail(f"manifest field tensors[{name!r}].row_shape: rows of {t.row_shape[1]} columns are wider "
+                _fail(f"manifest field {_t(name)}.row_shape: rows of {t.row_shape[1]} columns are wider "
                       f"than a pack allows ({MAX_ROW_COLS})")
         else:
             e = stored.get(name)
             if e is None:
                 _fail(f"stored array {name!r} (a passthrough tensor) is missing")
             if e.dtype != t.dtype or list(e.shape) != t.shape:
-                _fail(f"manifest field tensors[{name!r}]: dtype {t.dtype} shape {t.shape}, but its stored array is "
+                _fail(f"manifest field {_t(name)}: dtype {t.dtype} shape {t.shape}, but its stored array is "
                       f"{e.dtype} {list(e.shape)}")
             claim(name, None, f"passthrough tensor {name!r}")
 
@@ -174,8 +178,11 @@ def check_pack(header: Header, model, version: int) -> Checked:
                 _fail(f"manifest field groups[{gi}].tensors lists {name!r} twice")
             members[name] = gi
             if t.row_shape != g.key.shape:
-                _fail(f"manifest field tensors[{name!r}].row_shape is {t.row_shape}, but its {where} holds "
+                _fail(f"manifest field {_t(name)}.row_shape is {t.row_shape}, but its {where} holds "
                       f"{n_rows}x{n_cols} matrices")
+            if (t.role, t.component) != (g.key.role, g.key.component):
+                _fail(f"manifest field {_t(name)}: role {t.role!r} and component {t.component!r}, but its "
+                      f"{where} is of role {g.key.role!r}, component {g.key.component!r}")
         have = {}
         for p in g.parts:
             e = stored.get(group_array_name(gi, p))
@@ -194,12 +201,12 @@ def check_pack(header: Header, model, version: int) -> Checked:
                 codec.tensor_params_model.model_validate(t.params)
             except ValidationError as e:
                 _fail(describe_error(e, ("tensors", name, "params")))
-            _parts(f"manifest field tensors[{name!r}].parts", t.parts, layout.tensor, codec)
+            _parts(f"manifest field {_t(name)}.parts", t.parts, layout.tensor, codec)
             for p in t.parts:
                 claim(tensor_array_name(name, p), layout.tensor[p], f"tensor {name!r}")
     for name, t in tensors.items():
         if t.kind == "encoded" and name not in members:
-            _fail(f"manifest field tensors[{name!r}].group is {t.group}, but that group does not list it")
+            _fail(f"manifest field {_t(name)}.group is {t.group}, but that group does not list it")
 
     for rel in src.aux_files:
         claim(aux_array_name(rel), None, f"side file {rel!r}")
