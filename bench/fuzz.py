@@ -468,7 +468,9 @@ def run_ops(path: Path, out_dir: Path, full: bool, done: list) -> None:
     p = open_pack(path)
     names = p.names()
     done.append(("names", _digest(names)))
-    pick = names if full else list(dict.fromkeys(names[:2] + p.encoded_names()[:2] + names[-1:]))
+    enc = p.encoded_names()
+    largest = sorted(enc, key=lambda n: -int(np.prod(p.info(n)["row_shape"])))[:1]
+    pick = names if full else list(dict.fromkeys(names[:2] + enc[:2] + largest + names[-1:]))
     for n in pick:
         done.append((f"tensor {n}", _digest(p.tensor(n))))
         info = p.info(n)
@@ -707,8 +709,8 @@ def _table(rows: dict, first: str) -> list[str]:
 
 
 def report(res: Result, command: str) -> str:
-    lines = [f"Command: `{command}` ({res.cases:,} cases in {res.seconds / 60:.1f} min on this machine, "
-             f"{time.strftime('%Y-%m-%d')}).", "", "Per pack:", ""]
+    lines = [f"Command: {command}; {res.cases:,} cases in {res.seconds / 60:.1f} min (building the packs included) "
+             f"on the 2-core development machine, {time.strftime('%Y-%m-%d')}.", "", "Per pack:", ""]
     lines += _table(res.by_base, "pack (codec)")
     lines += ["", "Per mutation family (accident: digest left as is; crafted: digest, array table and hashes "
                   "recomputed after the edit):", ""]
@@ -753,8 +755,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     args = ap.parse_args()
     res = run(args.cases, args.minilm_cases, args.seed, args.work, args.timeout, args.keep)
-    command = "make fuzz" if os.environ.get("HHTLD_FUZZ_VIA_MAKE") else "python " + " ".join(
-        [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    command = "`python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) + "`"
+    if os.environ.get("HHTLD_FUZZ_VIA_MAKE"):
+        command = f"`make fuzz` (= `.venv/bin/{command[1:]})"
     text = report(res, command)
     print(text)
     if args.doc:

@@ -409,6 +409,21 @@ def test_the_written_pack_goes_through_the_full_validation_before_the_rename(sma
     monkeypatch.setattr(HhtlF32Codec, "finish_group", wrong)
     with pytest.raises(PackError) as e:
         encode_checkpoint(small_ckpt, tmp_path / "w.hhtld")
-    assert str(e.value).endswith("damaged hhtld pack (stored array '__group__.0000::palette': shape [256, 64], "
-                                 "expected [255, 64])")
+    assert str(e.value) == (f"{tmp_path / 'w.hhtld'}: the written pack fails the reader's checks (damaged hhtld pack "
+                            "(stored array '__group__.0000::palette': shape [256, 64], expected [255, 64])); the target "
+                            "was left as it was")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_every_part_a_codec_declares_has_a_byte_category():
+    from hhtld.codecs.registry import CODECS
+    from hhtld.format import PART_CATEGORY
+
+    params = {"hhtl-f32": {"k": 4, "leaf": True}, "hhtl-d": {"k": 4, "leaf": True, "cols": 64, "basin": "V"},
+              "hhtl-vq": {"stages": "4,3+8:512", "n_cols": 64, "gain": True, "rotate": True, "leaf": True,
+                          "rotation_block": 64, "leaf_lanes": 2}}
+    assert sorted(params) == sorted(CODECS)
+    for name, codec in CODECS.items():
+        layout = codec.stored_layout(codec.params_model.model_validate(params[name]), 10, 64, {}, 2)
+        for part in [*layout.group, *layout.tensor]:
+            assert part.split(".")[0] in PART_CATEGORY, (name, part)

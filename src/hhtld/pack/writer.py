@@ -430,7 +430,7 @@ class _PackWriter:
         }
         expect = len(self.tensors)
         try:
-            return self.writer.close(check=lambda tmp: _check_written(tmp, expect))
+            return self.writer.close(check=lambda tmp: _check_written(tmp, expect, self.writer.path))
         except FormatProblem as e:
             raise PackError(f"{self.writer.path}: {e}") from None
 
@@ -438,15 +438,21 @@ class _PackWriter:
         self.writer.abort()
 
 
-def _check_written(path: Path, expect: int) -> None:
+def _check_written(path: Path, expect: int, target: Path) -> None:
     """Open the finished temporary pack as a reader would (header, digest, schema,
-    every field against the stored arrays) and check every array's hash and values."""
+    every field against the stored arrays) and check every array's hash and values;
+    a failure names the target (which is left as it was)."""
     from .reader import Pack
 
-    p = Pack(path)
-    p.verify()
+    try:
+        p = Pack(path)
+        p.verify()
+    except PackError as e:
+        msg = str(e).removeprefix(f"{path}: ")
+        raise PackError(f"{target}: the written pack fails the reader's checks ({msg}); the target was left as it "
+                        "was") from None
     if len(p.tensors) != expect:
-        raise PackError(f"{path}: the written pack holds {len(p.tensors)} tensors, expected {expect}")
+        raise PackError(f"{target}: the written pack holds {len(p.tensors)} tensors, expected {expect}")
 
 
 def read_rows(ckpt: Checkpoint, t) -> np.ndarray:
