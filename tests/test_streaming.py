@@ -115,7 +115,7 @@ def test_the_written_pack_is_checked_before_the_rename(tmp_path, monkeypatch):
     out.write_bytes(b"previous pack")
     checked = []
 
-    def broken(path, expect):
+    def broken(path, expect, target):
         checked.append(path)
         raise PackError(f"{path}: damaged hhtld pack (checksum mismatch in 'x')")
 
