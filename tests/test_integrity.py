@@ -427,3 +427,22 @@ def test_every_part_a_codec_declares_has_a_byte_category():
         layout = codec.stored_layout(codec.params_model.model_validate(params[name]), 10, 64, {}, 2)
         for part in [*layout.group, *layout.tensor]:
             assert part.split(".")[0] in PART_CATEGORY, (name, part)
+
+
+def test_passthrough_of_a_dtype_numpy_lacks_decodes_byte_for_byte(tmp_path):
+    from hhtld.stfile import SafetensorsWriter, read_header
+
+    src = tmp_path / "f4.safetensors"
+    with SafetensorsWriter(src) as w:
+        w.add("w", np.ones((4, 4), np.float32))
+        w.add_raw("packed", "F4", [2, 6], bytes(range(6)))  # 12 four-bit values in 6 bytes
+    encode_checkpoint(src, tmp_path / "f4.hhtld")
+    p = open_pack(tmp_path / "f4.hhtld")
+    with pytest.raises(PackError) as e:
+        p.tensor("packed")
+    assert str(e.value) == f"{tmp_path / 'f4.hhtld'}: stored array 'packed': dtype F4 has no numpy equivalent"
+    decode_pack(tmp_path / "f4.hhtld", tmp_path / "dec")
+    h = read_header(tmp_path / "dec" / "f4.safetensors")
+    assert (h.tensors["packed"].dtype, h.tensors["packed"].shape) == ("F4", (2, 6))
+    assert (tmp_path / "dec" / "f4.safetensors").read_bytes()[h.tensors["packed"].start:h.tensors["packed"].end] \
+        == bytes(range(6))

@@ -33,6 +33,8 @@ MAX_VERSION_CHARS = 9  # the format_version string: decimal digits only, at most
 MAX_JSON_DEPTH = 32  # nesting of arrays/objects (a pack needs 8)
 MAX_JSON_NUMBER_CHARS = 40  # characters of one number literal (an int64 has 20, a float repr 24)
 MAX_JSON_INT = 2**53  # every integer of a manifest or header lies in [-2**53, 2**53]
+MAX_NAME_CHARS = 1024  # a tensor name or a file path in a pack
+MAX_PATH_PART_BYTES = 255  # one component of a file path (what file systems allow)
 MAX_ROW_COLS = 1 << 17  # widest row a pack may declare (real models: < 65536; hhtl-d stores 4 B a row whatever its width)
 
 # --- stored array names ----------------------------------------------------

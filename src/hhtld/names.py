@@ -12,10 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .format import GROUP_PREFIX, SEP
-
-MAX_NAME_CHARS = 1024  # a tensor name or a path in a pack
-MAX_PATH_PART_BYTES = 255  # one component of a path (what file systems allow)
+from .format import GROUP_PREFIX, MAX_NAME_CHARS, MAX_PATH_PART_BYTES, SEP
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -73,7 +73,7 @@ def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, prog
                 for name in names:
                     t = p.tensors[name]
                     if t["kind"] == "passthrough":
-                        w.add_raw(name, t["dtype"], t["shape"], p.array(name))
+                        w.add_raw(name, t["dtype"], t["shape"], p.raw(name))
                     else:
                         a = p.tensor(name)
                         n_weights += a.size

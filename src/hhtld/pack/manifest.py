@@ -32,7 +32,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from ..codecs.layout import Count
 from ..format import CRC32_HEX_CHARS, DIGEST_ALGORITHM, DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME
-from ..names import _CONTROL, MAX_NAME_CHARS, name_problem, path_problem
+from ..format import MAX_NAME_CHARS
+from ..names import _CONTROL, name_problem, path_problem
 from ..stfile import FormatProblem, as_bytes, parse_json
 
 _PART = re.compile(r"^[a-z][a-z0-9_]*(\.[0-9]{1,4})*$")

@@ -138,22 +138,33 @@ class Pack:
         if got != want:
             raise self._damaged(f"checksum mismatch in '{name}'")
 
-    def array(self, name: str) -> np.ndarray:
-        """A stored array by its stored name (memory-mapped, read-only; its hash and
-        values are checked the first time it is read)."""
+    def raw(self, name: str) -> np.ndarray:
+        """A stored array's bytes (uint8, memory-mapped, read-only), hash-checked the
+        first time: passthrough tensors of any dtype, numpy's or not, byte for byte."""
         entry = self.header.tensors.get(name)
         if entry is None:
             raise PackError(f"{self.path}: no stored array '{name}'")
-        dt = NUMPY_DTYPES.get(entry.dtype)
-        if dt is None:
-            raise PackError(f"{self.path}: stored array '{name}': dtype {entry.dtype} has no numpy equivalent")
         try:
             raw = read_raw(self.header, entry)
         except (OSError, ValueError) as e:
             raise PackError(f"{self.path}: cannot read stored array '{name}': {e}") from None
-        arr = raw.view(dt).reshape(entry.shape)
         if name not in self._verified:
             self._check(name, raw)
+            if self._checked.specs.get(name) is None:  # nothing more to check: passthrough tensors, side files
+                self._verified.add(name)
+        return raw
+
+    def array(self, name: str) -> np.ndarray:
+        """A stored array by its stored name (memory-mapped, read-only; its hash and
+        values are checked the first time it is read)."""
+        first = name not in self._verified
+        raw = self.raw(name)
+        entry = self.header.tensors[name]
+        dt = NUMPY_DTYPES.get(entry.dtype)
+        if dt is None:
+            raise PackError(f"{self.path}: stored array '{name}': dtype {entry.dtype} has no numpy equivalent")
+        arr = raw.view(dt).reshape(entry.shape)
+        if first:
             spec = self._checked.specs.get(name)
             if spec is not None and spec.values is not None:
                 bad = spec.values(arr)
@@ -165,7 +176,10 @@ class Pack:
     def verify(self) -> None:
         """Check every stored array: its hash and, for codec parts, its values."""
         for name in self.header.tensors:
-            self.array(name)
+            if self._checked.specs.get(name) is None:  # passthrough tensors and side files: bytes only
+                self.raw(name)
+            else:
+                self.array(name)
 
     # -- tensors ----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -267,7 +281,7 @@ class Pack:
     def aux_bytes(self, rel: str) -> bytes:
         if rel not in self.manifest["source"]["aux_files"]:
             raise PackError(f"{self.path}: no side file '{rel}' in this pack")
-        return bytes(self.array(aux_array_name(rel)))
+        return bytes(self.raw(aux_array_name(rel)))
 
     # -- accounting -------------------------------------------------------------
     def byte_breakdown(self) -> dict[str, Any]:
