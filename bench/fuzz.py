@@ -671,7 +671,7 @@ def run(cases: int = 10_000, minilm_cases: int = 600, seed: int = 0, work: Path 
             res.max_growth[b.name] = max(res.max_growth.get(b.name, 0), growth - b.ref_rss)
             res.max_seconds[b.name] = max(res.max_seconds.get(b.name, 0.0), secs)
             if outcome == "refused":
-                res.refusals[re.sub(r"'[^']*'", "'…'", re.sub(r"\d+", "N", r.get("message", "")))[:120]] += 1
+                res.refusals[re.sub(r"'[^']*'", "'…'", re.sub(r"(?<!UTF-)\d+", "N", r.get("message", "")))[:120]] += 1
             if outcome in FAILURES:
                 res.signatures[f"{outcome}: {r.get('message', '')}"] += 1
                 res.failures.append({"case": i, "base": b.name, "family": family, "mode": mode, "outcome": outcome,
