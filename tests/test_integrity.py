@@ -446,3 +446,36 @@ def test_passthrough_of_a_dtype_numpy_lacks_decodes_byte_for_byte(tmp_path):
     assert (h.tensors["packed"].dtype, h.tensors["packed"].shape) == ("F4", (2, 6))
     assert (tmp_path / "dec" / "f4.safetensors").read_bytes()[h.tensors["packed"].start:h.tensors["packed"].end] \
         == bytes(range(6))
+
+
+def test_deleting_any_manifest_field_is_refused_unless_it_is_informational(packs, tmp_path):
+    """Every key of the manifest deleted in turn (digest recomputed): a PackError naming the
+    file, except for fields no decoded value depends on (statistics, options, metadata)."""
+    import re
+
+    for name in ("folder", "vq", "hd"):
+        h, d = fuzz.split(packs[name])
+        manifest = json.loads(h["__metadata__"][META_MANIFEST])
+        accepted = set()
+        for path in fuzz._paths(manifest):
+            if not path or not isinstance(path[-1], str):
+                continue
+            m = json.loads(h["__metadata__"][META_MANIFEST])
+            del fuzz._get(m, path[:-1])[path[-1]]
+            p = edited(tmp_path, packs[name], manifest=lambda x, m=m: (x.clear(), x.update(m)), crafted=True)
+            try:
+                pk = open_pack(p)
+                pk.verify()
+                decode_pack(p, tmp_path / "dec", force=True)
+            except PackError as e:
+                assert str(e).startswith(f"{p}: damaged hhtld pack ("), str(e)
+            else:
+                accepted.add(re.sub(r"/(tensors|arrays|file_metadata)/[^/]+", r"/\1/*", "/".join(map(str, path))))
+        informational = {"created_by", "codec", "codec_options", "policy", "sample_rows", "source/index_metadata/*",
+                         "source/file_metadata/*", "groups/*/row_cosine"}
+        for a in accepted:
+            a = re.sub(r"groups/\d+", "groups/*", a)
+            assert (a in informational or re.fullmatch(r"(codec_options|policy|source/index_metadata|groups/\*/options"
+                                                       r"|source/file_metadata/\*)/.+", a)
+                    or re.fullmatch(r"groups/\*/params/(basis_energy|bytes|bpw|setting|route|fisher_z_quality|"
+                                    r"reconstruction|basin)(/.+)?", a)), (name, a)
