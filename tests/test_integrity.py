@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hhtld import EncodablePolicy, HhtldError, PackError, decode_pack, encode_checkpoint, open_pack
+from hhtld import HhtldError, PackError, decode_pack, encode_checkpoint, open_pack
 from hhtld.errors import HhtldNote
 from hhtld.format import FORMAT_VERSION, META_DIGEST, META_MANIFEST, META_VERSION, READABLE_VERSIONS
 

@@ -25,14 +25,12 @@ import hashlib
 import json
 import re
 import zlib
-from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from ..codecs.layout import Count
-from ..format import CRC32_HEX_CHARS, DIGEST_ALGORITHM, DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME
-from ..format import MAX_NAME_CHARS
+from ..format import CRC32_HEX_CHARS, DIGEST_ALGORITHM, DTYPE_BITS, FLOAT_DTYPES, MAX_NAME_CHARS
 from ..names import _CONTROL, name_problem, path_problem
 from ..stfile import FormatProblem, as_bytes, parse_json
 
@@ -227,7 +225,10 @@ def _short(v: Any) -> str:
 def describe_error(e: ValidationError, prefix: tuple = ()) -> str:
     """The first problem of a pydantic error, naming the field: ``field: problem``."""
     err = e.errors(include_url=False)[0]
-    loc = tuple(x for x in err["loc"] if x not in ("encoded", "passthrough", "function-after[_check_path(), str]"))
+    loc = list(err["loc"])
+    if len(loc) >= 3 and loc[0] == "tensors" and loc[2] in ("encoded", "passthrough"):
+        del loc[2]  # the tag of the tensor kind, not a field
+    loc = tuple(loc)
     msg = err["msg"]
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
@@ -275,7 +276,7 @@ def array_crc32(data) -> str:
 
 
 __all__ = [
-    "ArrayInfo", "EncodedTensorInfo", "FORMAT_NAME", "GroupInfo", "MANIFEST_MODELS", "Manifest", "ManifestProblem",
+    "ArrayInfo", "EncodedTensorInfo", "GroupInfo", "MANIFEST_MODELS", "Manifest", "ManifestProblem",
     "ManifestV1", "ManifestV2", "PassthroughTensorInfo", "SourceInfo", "array_crc32", "array_sha256",
     "describe_error", "format_loc", "manifest_digest", "name_problem", "parse_manifest", "path_problem",
 ]
