@@ -92,7 +92,7 @@ def cmd_encode(args) -> int:
                                         log=None if (args.json or args.quiet) else print,
                                         sample_rows=args.sample_rows, threads=args.threads,
                                         thresholds=Thresholds(**targets) if targets else None,
-                                        calibration=args.calibration_texts)
+                                        calibration=args.calibration_texts, max_rounds=args.max_rounds)
     else:
         if args.target is not None or args.bpw is not None:
             raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-ppl-ratio", type=float, metavar="X", help="causal LMs: perplexity ratio (default 1.02)")
     tg.add_argument("--min-top1", type=float, metavar="X", help="embedding models: top-1 retrieval (default 0.95)")
     tg.add_argument("--min-cosine", type=float, metavar="X", help="embedding models: mean cosine (default 0.995)")
+    tg.add_argument("--max-rounds", type=int, default=2, metavar="N",
+                    help="encode again (analysis reused) while the check misses the target, at most N times "
+                         "(default %(default)s)")
     tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
                     help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
                          "256 sentences for embedding models)")
