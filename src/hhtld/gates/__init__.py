@@ -18,12 +18,13 @@ from .rows import cosine_stats, gate_row_fidelity, measure_rows, row_cosines
 from .runner import ModelRunner, RunOutputs, compare_outputs, family_of_config
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
-from .texts import calibration_texts, heldout_texts
+from .texts import calibration_passages, calibration_texts, heldout_passages, heldout_texts
 from .verify import check_match, verify, write_json
 
 
 __all__ = [
-    "GateResult", "ModelRunner", "RunOutputs", "Thresholds", "VerifyReport", "calibration_texts",
+    "GateResult", "ModelRunner", "RunOutputs", "Thresholds", "VerifyReport", "calibration_passages",
+    "calibration_texts", "heldout_passages",
     "check_match", "compare_outputs", "cosine_stats", "family_of_config", "gate_behaviour",
     "gate_output", "gate_row_fidelity", "gate_storage", "heldout_texts", "measure_rows",
     "measure_storage", "row_cosines", "verify", "write_json", "write_plots",
