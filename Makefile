@@ -7,7 +7,7 @@ OUT     := demo-out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install clean bench llm
+.PHONY: demo test install clean bench bench-causal llm
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP) llm
 bench: $(STAMP)
 	$(BIN)/python bench/rate_distortion.py
 	$(BIN)/python bench/speed.py
+
+# SmolLM2-135M rate-KL baselines (RTN, gguf, GPTQ): about half an hour on 2 cores; --quick for a smoke run
+bench-causal: $(STAMP) llm
+	$(BIN)/python bench/causal.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -289,6 +289,13 @@ class ModelRunner:
                 self._dirty.add(n)
         self._loaded = src
 
+    def reload_original(self) -> None:
+        """Load every parameter from the checkpoint again (after code changed
+        the model's weights in place, e.g. a layer-by-layer calibration)."""
+        self._load_original(list(self.param_of))
+        self._dirty.clear()
+        self._loaded = None
+
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.checkpoint.tensors[name].shape)
         if tuple(shape) != want:
