@@ -276,16 +276,17 @@ def gptq_model(runner: ModelRunner, texts: list[str], bits: int, group: int, emb
             linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
             hess = {n: torch.zeros((m.in_features, m.in_features), dtype=torch.float64) for n, m in linears.items()}
             count = {n: 0 for n in linears}
-            last: dict[str, Any] = {}
+            source: dict[str, int] = {}  # which input each linear reads (q/k/v share one, gate/up another)
+            last: dict[str, Any] = {"x": None, "n": 0}
 
             def hook(name):
                 def f(_mod, args):
-                    x = args[0].reshape(-1, args[0].shape[-1])
-                    key = (x.data_ptr(), tuple(x.shape))
-                    if last.get("key") != key:  # q/k/v (and gate/up) share one input: one product
-                        last["key"], last["xtx"] = key, (x.T @ x).double()
+                    if args[0] is not last["x"]:  # a new input (held here, so its memory cannot be reused)
+                        x = args[0].reshape(-1, args[0].shape[-1])
+                        last.update(x=args[0], xtx=(x.T @ x).double(), rows=x.shape[0], n=last["n"] + 1)
+                    source.setdefault(name, last["n"])
                     hess[name] += last["xtx"]
-                    count[name] += x.shape[0]
+                    count[name] += last["rows"]
                 return f
 
             hooks = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -295,14 +296,23 @@ def gptq_model(runner: ModelRunner, texts: list[str], bits: int, group: int, emb
             finally:
                 for hk in hooks:
                     hk.remove()
+            # GPTQ treats rows independently given H: matrices reading the same input are done as one stack
+            stacks: dict[int, list[str]] = {}
+            for n in linears:
+                stacks.setdefault(source[n], []).append(n)
             prefix = f"model.layers.{li}."
-            for n, m in linears.items():
-                name = key_to_name[f"{prefix}{n}.weight"]
-                codes = gptq_matrix(m.weight.detach().numpy(), (hess[n] / max(count[n], 1)).numpy(), bits, group)
-                out[name] = codes
-                m.weight.data.copy_(torch.from_numpy(codes.dequant()))
+            for names in stacks.values():
+                w = np.concatenate([linears[n].weight.detach().numpy() for n in names], axis=0)
+                codes = gptq_matrix(w, (hess[names[0]] / max(count[names[0]], 1)).numpy(), bits, group)
+                r0 = 0
+                for n in names:
+                    r1 = r0 + linears[n].out_features
+                    part = GroupCodes(codes.codes[r0:r1], codes.scale[r0:r1], codes.low[r0:r1], codes.bounds, bits)
+                    out[key_to_name[f"{prefix}{n}.weight"]] = part
+                    linears[n].weight.data.copy_(torch.from_numpy(part.dequant()))
+                    r0 = r1
             inputs = [_hidden(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
-            log(f"  gptq layer {li}: {len(linears)} matrices, {time.perf_counter() - t0:.1f} s")
+            log(f"  gptq layer {li}: {len(linears)} matrices in {len(stacks)} stacks, {time.perf_counter() - t0:.1f} s")
     runner.reload_original()  # the layers were changed in place: every parameter back from the checkpoint
     return out
 
