@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", nargs="?", const=True, metavar="FILE", help="write the report as JSON to FILE (or print it)")
     v.add_argument("--plots", metavar="DIR", help="write PNG plots (row-cosine histograms, bytes per group) into DIR")
     v.add_argument("--no-fail", action="store_true", help="exit 0 even when a gate fails")
-    v.add_argument("--texts", type=int, default=None, metavar="N", help="use the first N held-out sentences (default all 256)")
+    v.add_argument("--texts", type=int, default=None, metavar="N",
+                   help="use the first N held-out texts: sentences for embedding models, prose passages for causal LMs "
+                        "(default all 256)")
     v.add_argument("--greedy-tokens", type=int, default=32, metavar="N", help="causal LMs: greedy continuation length (0: off; default %(default)s)")
     v.add_argument("--greedy-texts", type=int, default=32, metavar="N", help="causal LMs: texts continued greedily (default %(default)s)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only the gate table")
@@ -413,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--argmax-p5", type=float, metavar="X", help="gate 1: argmax-regime 5th-percentile row cosine (default 0.90)")
     t.add_argument("--index-median", type=float, metavar="X", help="gate 1: index-regime median row cosine (default 0.98)")
     t.add_argument("--index-p5", type=float, metavar="X", help="gate 1: index-regime 5th-percentile row cosine (default 0.95)")
-    t.add_argument("--min-top1", type=float, metavar="X", help="gate 2: top-1 agreement, a fraction (default 0.95)")
+    t.add_argument("--min-top1", type=float, metavar="X",
+                   help="gate 2, embedding models: top-1 retrieval agreement, a fraction (default 0.95)")
+    t.add_argument("--max-ppl-ratio", type=float, metavar="X",
+                   help="gate 2, causal LMs: held-out perplexity decoded / original (default 1.02)")
     t.add_argument("--min-ratio", type=float, metavar="X", help="gate 3: storage ratio vs bf16 (default 2.0)")
     t.add_argument("--min-cosine", type=float, metavar="X", help="gate 4: mean embedding cosine (default 0.995)")
     t.add_argument("--max-kl", type=float, metavar="X", help="gate 4: mean next-token KL in nats (default 0.02)")
