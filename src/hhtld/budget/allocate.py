@@ -62,7 +62,7 @@ class Choice:
     def to_json(self) -> dict:
         return {"group": self.key, "regime": self.regime, "setting": self.setting.name,
                 "stages": self.setting.stages, "bpw": round(self.bits / max(1, self.n_weights), 4),
-                "weights": self.n_weights, "sensitivity": self.trials}
+                "weights": self.n_weights, "sensitivity": self.sensitivity}
 
 
 @dataclass
