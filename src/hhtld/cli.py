@@ -22,9 +22,12 @@ from .inspect import format_inspect, human_bytes, inspect_path
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what is encoded (SPEC §2)")
-    g.add_argument("--min-rows", type=int, default=DEFAULT_MIN_ROWS, help="encode matrices with at least this many rows (default %(default)s)")
-    g.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES, help="... and more than this many bytes (default %(default)s)")
+    g = p.add_argument_group("what is encoded (docs/design.md, section 1)")
+    g.add_argument("--min-rows", type=int, default=None,
+                   help=f"encode matrices with at least this many rows (default {DEFAULT_MIN_ROWS}; the calibrated "
+                        "encode, --target behaviour, encodes every matrix unless a threshold is given)")
+    g.add_argument("--min-bytes", type=int, default=None,
+                   help=f"... and more than this many bytes (default {DEFAULT_MIN_BYTES})")
     g.add_argument("--encode-all", action="store_true", help="encode every 2-D float matrix, whatever its size")
     g.add_argument("--rule", action="append", default=[], metavar="PATTERN=ROLE",
                    help="classification rule put in front of the built-in table (regex searched in the name; "
@@ -32,11 +35,18 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rules", metavar="FILE.json", help="JSON list of {pattern, role, transposed} rules, in front of the table")
 
 
-def _policy(args) -> tuple[EncodablePolicy, object]:
+def _policy(args, every_matrix: bool = False) -> tuple[EncodablePolicy, object]:
+    """The encodable policy of the flags; ``every_matrix``: encode every matrix unless
+    a size threshold was given (the calibrated encode measures what each one needs)."""
     for opt in ("min_rows", "min_bytes"):
-        if getattr(args, opt) < 0:
-            raise HhtldError(f"--{opt.replace('_', '-')} must be >= 0, got {getattr(args, opt)}")
-    return EncodablePolicy(args.min_rows, args.min_bytes, args.encode_all), _rules_only(args)
+        v = getattr(args, opt)
+        if v is not None and v < 0:
+            raise OptionsError(f"--{opt.replace('_', '-')} must be >= 0, got {v}")
+    thresholds_given = args.min_rows is not None or args.min_bytes is not None
+    args.min_rows = DEFAULT_MIN_ROWS if args.min_rows is None else args.min_rows
+    args.min_bytes = DEFAULT_MIN_BYTES if args.min_bytes is None else args.min_bytes
+    encode_all = args.encode_all or (every_matrix and not thresholds_given)
+    return EncodablePolicy(args.min_rows, args.min_bytes, encode_all), _rules_only(args)
 
 
 def _emit_json(obj, dest) -> None:
@@ -65,7 +75,9 @@ def cmd_encode(args) -> int:
     from .inspect import inspect_pack
     from .pack import encode_checkpoint
 
-    policy, rules = _policy(args)
+    calibrated = (args.codec == "hhtl-vq" and args.stages is None
+                  and (args.target == "behaviour" or (args.target is None and args.bpw is None)))
+    policy, rules = _policy(args, every_matrix=calibrated)
     opts = {"k": args.k, "leaf_lanes": args.leaf_lanes, "stages": args.stages, "rotate": args.rotate,
             "gain": args.gain, "seed": args.seed}
     opts = {k: v for k, v in opts.items() if v is not None}
