@@ -386,6 +386,49 @@ def pack_candidate(path: str | os.PathLike, ckpt: Checkpoint, label: str | None 
     return Candidate(f"pack:{name}", name, PackSource(p, ckpt, label=name), bits, f"hhtld pack {Path(path).name}")
 
 
+HHTLD_BPW = (3.5, 4.0, 4.5, 5.0, 6.0)  # calibrated budgets (bits per weight of the tensors' own parts)
+
+
+def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW,
+                     log: Callable[[str], None] = print) -> list[Candidate]:
+    """hhtld's rows, encoded here into ``folder``: the default (``--target behaviour``:
+    calibrated, KL <= 0.02 on calibration text), the data-free ``--target rows``, and
+    the calibrated encode at fixed budgets with and without error feedback (one
+    calibration, reused). Every matrix is encoded (``--encode-all``)."""
+    from threadpoolctl import threadpool_limits
+
+    from hhtld import EncodablePolicy
+    from hhtld.budget import encode_budget
+    from hhtld.calibrate.pipeline import Calibration
+
+    pol = EncodablePolicy(encode_all=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    t0 = time.perf_counter()
+    _, al = encode_budget(model, folder / "default.hhtld", target="behaviour", policy=pol, log=log)
+    c = al.calibration.check
+    out.append(pack_candidate(folder / "default.hhtld", ckpt, "hhtld default (--target behaviour)"))
+    out[-1].note = (f"calibrated; target {'met' if al.met else 'NOT met'} on calibration text (KL {c['kl_mean']:.4f}, "
+                    f"ppl ratio {c['ppl_ratio']:.4f}); {len(al.calibration.rounds)} round(s)")
+    out[-1].seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, al = encode_budget(model, folder / "rows.hhtld", target="rows", policy=pol, log=log)
+    out.append(pack_candidate(folder / "rows.hhtld", ckpt, "hhtld --target rows (data-free)"))
+    out[-1].note, out[-1].seconds = "data-free; causal minimum rungs", time.perf_counter() - t0
+    with threadpool_limits(limits=1, user_api="blas"), Calibration(model, folder, policy=pol, log=log) as cal:
+        for b in bpws:
+            alloc = cal.allocate(bpw=b)
+            for fb in (True, False):
+                t0 = time.perf_counter()
+                name = f"bpw{b}-{'feedback' if fb else 'plain'}"
+                cal.encode(folder / f"{name}.hhtld", alloc, feedback=fb)
+                label = f"hhtld --target behaviour --bpw {b}" + ("" if fb else " (no error feedback)")
+                out.append(pack_candidate(folder / f"{name}.hhtld", ckpt, label))
+                out[-1].note = f"calibrated allocation, predicted KL {alloc.predicted:.4f}"
+                out[-1].seconds = time.perf_counter() - t0
+    return out
+
+
 # -- the run ----------------------------------------------------------------------------------
 def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candidates: list[Candidate] = (),
         log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -460,6 +503,9 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
     ap.add_argument("--calibration", type=int, default=None, help="GPTQ calibration passages (default 128; --quick 16)")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(list(METHODS) + list(GPTQ))}")
     ap.add_argument("--pack", action="append", default=[], metavar="LABEL=PATH", help="also evaluate an .hhtld pack")
+    ap.add_argument("--hhtld", action="store_true",
+                    help="also encode and evaluate hhtld: the default, --target rows, and calibrated --bpw "
+                         f"{', '.join(map(str, HHTLD_BPW))} with and without error feedback (packs in bench/out/causal)")
     ap.add_argument("--model", default=None, help="the SmolLM2 folder (default: make llm's, made when missing)")
     ap.add_argument("--out", default=None, help="output stem (default bench/causal; --quick bench/out/causal-quick)")
     args = ap.parse_args(argv)
@@ -483,6 +529,8 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
     for spec in args.pack:
         label, _, path = spec.rpartition("=")
         extra.append(pack_candidate(path, ckpt, label or None))
+    if args.hhtld:
+        extra += hhtld_candidates(model, ckpt, HERE / "out" / "causal", (4.0, 5.0) if args.quick else HHTLD_BPW)
     res = run(model, methods, n_texts, n_calib, extra)
     command = "python bench/causal.py" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
     res["command"] = command

@@ -322,7 +322,7 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dic
     kl_sum = nll_a = nll_b = 0.0
     kl_max = 0.0
     agree = n = 0
-    chunk = 512
+    chunk = 128  # positions whose full-vocabulary log-probabilities are in memory at once
     with torch.no_grad():
         for b, ha, hb in zip(batches, hid_a, hid_b):
             xa = norm(ha) if norm is not None else ha
