@@ -506,6 +506,8 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
     ap.add_argument("--hhtld", action="store_true",
                     help="also encode and evaluate hhtld: the default, --target rows, and calibrated --bpw "
                          f"{', '.join(map(str, HHTLD_BPW))} with and without error feedback (packs in bench/out/causal)")
+    ap.add_argument("--hhtld-bpw", default=None, metavar="B,B,...",
+                    help=f"with --hhtld: the calibrated budgets (default {','.join(map(str, HHTLD_BPW))}; --quick 4.0,5.0)")
     ap.add_argument("--model", default=None, help="the SmolLM2 folder (default: make llm's, made when missing)")
     ap.add_argument("--out", default=None, help="output stem (default bench/causal; --quick bench/out/causal-quick)")
     args = ap.parse_args(argv)
@@ -530,7 +532,9 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
         label, _, path = spec.rpartition("=")
         extra.append(pack_candidate(path, ckpt, label or None))
     if args.hhtld:
-        extra += hhtld_candidates(model, ckpt, HERE / "out" / "causal", (4.0, 5.0) if args.quick else HHTLD_BPW)
+        bpws = (tuple(float(b) for b in args.hhtld_bpw.split(",")) if args.hhtld_bpw
+                else (4.0, 5.0) if args.quick else HHTLD_BPW)
+        extra += hhtld_candidates(model, ckpt, HERE / "out" / "causal", bpws)
     res = run(model, methods, n_texts, n_calib, extra)
     command = "python bench/causal.py" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
     res["command"] = command
