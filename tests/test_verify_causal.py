@@ -18,9 +18,21 @@ pytest.importorskip("transformers")
 
 from hhtld import EncodablePolicy, GateError, encode_checkpoint, open_checkpoint, verify  # noqa: E402
 from hhtld.cli import main  # noqa: E402
-from hhtld.gates import ModelRunner, compare_outputs, heldout_texts  # noqa: E402
+from hhtld.gates import (  # noqa: E402
+    CheckpointSource,
+    FunctionSource,
+    ModelRunner,
+    PackSource,
+    compare_causal,
+    compare_causal_many,
+    compare_outputs,
+    heldout_passages,
+    heldout_texts,
+)
+from hhtld.gates.causal import causal_batch_size  # noqa: E402
 
 TEXTS = heldout_texts()[:12]
+PASSAGES = heldout_passages()[:10]
 
 
 def tiny_tokenizer():
@@ -168,21 +180,106 @@ def test_verify_gpt2_conv1d_pack_matches_the_decoded_folder(tmp_path):
     assert any(Pack(out).info(n).get("transposed") for n in Pack(out).encoded_names())
     r = ModelRunner.from_model(folder)
     rep = verify(folder, out, texts=8, greedy_tokens=0, runner=r)
-    dec = open_checkpoint(decode_pack(out, tmp_path / "dec").out_dir)
-    cmp = compare_outputs(r.run(TEXTS[:8]), r.run(TEXTS[:8], {n: dec.read_float(n) for n in r.param_of}))
-    assert rep.behaviour["top1"] == cmp["top1"] and rep.behaviour["kl_mean"] == pytest.approx(cmp["kl_mean"], abs=1e-9)
+    dec = CheckpointSource(decode_pack(out, tmp_path / "dec").out_dir, r.checkpoint)
+    assert sorted(dec.names()) == sorted(Pack(out).encoded_names())  # passthrough tensors came back byte for byte
+    cmp = compare_causal(r, heldout_passages()[:8], None, dec)
+    for k in ("top1", "kl_mean", "kl_max", "ppl_a", "ppl_b", "positions"):
+        assert rep.behaviour[k] == cmp[k], k
     assert rep.behaviour["kl_mean"] > 0  # the codec did change this model
+
+
+# -- compare_causal: bounded-memory comparison ------------------------------------------
+def _reference_stats(runner, texts, weights):
+    """KL, top-1 and NLL from the full-vocabulary arrays of two run() calls
+    (the unbounded path), over the positions that have a next token."""
+    ref, new = runner.run(texts), runner.run(texts, weights)
+    kl, agree, nll_a, nll_b = [], 0, 0.0, 0.0
+    for i, t in enumerate(texts):
+        ids = runner.tokenizer(t, truncation=True, max_length=runner.max_tokens)["input_ids"]
+        a = ref.logprobs[ref.offsets[i]:ref.offsets[i + 1] - 1].astype(np.float64)
+        b = new.logprobs[new.offsets[i]:new.offsets[i + 1] - 1].astype(np.float64)
+        kl.append(np.sum(np.exp(a) * (a - b), axis=1))
+        agree += int(np.sum(a.argmax(1) == b.argmax(1)))
+        nll_a -= a[np.arange(len(a)), ids[1:]].sum()
+        nll_b -= b[np.arange(len(b)), ids[1:]].sum()
+    kl = np.concatenate(kl)
+    return {"kl_mean": kl.mean(), "kl_max": kl.max(), "top1": agree / len(kl), "positions": len(kl),
+            "ppl_a": np.exp(nll_a / len(kl)), "ppl_b": np.exp(nll_b / len(kl))}
+
+
+def test_compare_causal_matches_the_full_vocabulary_computation(runner):
+    name = "model.layers.1.self_attn.v_proj.weight"
+    w = runner.checkpoint.read_float(name)
+    bent = {name: w + np.random.default_rng(1).normal(scale=0.3, size=w.shape).astype(np.float32)}
+    want = _reference_stats(runner, PASSAGES, bent)
+    got = compare_causal(runner, PASSAGES, None, bent, batch_size=3)
+    assert got["positions"] == want["positions"] and got["top1"] == pytest.approx(want["top1"])
+    for k in ("kl_mean", "kl_max", "ppl_a", "ppl_b"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    assert got["ppl_ratio"] == pytest.approx(got["ppl_b"] / got["ppl_a"])
+    assert got["kl_p50"] <= got["kl_p90"] <= got["kl_p99"] <= got["kl_max"] and got["kl_mean"] > 1e-3
+    # the batch size changes nothing but the number of weight switches: one per batch
+    one = compare_causal(runner, PASSAGES, None, bent, batch_size=10)
+    assert one["kl_mean"] == pytest.approx(got["kl_mean"], rel=1e-4) and one["positions"] == got["positions"]
+    assert got["swaps"] == 1 + 4 and one["swaps"] == 1 + 1
+
+
+def test_compare_causal_of_a_model_with_itself_is_exact(runner, pack):
+    src = PackSource(pack, runner.checkpoint)
+    same = compare_causal(runner, PASSAGES[:4], src, src, greedy_tokens=6, greedy_texts=2)
+    assert same["kl_mean"] == 0.0 and same["kl_max"] == 0.0 and same["ppl_ratio"] == 1.0 and same["top1"] == 1.0
+    assert same["greedy_identical"] == 1.0 and same["greedy_prefix"] == 6.0
+    orig = compare_causal(runner, PASSAGES[:4], None, None)
+    assert orig["kl_mean"] == 0.0 and orig["ppl_ratio"] == 1.0
+
+
+def test_compare_causal_many_equals_one_by_one_and_reads_lazily(runner):
+    ck = runner.checkpoint
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    reads = []
+
+    def noisy(scale):
+        def fn(n):
+            reads.append(n)
+            w = ck.read_float(n)
+            return w + np.random.default_rng(len(n)).normal(scale=scale, size=w.shape).astype(np.float32)
+        return FunctionSource(names, fn, f"noise {scale}")
+
+    many = compare_causal_many(runner, PASSAGES[:6], None, {"small": noisy(0.05), "large": noisy(0.5)}, batch_size=2)
+    # 3 batches, 2 candidates, the order reversing per batch: 2 switches per batch (+1 to start), and
+    # candidates loaded 2 + 1 + 1 times (the one loaded last runs first in the next batch), one tensor at a time
+    assert many["small"]["swaps"] == 1 + 3 * 2 and len(reads) == (2 + 1 + 1) * len(names)
+    for k, scale in (("small", 0.05), ("large", 0.5)):
+        alone = compare_causal(runner, PASSAGES[:6], None, noisy(scale), batch_size=2)
+        assert many[k]["kl_mean"] == pytest.approx(alone["kl_mean"], rel=1e-5)
+        assert many[k]["ppl_b"] == pytest.approx(alone["ppl_b"], rel=1e-6)
+    assert many["large"]["kl_mean"] > many["small"]["kl_mean"] > 0
+
+
+def test_causal_batches_are_capped_by_the_logits_budget(runner):
+    per_text = runner.max_tokens * len(runner.tokenizer) * 4
+    assert causal_batch_size(runner, 32, logits_budget=3 * per_text) == 3
+    assert causal_batch_size(runner, 2, logits_budget=3 * per_text) == 2
+    assert causal_batch_size(runner, 32, logits_budget=1) == 1
+
+
+def test_compare_causal_bad_input(runner, minilm_dir):
+    with pytest.raises(GateError, match="^no texts to run the model on$"):
+        compare_causal(runner, [], None, {})
+    emb = ModelRunner.from_model(minilm_dir)
+    with pytest.raises(GateError, match=r"compare_causal needs a causal language model, this one is embedding$"):
+        compare_causal(emb, PASSAGES, None, None)
 
 
 # -- CLI -------------------------------------------------------------------------------
 def test_cli_verify_writes_json_and_plots(llama, pack, tmp_path, capsys):
     js, plots = tmp_path / "v.json", tmp_path / "plots"
     rc = main(["verify", str(llama), str(pack), "--texts", "8", "--greedy-tokens", "0", "-q",
-               "--json", str(js), "--plots", str(plots), "--max-kl", "100", "--min-top1", "0"])
+               "--json", str(js), "--plots", str(plots), "--max-kl", "100", "--max-ppl-ratio", "1000"])
     out = capsys.readouterr().out
     data = json.loads(js.read_text())
     assert [g["gate"] for g in data["gates"]] == [1, 2, 3, 4]
-    assert data["thresholds"]["max_kl"] == 100 and data["thresholds"]["min_top1"] == 0
+    assert data["thresholds"]["max_kl"] == 100 and data["thresholds"]["max_ppl_ratio"] == 1000
     assert data["gates"][1]["passed"] and data["gates"][3]["passed"]  # loosened targets
     assert rc == (0 if data["passed"] else 2)
     assert sorted(p.name for p in plots.iterdir()) == ["bytes_per_group.png", "row_cosine_argmax.png", "row_cosine_index.png"]
@@ -246,7 +343,7 @@ def test_cli_verify_bare_safetensors_needs_config(llama, pack, tmp_path, capsys)
 def test_cli_verify_bad_texts_option(llama, pack, capsys):
     rc = main(["verify", str(llama), str(pack), "--texts", "1"])
     assert rc == 1
-    assert capsys.readouterr().err == "hhtld: error: --texts must be between 2 and 256 (the held-out sentences), got 1\n"
+    assert capsys.readouterr().err == "hhtld: error: --texts must be between 2 and 256 (the held-out passages), got 1\n"
 
 
 def test_runner_without_tokenizer_says_so(llama, tmp_path):

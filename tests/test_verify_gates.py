@@ -169,7 +169,19 @@ def test_compare_causal_identical_and_perturbed():
     assert cmp["kl_max"] >= np.sum(p * (ref.logprobs[0] - q_lp)) - 1e-9
     assert cmp["kl_mean"] > 0.02
     assert not gate_output(cmp, "causal", Thresholds()).passed
-    assert not gate_behaviour(cmp, "causal", Thresholds()).passed
+
+
+def test_causal_gate2_is_the_perplexity_ratio_not_top1():
+    base = {"ppl_a": 40.0, "nll_a": np.log(40.0), "top1": 0.5, "positions": 1000}
+    ok = {**base, "ppl_b": 40.8, "nll_b": np.log(40.8), "ppl_ratio": 1.02}
+    g = gate_behaviour(ok, "causal", Thresholds())
+    assert g.passed and g.target == "ratio<=1.02" and g.measured["ppl_ratio"] == 1.02
+    assert g.value == "perplexity ratio 1.0200 (40.00 -> 40.80); top-1 next token 50.0%"
+    bad = {**base, "ppl_b": 40.9, "nll_b": np.log(40.9), "ppl_ratio": 1.0225}
+    assert not gate_behaviour(bad, "causal", Thresholds()).passed
+    assert gate_behaviour(bad, "causal", Thresholds(max_ppl_ratio=1.05)).passed
+    with pytest.raises(OptionsError, match="max_ppl_ratio"):
+        Thresholds(max_ppl_ratio=0)
 
 
 def test_compare_refuses_mismatched_runs():

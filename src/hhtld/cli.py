@@ -30,9 +30,12 @@ from .inspect import format_inspect, human_bytes, inspect_path
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what is encoded (SPEC §2)")
-    g.add_argument("--min-rows", type=int, default=DEFAULT_MIN_ROWS, help="encode matrices with at least this many rows (default %(default)s)")
-    g.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES, help="... and more than this many bytes (default %(default)s)")
+    g = p.add_argument_group("what is encoded (docs/design.md, section 1)")
+    g.add_argument("--min-rows", type=int, default=None,
+                   help=f"encode matrices with at least this many rows (default {DEFAULT_MIN_ROWS}; the calibrated "
+                        "encode, --target behaviour, encodes every matrix unless a threshold is given)")
+    g.add_argument("--min-bytes", type=int, default=None,
+                   help=f"... and more than this many bytes (default {DEFAULT_MIN_BYTES})")
     g.add_argument("--encode-all", action="store_true", help="encode every 2-D float matrix, whatever its size")
     g.add_argument("--rule", action="append", default=[], metavar="PATTERN=ROLE",
                    help="classification rule put in front of the built-in table (regex searched in the name; "
@@ -40,11 +43,18 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rules", metavar="FILE.json", help="JSON list of {pattern, role, transposed} rules, in front of the table")
 
 
-def _policy(args) -> tuple[EncodablePolicy, object]:
+def _policy(args, every_matrix: bool = False) -> tuple[EncodablePolicy, object]:
+    """The encodable policy of the flags; ``every_matrix``: encode every matrix unless
+    a size threshold was given (the calibrated encode measures what each one needs)."""
     for opt in ("min_rows", "min_bytes"):
-        if getattr(args, opt) < 0:
-            raise HhtldError(f"--{opt.replace('_', '-')} must be >= 0, got {getattr(args, opt)}")
-    return EncodablePolicy(args.min_rows, args.min_bytes, args.encode_all), _rules_only(args)
+        v = getattr(args, opt)
+        if v is not None and v < 0:
+            raise OptionsError(f"--{opt.replace('_', '-')} must be >= 0, got {v}")
+    thresholds_given = args.min_rows is not None or args.min_bytes is not None
+    args.min_rows = DEFAULT_MIN_ROWS if args.min_rows is None else args.min_rows
+    args.min_bytes = DEFAULT_MIN_BYTES if args.min_bytes is None else args.min_bytes
+    encode_all = args.encode_all or (every_matrix and not thresholds_given)
+    return EncodablePolicy(args.min_rows, args.min_bytes, encode_all), _rules_only(args)
 
 
 def _emit_json(obj, dest) -> None:
@@ -73,7 +83,9 @@ def cmd_encode(args) -> int:
     from .inspect import inspect_pack
     from .pack import encode_checkpoint
 
-    policy, rules = _policy(args)
+    calibrated = (args.codec == "hhtl-vq" and args.stages is None
+                  and (args.target == "behaviour" or (args.target is None and args.bpw is None)))
+    policy, rules = _policy(args, every_matrix=calibrated)
     opts = {"k": args.k, "leaf_lanes": args.leaf_lanes, "stages": args.stages, "rotate": args.rotate,
             "gain": args.gain, "seed": args.seed}
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -100,7 +112,7 @@ def cmd_encode(args) -> int:
                                         log=None if (args.json or args.quiet) else print,
                                         sample_rows=args.sample_rows, threads=args.threads,
                                         thresholds=Thresholds(**targets) if targets else None,
-                                        calibration=args.calibration_texts)
+                                        calibration=args.calibration_texts, max_rounds=args.max_rounds)
     else:
         if args.target is not None or args.bpw is not None:
             raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
@@ -322,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-ppl-ratio", type=float, metavar="X", help="causal LMs: perplexity ratio (default 1.02)")
     tg.add_argument("--min-top1", type=float, metavar="X", help="embedding models: top-1 retrieval (default 0.95)")
     tg.add_argument("--min-cosine", type=float, metavar="X", help="embedding models: mean cosine (default 0.995)")
+    tg.add_argument("--max-rounds", type=int, default=2, metavar="N",
+                    help="encode again (analysis reused) while the check misses the target, at most N times "
+                         "(default %(default)s)")
     tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
                     help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
                          "256 sentences for embedding models)")
@@ -413,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", nargs="?", const=True, metavar="FILE", help="write the report as JSON to FILE (or print it)")
     v.add_argument("--plots", metavar="DIR", help="write PNG plots (row-cosine histograms, bytes per group) into DIR")
     v.add_argument("--no-fail", action="store_true", help="exit 0 even when a gate fails")
-    v.add_argument("--texts", type=int, default=None, metavar="N", help="use the first N held-out sentences (default all 256)")
+    v.add_argument("--texts", type=int, default=None, metavar="N",
+                   help="use the first N held-out texts: sentences for embedding models, prose passages for causal LMs "
+                        "(default all 256)")
     v.add_argument("--greedy-tokens", type=int, default=32, metavar="N", help="causal LMs: greedy continuation length (0: off; default %(default)s)")
     v.add_argument("--greedy-texts", type=int, default=32, metavar="N", help="causal LMs: texts continued greedily (default %(default)s)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only the gate table")
@@ -422,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--argmax-p5", type=float, metavar="X", help="gate 1: argmax-regime 5th-percentile row cosine (default 0.90)")
     t.add_argument("--index-median", type=float, metavar="X", help="gate 1: index-regime median row cosine (default 0.98)")
     t.add_argument("--index-p5", type=float, metavar="X", help="gate 1: index-regime 5th-percentile row cosine (default 0.95)")
-    t.add_argument("--min-top1", type=float, metavar="X", help="gate 2: top-1 agreement, a fraction (default 0.95)")
+    t.add_argument("--min-top1", type=float, metavar="X",
+                   help="gate 2, embedding models: top-1 retrieval agreement, a fraction (default 0.95)")
+    t.add_argument("--max-ppl-ratio", type=float, metavar="X",
+                   help="gate 2, causal LMs: held-out perplexity decoded / original (default 1.02)")
     t.add_argument("--min-ratio", type=float, metavar="X", help="gate 3: storage ratio vs bf16 (default 2.0)")
     t.add_argument("--min-cosine", type=float, metavar="X", help="gate 4: mean embedding cosine (default 0.995)")
     t.add_argument("--max-kl", type=float, metavar="X", help="gate 4: mean next-token KL in nats (default 0.02)")

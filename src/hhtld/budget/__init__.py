@@ -2,8 +2,9 @@
 settings with exact bits per weight, per-group sensitivity on the
 calibration set, and the allocator behind ``hhtld encode --target/--bpw``."""
 
-from .allocate import TARGETS, Allocation, Choice, allocate_rows, encode_budget, greedy
+from .allocate import TARGETS, Allocation, Choice, allocate_rows, encode_budget
+from .greedy import spend
 from .settings import BY_NAME, LADDER, Setting, setting
 
 __all__ = ["Allocation", "BY_NAME", "Choice", "LADDER", "Setting", "TARGETS", "allocate_rows",
-           "encode_budget", "greedy", "setting"]
+           "encode_budget", "setting", "spend"]

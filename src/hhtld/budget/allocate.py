@@ -33,6 +33,7 @@ from ..errors import GateError, OptionsError
 from ..outputs import check_output_file
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..pack.writer import EncodeResult, encode_checkpoint
+from .greedy import spend
 from .trials import GroupTrials, sample_group_rows
 from .settings import LADDER, Setting
 
@@ -61,7 +62,7 @@ class Choice:
     def to_json(self) -> dict:
         return {"group": self.key, "regime": self.regime, "setting": self.setting.name,
                 "stages": self.setting.stages, "bpw": round(self.bits / max(1, self.n_weights), 4),
-                "weights": self.n_weights, "sensitivity": self.trials}
+                "weights": self.n_weights, "sensitivity": self.sensitivity}
 
 
 @dataclass
@@ -138,38 +139,6 @@ def allocate_rows(groups: list[GroupPlan], trials: dict[str, GroupTrials], thres
                 i += 1
         out[k] = _choice(g, LADDER[i])
     return out
-
-
-# --- greedy marginal utility ----------------------------------------------------------
-def greedy(groups: list[GroupPlan], start: dict[str, int], loss: Callable[[GroupPlan, Setting], float],
-           done: Callable[[float], bool], budget_bits: float | None = None, lookahead: int = 3) -> dict[str, int]:
-    """Upgrade, one step at a time, the group whose next rungs remove the most
-    loss per extra bit, until ``done(total loss)`` or the budget is spent."""
-    state = dict(start)
-    bits = {str(g.key): [s.group_bits(g.key, len(g.tensors)) for s in LADDER] for g in groups}
-    by_key = {str(g.key): g for g in groups}
-    cur_loss = {k: loss(by_key[k], LADDER[i]) for k, i in state.items()}
-    used = sum(bits[k][i] for k, i in state.items())
-    while not done(sum(cur_loss.values())):
-        best = None
-        for k, i in state.items():
-            for j in range(i + 1, min(len(LADDER), i + 1 + lookahead)):
-                db = bits[k][j] - bits[k][i]
-                if budget_bits is not None and used + db > budget_bits:
-                    continue
-                gain = cur_loss[k] - loss(by_key[k], LADDER[j])
-                if db <= 0:
-                    continue
-                u = gain / db
-                if best is None or u > best[0]:
-                    best = (u, k, j, db)
-        if best is None or best[0] <= 0:
-            break
-        _, k, j, db = best
-        state[k] = j
-        used += db
-        cur_loss[k] = loss(by_key[k], LADDER[j])
-    return state
 
 
 # --- the driver ------------------------------------------------------------------------
@@ -293,8 +262,8 @@ def _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_l
         floors = ", ".join(f"{r} {v}" for r, v in CAUSAL_ROWS_FLOOR.items()) + f", others {CAUSAL_ROWS_FLOOR_DEFAULT}"
         alloc.notes.append(CAUSAL_ROWS_WARNING.format(floors=floors))
     if bpw is not None:
-        start = {str(g.key): 0 for g in groups}
-        state = greedy(groups, start, rows_loss, lambda _l: False, budget_bits)
+        state = spend({str(g.key): [s.group_bits(g.key, len(g.tensors)) for s in LADDER] for g in groups},
+                      {str(g.key): [rows_loss(g, s) for s in LADDER] for g in groups}, budget_bits=budget_bits)
         alloc.choices = {str(g.key): _choice(g, LADDER[state[str(g.key)]]) for g in groups}
     else:
         alloc.choices = allocate_rows(groups, trials, th, floor=floor)
@@ -377,4 +346,4 @@ def _check_out(out, ckpt) -> Path:
     return out
 
 
-__all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget", "greedy"]
+__all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget"]

@@ -20,11 +20,11 @@ until the sum meets the goal or the bits run out.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..budget.greedy import spend
 from ..budget.settings import LADDER, Setting
 from ..codecs.vq import hadamard_block, rotation_signs
 from ..codecs.vq_feedback import DEFAULT_DAMP, inverse_cholesky, rotated_hessian
@@ -131,55 +131,19 @@ class TensorAllocation:
 
 def allocate(stats: list[TensorStats], rel_mse: dict[str, dict[str, float]], goal: float | None = None,
              budget_bits: float | None = None, floor: dict[str, int] | None = None) -> TensorAllocation:
-    """Greedy per-tensor rungs: ``rel_mse[group][rung]`` is the group's relative
-    weight error at each rung; stop when the predicted sum of ``ε`` is at most
-    ``goal`` or when the next step would pass ``budget_bits``. ``floor``: the
-    lowest rung index per role."""
-    floor = floor or {}
-    idx = {}
-    bits = {}
-    eps = {}
-    for st in stats:
-        lo = floor.get(st.role, 0)
-        idx[st.name] = lo
-        bits[st.name] = [tensor_bits(s, st.rows, st.cols, st.role) for s in LADDER]
-        eps[st.name] = [st.sensitivity * rel_mse[st.group][s.name] for s in LADDER]
-    by_name = {st.name: st for st in stats}
-    used = sum(bits[n][i] for n, i in idx.items())
-    total = sum(eps[n][i] for n, i in idx.items())
-
-    def best_step(n: str):
-        i = idx[n]
-        best = None
-        for j in range(i + 1, min(len(LADDER), i + 4)):  # look a few rungs ahead (rates are not convex)
-            db = bits[n][j] - bits[n][i]
-            de = eps[n][i] - eps[n][j]
-            if db > 0 and de > 0 and (best is None or de / db > best[0]):
-                best = (de / db, j, db, de)
-        return best
-
-    heap = []
-    for n in idx:
-        b = best_step(n)
-        if b is not None:
-            heapq.heappush(heap, (-b[0], n, b[1], idx[n]))
-    while heap and (goal is None or total > goal):
-        _, n, j, at = heapq.heappop(heap)
-        if idx[n] != at:  # stale entry
-            continue
-        db = bits[n][j] - bits[n][at]
-        if budget_bits is not None and used + db > budget_bits:
-            continue
-        total -= eps[n][at] - eps[n][j]
-        used += db
-        idx[n] = j
-        b = best_step(n)
-        if b is not None:
-            heapq.heappush(heap, (-b[0], n, b[1], j))
+    """Per-tensor rungs (:func:`hhtld.budget.greedy.spend`): ``rel_mse[group][rung]`` is
+    the group's relative weight error at each rung; stop when the predicted total
+    change is at most ``goal`` or when the next step would pass ``budget_bits``.
+    ``floor``: the lowest rung index per role."""
+    bits = {st.name: [tensor_bits(s, st.rows, st.cols, st.role) for s in LADDER] for st in stats}
+    loss = {st.name: [st.sensitivity * rel_mse[st.group][s.name] for s in LADDER] for st in stats}
+    start = {st.name: (floor or {}).get(st.role, 0) for st in stats}
+    idx = spend(bits, loss, start, goal=goal, budget_bits=budget_bits)
     out = TensorAllocation(goal=goal)
-    for n, i in idx.items():
-        st = by_name[n]
-        out.choices[n] = TensorChoice(n, st.group, LADDER[i], bits[n][i], st.rows * st.cols, eps[n][i])
+    for st in stats:
+        i = idx[st.name]
+        out.choices[st.name] = TensorChoice(st.name, st.group, LADDER[i], bits[st.name][i], st.rows * st.cols,
+                                            loss[st.name][i])
     return out
 
 

@@ -55,12 +55,18 @@ def _head_cotangent(lw, h_last, batch, family: str, gen, want_head: bool = False
         obj = logp[pos].gather(-1, y[:, None]).sum()
         head_r = None
         if want_head:
-            with torch.no_grad():  # per-sequence head gradient Σ_t (onehot(ŷ_t) - p_t) x_tᵀ
-                p = logp.exp() * pos.unsqueeze(-1)
-                onehot = torch.zeros_like(p)
-                onehot[pos] = torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype)
-                gw = torch.einsum("btv,btc->bvc", onehot - p, x.detach())
-                head_r = (gw.double() ** 2).sum(-1).sum(0).numpy()
+            with torch.no_grad():  # per-sequence head gradient Σ_t (onehot(ŷ_t) - p_t) x_tᵀ, one sequence at a time
+                head_r = np.zeros(logp.shape[-1])
+                k = 0
+                for b in range(logp.shape[0]):
+                    pb = pos[b]
+                    n = int(pb.sum())
+                    cot = -logp[b][pb].exp()  # (n, vocab)
+                    cot[torch.arange(n), y[k : k + n]] += 1.0
+                    k += n
+                    gw = cot.T @ x[b][pb].detach().float()  # (vocab, c)
+                    head_r += (gw * gw).sum(-1).double().numpy()
+                    del cot, gw
         obj.backward()
         return h.grad.detach(), head_r, int(pos.sum())
     m = batch.attention_mask.unsqueeze(-1).to(h.dtype)

@@ -26,7 +26,7 @@ class HessianHooks:
         self.tokens = 0
         self.valid = None
         self._handles = []
-        self._cache: dict[tuple, tuple[str, Any]] = {}
+        self._cache: dict[tuple, tuple[str, Any, Any]] = {}
 
     @property
     def hessians(self) -> dict[str, np.ndarray]:
@@ -57,7 +57,9 @@ class HessianHooks:
                 flat = flat[self.valid]
             flat = flat.float()
             xtx = flat.T @ flat
-            self._cache[key] = (name, xtx)
+            # hold x for the rest of the batch: a freed input's address could be reused by the
+            # next layer's input, which would then pass for the same tensor
+            self._cache[key] = (name, xtx, x)
             src = self._source.setdefault(name, name)
             h = self._sums.get(src)
             if h is None:

@@ -130,13 +130,17 @@ class LayerwiseModel:
                 done.add(k)
 
     def release(self, keys) -> None:
-        """Put parameters ``keys`` (and their ties) back on ``meta``."""
+        """Put parameters ``keys`` (and their ties) back on ``meta``, and hand the freed
+        memory back to the system (blocks come and go; glibc would keep it fragmented)."""
+        from ..gates.runner import release_heap
+
         torch = self._torch
         for key in keys:
             for k in self.ties.get(key, [key]):
                 p = self._param(k)
                 if p.device.type != "meta":
                     self._set(k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        release_heap()
 
     def outside_blocks(self) -> list[str]:
         inside = set(self.keys_under(self.blocks_path))

@@ -39,6 +39,7 @@ from ..codecs.parallel import encode_pool
 from ..codecs.registry import make_codec
 from ..errors import GateError, OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
+from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
 
@@ -147,12 +148,6 @@ def head_name(lw) -> str | None:
                 if k in lw.key_to_name:
                     return lw.key_to_name[k]
     return None
-
-
-def _to_original(t, rows: np.ndarray) -> np.ndarray:
-    from ..classify.shapes import from_row_matrix
-
-    return from_row_matrix(rows, t.shape, t.transposed)
 
 
 class HessianStore:
@@ -327,7 +322,7 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dic
     kl_sum = nll_a = nll_b = 0.0
     kl_max = 0.0
     agree = n = 0
-    chunk = 512
+    chunk = 128  # positions whose full-vocabulary log-probabilities are in memory at once
     with torch.no_grad():
         for b, ha, hb in zip(batches, hid_a, hid_b):
             xa = norm(ha) if norm is not None else ha
@@ -394,6 +389,115 @@ def change_of(family: str, check: dict) -> float:
     return float(check["kl_mean"]) if family == "causal" else float(1.0 - check["cos_mean"])
 
 
+class Calibration:
+    """The analysis of one model, reusable for several encodes: the model built
+    empty, calibration batches, per-tensor stats with Fisher sensitivities,
+    every layer's Hessian (in a temporary folder next to ``target``, the output path
+    or a folder to work in) and the
+    groups' rung trials. A context manager: the folder goes on exit.
+
+    ``encode(out, goal=..., bpw=..., feedback=...)`` writes one pack (no check);
+    ``check(pack)`` compares a pack with the original on calibration text."""
+
+    def __init__(self, model, target, *, config=None, policy: EncodablePolicy = EncodablePolicy(),
+                 rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
+                 texts: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                 threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
+                 log: Callable[[str], None] | None = None):
+        from ..budget.settings import LADDER
+        from ..budget.trials import GroupTrials, sample_group_rows
+        from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
+
+        t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.model_path = model
+        self.ckpt = open_checkpoint(model)
+        self.plan = plan_checkpoint(self.ckpt, policy, rules)
+        self.policy, self.sample_rows, self.threads, self.include_aux, self.log = (policy, sample_rows, threads,
+                                                                                   include_aux, log)
+        self.codec_options = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
+        seed = int(self.codec_options.get("seed", 0))
+        net, tok, self.family, _ = build_empty(model, config)
+        self.lw = LayerwiseModel(net, checkpoint_param_map(net, self.ckpt), self.ckpt.read_float)
+        self.n_texts = texts or TEXTS[self.family]
+        self.seq_len = seq_len
+        batches = calibration_batches(tok, self.family, self.n_texts, seq_len)
+        n_check = check_texts or CHECK_TEXTS[self.family]
+        self.check_batches = batches[: max(1, -(-min(n_check, self.n_texts) // BATCH))]
+        self.total_weights = sum(g.n_weights for g in self.plan.groups) or 1
+        target = Path(target)
+        self._work = make_temp_dir(target / "calibration" if target.is_dir() else target, ".calibration")
+        self.seconds["load"] = time.perf_counter() - t0
+        try:
+            t1 = time.perf_counter()
+            self.store = HessianStore(self._work)
+            stats, info = analyse(self.lw, self.ckpt, self.plan, batches, self.store, log=log, seed=seed)
+            self.tokens = info["tokens"]
+            self.seconds["analyse"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            self.rel = {}
+            for g in self.plan.groups:
+                tr = GroupTrials(sample_group_rows(self.ckpt, g), seed=seed)
+                self.rel[str(g.key)] = {s.name: tr(s).rel_mse for s in LADDER}
+            self.seconds["trials"] = time.perf_counter() - t1
+            for g in self.plan.groups:
+                for t in g.tensors:
+                    if t.name not in stats:  # tables read by index, heads the blocks do not reach
+                        stats[t.name] = tensor_stats(t.name, str(g.key), t.role, TensorRows(self.ckpt, t).read())
+            t1 = time.perf_counter()
+            fb = calibration_batches(tok, self.family, min(self.n_texts, FISHER_TEXTS[self.family]), seq_len,
+                                     batch=FISHER_BATCH[self.family])
+            fis = fisher_diagonals(self.lw, fb, self.family, set(stats), seed=seed)
+            for n, st in stats.items():
+                st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
+            self.stats = list(stats.values())
+            self.seconds["fisher"] = time.perf_counter() - t1
+        except BaseException:
+            self.close()
+            raise
+
+    def allocate(self, goal: float | None = None, bpw: float | None = None) -> TensorAllocation:
+        """Per-tensor rungs for a predicted-change ``goal`` or a ``bpw`` budget (tensor parts)."""
+        return allocate(self.stats, self.rel, goal=goal, budget_bits=None if bpw is None else bpw * self.total_weights)
+
+    def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
+        """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""
+        from ..pack.writer import _PackWriter
+
+        pw = _PackWriter(Path(out), self.ckpt, self.plan)
+        try:
+            with encode_pool(self.threads) as pool:
+                results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, pw, pool,
+                                      self.codec_options, self.sample_rows, self.log)
+            pw.finish(make_codec("hhtl-vq", **self.codec_options), self.policy, self.sample_rows, self.include_aux,
+                      extra={"calibration": {"family": self.family, "tokens": self.tokens, "texts": self.n_texts,
+                                             "seq_len": self.seq_len if self.family == "causal" else None,
+                                             "feedback": bool(feedback)}})
+        except BaseException:
+            pw.abort()
+            raise
+        return results
+
+    def check(self, pack) -> dict[str, float]:
+        """The pack against the original model on the calibration check texts."""
+        from ..classify.shapes import from_row_matrix
+        from ..pack.reader import Pack
+
+        p = pack if isinstance(pack, Pack) else Pack(pack)
+        replaced = {n: (lambda n=n: from_row_matrix(p.rows(n), p.info(n)["shape"], bool(p.info(n).get("transposed"))))
+                    for n in p.encoded_names()}
+        return layerwise_compare(self.lw, self.check_batches, replaced, self.family)
+
+    def close(self) -> None:
+        remove_temp(self._work)
+
+    def __enter__(self) -> "Calibration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | None = None, config=None,
                       policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
                       codec_options: dict[str, Any] | None = None, texts: int | None = None,
@@ -414,122 +518,70 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     ImportError (torch/transformers/accelerate missing) before any work."""
     from threadpoolctl import threadpool_limits
 
+    from ..outputs import check_output_file
+    from ..pack.writer import EncodeResult
+
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise OptionsError(f"max_rounds must be a positive integer, got {max_rounds!r}")
-    # numpy's BLAS on one thread next to torch's: two thread pools spinning on two cores
-    # made small Cholesky factorisations 20-30x slower
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _encode_calibrated(model, out, target or Target(), bpw, config, policy, rules, codec_options, texts,
-                                  seq_len, sample_rows, threads, include_aux, check_texts, max_rounds, feedback, log)
-
-
-def _encode_calibrated(model, out, target, bpw, config, policy, rules, codec_options, texts, seq_len, sample_rows,
-                       threads, include_aux, check_texts, max_rounds, feedback, log):
-    from ..budget.trials import GroupTrials, sample_group_rows
-    from ..budget.settings import LADDER
-    from ..classify.shapes import from_row_matrix
-    from ..outputs import check_output_file, make_temp_dir, make_temp_file, publish, remove_temp
-    from ..pack.reader import Pack
-    from ..pack.writer import EncodeResult, _PackWriter
-    from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
-
+    target = target or Target()
     t0 = time.perf_counter()
-    sec: dict[str, float] = {}
     ckpt = open_checkpoint(model)
     out = check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
                             what="pack")
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan = plan_checkpoint(ckpt, policy, rules)
-    codec_options = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
-    seed = int(codec_options.get("seed", 0))
-    net, tok, fam, cfile = build_empty(model, config)
-    lw = LayerwiseModel(net, checkpoint_param_map(net, ckpt), ckpt.read_float)
-    n_texts = texts or TEXTS[fam]
-    check_texts = check_texts or CHECK_TEXTS[fam]
-    batches = calibration_batches(tok, fam, n_texts, seq_len)
-    total_w = sum(g.n_weights for g in plan.groups) or 1
-    sec["load"] = time.perf_counter() - t0
-    report = CalibrationReport(fam, {} if bpw is not None else target.to_json(fam), None, [])
-    work = make_temp_dir(out, ".calibration")
-    rounds: list[Path] = []
-    try:
-        t1 = time.perf_counter()
-        store = HessianStore(work)
-        stats, info = analyse(lw, ckpt, plan, batches, store, log=log, seed=seed)
-        report.tokens = info["tokens"]
-        sec["analyse"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        rel = {}
-        for g in plan.groups:
-            tr = GroupTrials(sample_group_rows(ckpt, g), seed=seed)
-            rel[str(g.key)] = {s.name: tr(s).rel_mse for s in LADDER}
-        sec["trials"] = time.perf_counter() - t1
-        for g in plan.groups:
-            for t in g.tensors:
-                if t.name not in stats:  # tables read by index, heads the blocks do not reach
-                    stats[t.name] = tensor_stats(t.name, str(g.key), t.role, TensorRows(ckpt, t).read())
-        t1 = time.perf_counter()
-        fb = calibration_batches(tok, fam, min(n_texts, FISHER_TEXTS[fam]), seq_len, batch=FISHER_BATCH[fam])
-        fis = fisher_diagonals(lw, fb, fam, set(stats), seed=seed)
-        for n, st in stats.items():
-            st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
-        report.stats = list(stats.values())
-        sec["fisher"] = time.perf_counter() - t1
-        check_batches = batches[: max(1, -(-min(check_texts, n_texts) // BATCH))]
+    # numpy's BLAS on one thread next to torch's: two thread pools spinning on two cores
+    # made small Cholesky factorisations 20-30x slower
+    with threadpool_limits(limits=1, user_api="blas"), \
+            Calibration(model, out, config=config, policy=policy, rules=rules, codec_options=codec_options,
+                        texts=texts, seq_len=seq_len, sample_rows=sample_rows, threads=threads,
+                        include_aux=include_aux, check_texts=check_texts, log=log) as cal:
+        fam = cal.family
+        report = CalibrationReport(fam, {} if bpw is not None else target.to_json(fam), None, cal.stats,
+                                   tokens=cal.tokens)
+        sec = dict(cal.seconds)
         goal = None if bpw is not None else target.share * target.allowed(fam)
-        for rnd in range(max_rounds):
-            t1 = time.perf_counter()
-            alloc = allocate(report.stats, rel, goal=goal, budget_bits=None if bpw is None else bpw * total_w)
-            if log:
-                log(f"allocation, round {rnd + 1}: {alloc.bits / total_w:.3f} bits per encoded weight (tensor parts), "
-                    f"predicted output change {alloc.predicted:.4g}" + ("" if goal is None else f" (goal {goal:.4g})"))
-            fd, tmp = make_temp_file(out, ".round")
-            os.close(fd)
-            rounds.append(Path(tmp))
-            pw = _PackWriter(rounds[-1], ckpt, plan)
-            try:
-                with encode_pool(threads) as pool:
-                    results = encode_pass(ckpt, plan, alloc, store if feedback else None, pw, pool, codec_options,
-                                          sample_rows, log)
-                pw.finish(make_codec("hhtl-vq", **codec_options), policy, sample_rows, include_aux,
-                          extra={"calibration": {"family": fam, "tokens": info["tokens"], "texts": n_texts,
-                                                 "seq_len": seq_len if fam == "causal" else None,
-                                                 "feedback": bool(feedback)}})
-            except BaseException:
-                pw.abort()
-                raise
-            if len(rounds) > 1:
-                remove_temp(rounds[-2])
-            sec[f"encode.{rnd}"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            pack = Pack(rounds[-1])
-            replaced = {n: (lambda n=n: from_row_matrix(pack.rows(n), pack.info(n)["shape"],
-                                                         bool(pack.info(n).get("transposed"))))
-                        for n in pack.encoded_names()}
-            check = layerwise_compare(lw, check_batches, replaced, fam)
-            sec[f"check.{rnd}"] = time.perf_counter() - t1
-            met = None if bpw is not None else target.met(fam, check)
-            report.rounds.append({"goal": goal, "predicted": alloc.predicted,
-                                  "bpw_tensors": round(alloc.bits / total_w, 4), "check": check, "met": met})
-            report.allocation, report.check, report.met, report.results = alloc, check, met, results
-            if log:
-                log("check on calibration text: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                            for k, v in check.items()))
-            if met is None or met or rnd + 1 == max_rounds:
-                break
-            measured = change_of(fam, check)
-            ratio = measured / alloc.predicted if alloc.predicted > 0 else 1.0
-            goal = target.share * target.allowed(fam) / max(ratio, 1e-9)
-            if measured <= target.allowed(fam):  # the change was in range: top-1 or perplexity missed
-                goal = min(goal, alloc.predicted * RETIGHTEN)
-        publish(rounds[-1], out)
-    finally:
-        for r in rounds:
-            remove_temp(r)
-        remove_temp(work)
+        rounds: list[Path] = []
+        try:
+            for rnd in range(max_rounds):
+                t1 = time.perf_counter()
+                alloc = cal.allocate(goal=goal, bpw=bpw)
+                if log:
+                    log(f"allocation, round {rnd + 1}: {alloc.bits / cal.total_weights:.3f} bits per encoded weight "
+                        f"(tensor parts), predicted output change {alloc.predicted:.4g}"
+                        + ("" if goal is None else f" (goal {goal:.4g})"))
+                fd, tmp = make_temp_file(out, ".round")
+                os.close(fd)
+                rounds.append(tmp)
+                results = cal.encode(rounds[-1], alloc, feedback=feedback)
+                if len(rounds) > 1:
+                    remove_temp(rounds[-2])
+                sec[f"encode.{rnd}"] = time.perf_counter() - t1
+                t1 = time.perf_counter()
+                check = cal.check(rounds[-1])
+                sec[f"check.{rnd}"] = time.perf_counter() - t1
+                met = None if bpw is not None else target.met(fam, check)
+                report.rounds.append({"goal": goal, "predicted": alloc.predicted,
+                                      "bpw_tensors": round(alloc.bits / cal.total_weights, 4), "check": check,
+                                      "met": met})
+                report.allocation, report.check, report.met, report.results = alloc, check, met, results
+                if log:
+                    log("check on calibration text: " + ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
+                if met is None or met or rnd + 1 == max_rounds:
+                    break
+                measured = change_of(fam, check)
+                ratio = measured / alloc.predicted if alloc.predicted > 0 else 1.0
+                goal = target.share * target.allowed(fam) / max(ratio, 1e-9)
+                if measured <= target.allowed(fam):  # the change was in range: top-1 or perplexity missed
+                    goal = min(goal, alloc.predicted * RETIGHTEN)
+            publish(rounds[-1], out)
+        finally:
+            for r in rounds:
+                remove_temp(r)
+        plan = cal.plan
     if report.met is False:
         report.notes.append("the behaviour target was not met on calibration text after "
                             f"{len(report.rounds)} round{'s' if len(report.rounds) != 1 else ''}")
     sec["total"] = time.perf_counter() - t0
     report.seconds = {k: round(v, 2) for k, v in sec.items()}
-    return EncodeResult(out, ckpt.path, sec["total"], total_w, plan), report
+    return EncodeResult(out, ckpt.path, sec["total"], cal.total_weights, plan), report

@@ -2,6 +2,9 @@
 
 * :mod:`.texts` — held-out and calibration sentences (disjoint sources);
 * :mod:`.runner` — run a model with original or swapped weights, compare runs;
+* :mod:`.sources` — weight sources the runner loads tensor by tensor (arrays,
+  a pack, another checkpoint); :mod:`.causal` — causal LMs compared batch by
+  batch in bounded memory (perplexity ratio, KL, top-1);
 * :mod:`.rows` — gate 1, row fidelity; :mod:`.behaviour` — gates 2 and 4;
   :mod:`.storage` — gate 3; :mod:`.targets` — the thresholds;
 * :mod:`.report` — results, terminal table, JSON; :mod:`.plots` — PNGs;
@@ -12,19 +15,22 @@ a plot is drawn.
 """
 
 from .behaviour import gate_behaviour, gate_output
+from .causal import compare_causal, compare_causal_many
 from .plots import write_plots
 from .report import GateResult, VerifyReport
 from .rows import cosine_stats, gate_row_fidelity, measure_rows, row_cosines
 from .runner import ModelRunner, RunOutputs, compare_outputs, family_of_config
+from .sources import ORIGINAL, CheckpointSource, DictSource, FunctionSource, PackSource, WeightSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
-from .texts import calibration_texts, heldout_texts
+from .texts import calibration_passages, calibration_texts, heldout_passages, heldout_texts
 from .verify import check_match, verify, write_json
 
 
 __all__ = [
-    "GateResult", "ModelRunner", "RunOutputs", "Thresholds", "VerifyReport", "calibration_texts",
-    "check_match", "compare_outputs", "cosine_stats", "family_of_config", "gate_behaviour",
-    "gate_output", "gate_row_fidelity", "gate_storage", "heldout_texts", "measure_rows",
+    "CheckpointSource", "DictSource", "FunctionSource", "GateResult", "ModelRunner", "ORIGINAL", "PackSource",
+    "RunOutputs", "Thresholds", "VerifyReport", "WeightSource", "calibration_passages", "calibration_texts",
+    "check_match", "compare_causal", "compare_causal_many", "compare_outputs", "cosine_stats", "family_of_config", "gate_behaviour",
+    "gate_output", "gate_row_fidelity", "gate_storage", "heldout_passages", "heldout_texts", "measure_rows",
     "measure_storage", "row_cosines", "verify", "write_json", "write_plots",
 ]

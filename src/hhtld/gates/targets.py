@@ -13,8 +13,9 @@ class Thresholds:
 
     Row fidelity (gate 1): per regime, the median and the 5th percentile of
     the per-row cosines must reach ``*_median`` and ``*_p5``. Behaviour
-    (gate 2): top-1 agreement ≥ ``min_top1``. Storage (gate 3): original at
-    bf16 / pack ≥ ``min_ratio``. Output agreement (gate 4): mean embedding
+    (gate 2): embedding models: top-1 retrieval agreement ≥ ``min_top1``;
+    causal LMs: held-out perplexity ratio (decoded / original) ≤
+    ``max_ppl_ratio``. Storage (gate 3): original at bf16 / pack ≥ ``min_ratio``. Output agreement (gate 4): mean embedding
     cosine ≥ ``min_cosine`` (embedding models), mean next-token KL ≤
     ``max_kl`` nats (causal models).
     """
@@ -27,6 +28,7 @@ class Thresholds:
     min_ratio: float = 2.0
     min_cosine: float = 0.995
     max_kl: float = 0.02
+    max_ppl_ratio: float = 1.02
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -42,6 +44,8 @@ class Thresholds:
             raise OptionsError(f"threshold min_ratio must be > 0, got {self.min_ratio}")
         if self.max_kl < 0:
             raise OptionsError(f"threshold max_kl must be >= 0, got {self.max_kl}")
+        if self.max_ppl_ratio <= 0:
+            raise OptionsError(f"threshold max_ppl_ratio must be > 0, got {self.max_ppl_ratio}")
 
     def row_targets(self, regime: str) -> tuple[float, float]:
         """(median, p5) targets of a regime (``argmax`` or ``index``)."""

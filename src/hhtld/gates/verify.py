@@ -10,17 +10,17 @@ from typing import Sequence
 import numpy as np
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..classify.shapes import from_row_matrix
 from ..errors import GateError, OptionsError
 from ..pack.reader import Pack
-from ..stfile import NUMPY_DTYPES
 from .behaviour import gate_behaviour, gate_output
+from .causal import compare_causal
 from .report import VerifyReport
 from .rows import gate_row_fidelity, measure_rows
-from .runner import ModelRunner, compare_outputs, find_config
+from .runner import ModelRunner, _load_config_json, compare_outputs, family_of_config, find_config
+from .sources import PackSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
-from .texts import HELDOUT_MODULES, heldout_texts
+from .texts import HELDOUT_MODULES, heldout_passages, heldout_texts
 
 DEFAULT_GREEDY_TOKENS = 32
 DEFAULT_GREEDY_TEXTS = 32
@@ -42,14 +42,19 @@ def check_match(ckpt: Checkpoint, pack: Pack) -> None:
                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def _pick_texts(texts: int | Sequence[str] | None) -> tuple[list[str], str]:
-    every = heldout_texts()
-    source = f"docstrings of Python standard-library modules ({', '.join(HELDOUT_MODULES)})"
+def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list[str], str]:
+    if family == "causal":
+        every, what = heldout_passages(), "passages"
+        source = ("prose passages of CPython's language reference and standard-library docstrings "
+                  "(hhtld.gates.texts.heldout_passages)")
+    else:
+        every, what = heldout_texts(), "sentences"
+        source = f"docstrings of Python standard-library modules ({', '.join(HELDOUT_MODULES)})"
     if texts is None:
         return every, source
     if isinstance(texts, (int, np.integer)) and not isinstance(texts, bool):
         if not 2 <= texts <= len(every):
-            raise OptionsError(f"--texts must be between 2 and {len(every)} (the held-out sentences), got {texts}")
+            raise OptionsError(f"--texts must be between 2 and {len(every)} (the held-out {what}), got {texts}")
         return every[:texts], source
     out = [str(t) for t in texts]
     if len(out) < 2:
@@ -75,10 +80,18 @@ def verify(
 
     ``model``: folder, ``.safetensors`` file or index; a bare file needs
     ``config`` (a config.json or a folder holding one, with the tokenizer).
-    ``texts``: how many held-out sentences (default all 256), or a list of
-    texts. Causal models also compare ``greedy_tokens``-token greedy
-    continuations of the first ``greedy_texts`` texts (0 turns it off).
+    ``texts``: how many held-out texts (default all: the 256 sentences of
+    :func:`~hhtld.gates.texts.heldout_texts` for embedding models, the 256
+    prose passages of :func:`~hhtld.gates.texts.heldout_passages` for causal
+    LMs), or a list of texts. Causal models also compare ``greedy_tokens``-token
+    greedy continuations of the first ``greedy_texts`` texts (0 turns it off).
     ``runner``: an already built :class:`ModelRunner` of ``model`` to reuse.
+
+    Memory: the decoded weights are never held as a second model. They are
+    decoded from the pack tensor by tensor into the model's parameters
+    (:class:`~hhtld.gates.sources.PackSource`), and causal models are compared
+    batch by batch (:func:`~hhtld.gates.causal.compare_causal`), never keeping
+    full-vocabulary log-probabilities for all positions.
 
     Raises :class:`GateError` when the pack does not match the model or the
     model cannot be run; gate failures are results, not errors.
@@ -90,8 +103,9 @@ def verify(
     p = pack if isinstance(pack, Pack) else Pack(pack)
     ckpt = runner.checkpoint if runner is not None else open_checkpoint(model)
     check_match(ckpt, p)
-    chosen, source = _pick_texts(texts)
     cfile = runner.config_path if runner is not None else find_config(model, config)
+    family = runner.family if runner is not None else family_of_config(_load_config_json(cfile))
+    chosen, source = _pick_texts(texts, family)
 
     t = time.perf_counter()
     storage = measure_storage(p)
@@ -100,37 +114,25 @@ def verify(
 
     t = time.perf_counter()
     if runner is None:
-        runner = ModelRunner.from_model(model, config, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+        runner = ModelRunner.from_model(model, config, tokenizer=tokenizer, batch_size=batch_size,
+                                        progress=progress, family=family)
     timings["load_model"] = time.perf_counter() - t
 
-    # Gate 1, keeping each decoded tensor for the decoded-weights run.
     t = time.perf_counter()
-    decoded: dict[str, np.ndarray] = {}
-
-    def keep(name: str, rows: np.ndarray) -> None:
-        if name not in runner.param_of:
-            return
-        info = p.info(name)
-        a = from_row_matrix(rows, info["shape"], bool(info.get("transposed")))
-        # through the original dtype, as `hhtld decode` writes it
-        decoded[name] = a.astype(NUMPY_DTYPES[info["dtype"]]).astype(np.float32)
-
-    rows = measure_rows(ckpt, p, progress=progress, on_decoded=keep)
+    rows = measure_rows(ckpt, p, progress=progress)
     g1 = gate_row_fidelity(rows, thresholds)
     timings["rows"] = time.perf_counter() - t
-    for name in p.passthrough_names():  # passthrough tensors, from the pack too (checksummed)
-        if name in runner.param_of and name not in decoded and ckpt.tensors[name].is_float:
-            decoded[name] = np.asarray(p.tensor(name), dtype=np.float32)
 
     t = time.perf_counter()
-    greedy = greedy_tokens if runner.family == "causal" else 0
-    ref = runner.run(chosen, None, greedy_tokens=greedy, greedy_texts=greedy_texts, desc="original")
-    new = runner.run(chosen, decoded, greedy_tokens=greedy, greedy_texts=greedy_texts, desc="decoded")
+    decoded = PackSource(p, ckpt)  # tensor by tensor, on demand; identical passthrough tensors skipped
+    if runner.family == "causal":
+        cmp = compare_causal(runner, chosen, None, decoded, batch_size=batch_size,
+                             greedy_tokens=greedy_tokens, greedy_texts=greedy_texts, desc="original vs decoded")
+    else:
+        ref = runner.run(chosen, None, desc="original")
+        new = runner.run(chosen, decoded, desc="decoded")
+        cmp = compare_outputs(ref, new)
     runner.set_weights(None)
-    cmp = compare_outputs(ref, new)
-    if greedy:
-        cmp["greedy_tokens"] = greedy
-        cmp["greedy_texts"] = min(greedy_texts, len(chosen))
     timings["behaviour"] = time.perf_counter() - t
     if not all(np.isfinite(v) for v in cmp.values()):
         raise GateError(f"{p.path}: the decoded model produces non-finite outputs")
@@ -138,8 +140,6 @@ def verify(
     g4 = gate_output(cmp, runner.family, thresholds)
 
     behaviour = {"n_texts": len(chosen), "texts_source": source, **cmp}
-    if runner.family == "causal":
-        behaviour["positions"] = int(ref.offsets[-1])
     cosines = rows.pop("cosines")
     return VerifyReport(
         model=str(model), pack=str(p.path), config=str(cfile), family=runner.family,
