@@ -7,7 +7,7 @@ OUT     := demo-out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install clean bench bench-causal llm fuzz
+.PHONY: demo demo-llm test install clean bench bench-causal llm fuzz
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,19 @@ demo: $(STAMP)
 	$(BIN)/hhtld decode $(OUT)/minilm.hhtld -o $(OUT)/minilm-decoded
 	$(BIN)/hhtld inspect $(OUT)/minilm.hhtld
 	$(BIN)/python scripts/embed_decoded.py "$(MODEL)" $(OUT)/minilm-decoded
-	# the four gates (SPEC §6); --no-fail so the demo completes when a gate honestly FAILs
+	# the four gates (docs/design.md §5); --no-fail so the demo completes when a gate honestly FAILs
 	$(BIN)/hhtld verify "$(MODEL)" $(OUT)/minilm.hhtld --no-fail --json $(OUT)/verify.json --plots $(OUT)/plots
+
+# SmolLM2-135M: the default encode (calibrated; exit status 3 = pack written, target missed), decode,
+# the gates on held-out passages, and a continuation straight from the pack
+SMOL := $(LLM_CACHE)/smollm2-135m-instruct
+demo-llm: $(STAMP) llm
+	@mkdir -p $(OUT)
+	$(BIN)/hhtld encode $(SMOL) -o $(OUT)/smollm2.hhtld || [ $$? -eq 3 ]
+	$(BIN)/hhtld decode $(OUT)/smollm2.hhtld -o $(OUT)/smollm2-decoded --force
+	$(BIN)/hhtld inspect $(OUT)/smollm2.hhtld
+	$(BIN)/hhtld verify $(SMOL) $(OUT)/smollm2.hhtld --no-fail --json $(OUT)/smollm2-verify.json
+	$(BIN)/hhtld generate $(OUT)/smollm2.hhtld "The capital of France is" --max-new-tokens 24
 
 test: $(STAMP) llm
 	$(BIN)/python -m pytest -q

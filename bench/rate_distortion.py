@@ -1,4 +1,4 @@
-"""Rate-distortion benchmark of hhtl-vq on all-MiniLM-L6-v2 (issue 5).
+"""Rate-distortion benchmark of hhtl-vq on all-MiniLM-L6-v2.
 
 For a ladder of hhtl-vq settings (one setting for every group), the two
 allocations (``--target rows`` and ``--target behaviour``) and, in the same
@@ -33,7 +33,7 @@ from hhtld.budget import LADDER, encode_budget  # noqa: E402
 from hhtld.checkpoint import open_checkpoint  # noqa: E402
 from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
-from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec  # noqa: E402
+from hhtld.codecs.vq.codec import HhtlVqCodec  # noqa: E402
 from hhtld.gates.rows import row_cosines  # noqa: E402
 from hhtld.gates.runner import ModelRunner, compare_outputs  # noqa: E402
 from hhtld.gates.texts import heldout_texts  # noqa: E402

@@ -1,6 +1,6 @@
 """Regenerate the fixed prose passages of ``hhtld.gates.texts`` (causal language models).
 
-SPEC §6/§8: a causal LM is verified on held-out prose passages of at least
+docs/design.md §4–5: a causal LM is verified on held-out prose passages of at least
 128 tokens, and an encoder calibrates on other passages, disjoint from them.
 This script writes both lists as data shipped with hhtld
 (``src/hhtld/gates/data/heldout_passages.txt`` and

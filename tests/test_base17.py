@@ -1,9 +1,9 @@
-"""Base17 fold/unfold/L1 (SPEC §3), pinned with hand-computed rows."""
+"""Base17 fold/unfold/L1 (docs/design.md §2), pinned with hand-computed rows."""
 
 import numpy as np
 import pytest
 
-from hhtld.codecs.base17 import (
+from hhtld.codecs.reference.base17_fold import (
     DIM_OF_POS,
     GOLDEN_POS,
     fold,

@@ -140,7 +140,7 @@ def test_a_group_that_fails_its_row_check_is_encoded_again_one_rung_higher(small
 
 
 def test_interrupted_encode_leaves_out_untouched_and_no_temporary_files(small_ckpt, tmp_path, monkeypatch):
-    from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec
+    from hhtld.codecs.vq.codec import HhtlVqCodec
 
     out = tmp_path / "out" / "m.hhtld"
     out.parent.mkdir()

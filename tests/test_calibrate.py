@@ -16,8 +16,8 @@ from hhtld.checkpoint.rows import ArrayRows
 from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey
 from hhtld.codecs.base import DictParts
-from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec
-from hhtld.codecs.vq_feedback import output_error
+from hhtld.codecs.vq.codec import HhtlVqCodec
+from hhtld.codecs.vq.feedback import output_error
 
 ALL = EncodablePolicy(encode_all=True)
 

@@ -1,4 +1,4 @@
-"""Classification (SPEC §2) on real tensor names of MiniLM, Llama/Qwen2, GPT-2, Qwen3-TTS."""
+"""Classification (docs/design.md §1) on real tensor names of MiniLM, Llama/Qwen2, GPT-2, Qwen3-TTS."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference reconstruction codec (SPEC §3): palette, SVD basis, Slot L, Fisher-z, groups."""
+"""Reference reconstruction codec (docs/design.md §2): palette, SVD basis, Slot L, Fisher-z, groups."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hhtld import CodecError, GroupKey, build_group_with_fisher_z, build_group_with_leaf
-from hhtld.codecs import (
+from hhtld.codecs import make_codec
+from hhtld.codecs.reference import (
     FisherZTable,
     HhtlF32Tensor,
     SvdBasis,
@@ -16,7 +17,6 @@ from hhtld.codecs import (
     decode_slot_l,
     encode_slot_l,
     furthest_point_sample,
-    make_codec,
     slot_l_byte_size,
 )
 

@@ -1,15 +1,15 @@
-"""HHTL-D lookup grade: entry layout, palette, HIP, cache, tensor, Fisher-z quality (SPEC §3)."""
+"""HHTL-D lookup grade: entry layout, palette, HIP, cache, tensor, Fisher-z quality (docs/design.md §2)."""
 
 import numpy as np
 import pytest
 
 from hhtld.classify import GroupKey
-from hhtld.codecs.base17 import fold, l1_distance, unfold
-from hhtld.codecs.base17_palette import build_base17_palette, furthest_point_sample_l1, representatives
-from hhtld.codecs.fisher_quality import fisher_z_quality
-from hhtld.codecs.fisher_z import FisherZTable
-from hhtld.codecs.hhtl_cache import HhtlCache, action_mix, quantize_distances
-from hhtld.codecs.hhtl_d import (
+from hhtld.codecs.reference.base17_fold import fold, l1_distance, unfold
+from hhtld.codecs.reference.base17_palette import build_base17_palette, furthest_point_sample_l1, representatives
+from hhtld.codecs.reference.fisher_z_quality import fisher_z_quality
+from hhtld.codecs.reference.fisher_z import FisherZTable
+from hhtld.codecs.reference.route_cache import HhtlCache, action_mix, quantize_distances
+from hhtld.codecs.reference.hhtl_d_tensor import (
     HhtlDEntry,
     HhtlDTensor,
     bf16_bits,
@@ -18,7 +18,7 @@ from hhtld.codecs.hhtl_d import (
     pack_entries,
     unpack_entries,
 )
-from hhtld.codecs.hip import hip_families
+from hhtld.codecs.reference.hip import hip_families
 from hhtld.errors import CodecError
 from hhtld.format import HHTL_D_ENTRY_BYTES, HHTL_D_LEAF_ROW_BYTES, HeelBasin, RouteAction
 

@@ -7,7 +7,7 @@ from safetensors.numpy import load_file, save_file
 from hhtld.classify import EncodablePolicy, GroupKey
 from hhtld.cli import main
 from hhtld.codecs import DictParts, make_codec
-from hhtld.codecs.hhtl_d import unpack_entries
+from hhtld.codecs.reference.hhtl_d_tensor import unpack_entries
 from hhtld.format import HeelBasin
 from hhtld.pack import Pack, decode_pack, encode_checkpoint
 

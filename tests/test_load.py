@@ -32,7 +32,7 @@ from hhtld import (  # noqa: E402
 from hhtld.classify.groups import GroupKey  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
-from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec  # noqa: E402
+from hhtld.codecs.vq.codec import HhtlVqCodec  # noqa: E402
 from hhtld.loader.compressed import (  # noqa: E402
     CompressedEmbedding,
     CompressedLinear,

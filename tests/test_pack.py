@@ -1,4 +1,4 @@
-"""The pack (SPEC §5): round trip, lazy reads, layouts, determinism, refusal of bad packs."""
+"""The pack (docs/format.md): round trip, lazy reads, layouts, determinism, refusal of bad packs."""
 
 from __future__ import annotations
 
@@ -357,7 +357,7 @@ def test_row_index_out_of_range_is_a_pack_error(pack_path):
 
 
 def test_reuse_copies_groups_of_an_earlier_pack_with_identical_bytes(small_ckpt, tmp_path, monkeypatch):
-    from hhtld.codecs.hhtl_f32_codec import HhtlF32Codec
+    from hhtld.codecs.reference.hhtl_f32_codec import HhtlF32Codec
 
     calls = []
     real = HhtlF32Codec.fit_group

@@ -1,4 +1,4 @@
-"""``hhtld probe attention`` (SPEC §7): library result, CLI, errors, and MiniLM (slow)."""
+"""``hhtld probe attention`` (docs/design.md §6): library result, CLI, errors, and MiniLM (slow)."""
 
 import json
 

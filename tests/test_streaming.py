@@ -13,7 +13,7 @@ import pytest
 from hhtld import EncodablePolicy, PackError, encode_checkpoint, open_pack
 from hhtld.budget import encode_budget
 from hhtld.checkpoint.rows import ArrayRows, TensorRows, block_rows, evenly_spaced, row_blocks, sample_across
-from hhtld.codecs.svd_basis import SvdBasis
+from hhtld.codecs.reference.svd_basis import SvdBasis
 from hhtld.errors import CheckpointError, OptionsError
 from hhtld.format import BLOCK_ELEMS
 from hhtld.stfile import SafetensorsWriter, read_header

@@ -8,8 +8,8 @@ import pytest
 from hhtld.budget.settings import LADDER, Setting
 from hhtld.classify.groups import GroupKey
 from hhtld.codecs.base import DictParts
-from hhtld.codecs.hhtl_vq_codec import HhtlVqCodec, stored_bytes
-from hhtld.codecs.vq import Layout, parse_stages, rotate, rotation_signs
+from hhtld.codecs.vq.codec import HhtlVqCodec, stored_bytes
+from hhtld.codecs.vq.quantiser import Layout, parse_stages, rotate, rotation_signs
 from hhtld.errors import CodecError, OptionsError
 from hhtld.gates.rows import row_cosines
 
@@ -131,7 +131,7 @@ def test_pack_round_trip_and_same_bytes(small_ckpt, tmp_path):
 
 def test_palettes_train_on_the_drawn_segments_only():
     """Gathering only the drawn segments gives the palette of the full segment array."""
-    from hhtld.codecs.vq import _segments, _train_position, train_palette
+    from hhtld.codecs.vq.quantiser import _segments, _train_position, train_palette
 
     x = np.random.default_rng(5).standard_normal((300, 95)).astype(np.float32)  # 95: the last period is padded
     for spec in ("4,3", "2", "8:300"):

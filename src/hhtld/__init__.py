@@ -1,31 +1,13 @@
-"""hhtld: compress transformer weights into one .hhtld pack and prove what it cost."""
+"""hhtld: compress transformer weights into one .hhtld pack and prove what it cost.
 
-__version__ = "0.1.0"
+The public API, layer by layer: checkpoint reading → classification → codecs →
+pack → budget and calibration → gates → using a pack (load, embed, generate).
+torch, transformers and matplotlib are imported only when a function that
+needs them is called.
+"""
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E402
-from .classify import (  # noqa: E402
-    EncodablePolicy,
-    GroupKey,
-    RoleRule,
-    RuleTable,
-    classify_component,
-    classify_role,
-    effective_shape,
-    is_encodable,
-    plan_checkpoint,
-    should_use_leaf,
-)
-from .codecs import (  # noqa: E402
-    CODECS,
-    FisherZTable,
-    HhtlF32Tensor,
-    SharedPaletteGroup,
-    SvdBasis,
-    build_group_with_fisher_z,
-    build_group_with_leaf,
-    make_codec,
-)
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     ArchitectureError,
     CheckpointError,
     CodecError,
@@ -38,16 +20,54 @@ from .errors import (  # noqa: E402
     PackError,
     TensorMismatchError,
 )
-from .pack import Pack, decode_pack, encode_checkpoint, open_pack  # noqa: E402
-from .codecs.hhtl_d import HhtlDEntry, HhtlDTensor, build_hhtl_d_group  # noqa: E402
-from .codecs.fisher_quality import FisherZQuality, fisher_z_quality  # noqa: E402
-from .probe import AttentionProbeResult, probe_attention  # noqa: E402
-from .budget import LADDER, Allocation, encode_budget  # noqa: E402
-from .codecs import FamilyGamma, HhtlCache, slot_l_byte_size, svd_basis_byte_size  # noqa: E402
-from .codecs.hhtl_vq_codec import HhtlVqCodec  # noqa: E402
-from .format import CodecId, HeelBasin, RouteAction  # noqa: E402
-from .inspect import inspect_path  # noqa: E402
-from .gates import (  # noqa: E402  (torch/transformers/matplotlib load only when used)
+from .format import CodecId, HeelBasin, RouteAction
+
+# reading a checkpoint; classifying its tensors into groups
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .classify import (
+    EncodablePolicy,
+    GroupKey,
+    RoleRule,
+    RuleTable,
+    classify_component,
+    classify_role,
+    effective_shape,
+    is_encodable,
+    plan_checkpoint,
+    should_use_leaf,
+)
+
+# codecs: the registry, the budget codec and the reference family's structures
+from .codecs import (
+    CODECS,
+    FamilyGamma,
+    FisherZQuality,
+    FisherZTable,
+    HhtlCache,
+    HhtlDEntry,
+    HhtlDTensor,
+    HhtlF32Tensor,
+    HhtlVqCodec,
+    SharedPaletteGroup,
+    SvdBasis,
+    build_group_with_fisher_z,
+    build_group_with_leaf,
+    build_hhtl_d_group,
+    fisher_z_quality,
+    make_codec,
+    slot_l_byte_size,
+    svd_basis_byte_size,
+)
+
+# the pack: encode, open, decode, inspect
+from .pack import Pack, decode_pack, encode_checkpoint, open_pack
+from .inspect import inspect_path
+
+# choosing the bits: data-free budgets and the calibrated behaviour target
+from .budget import LADDER, Allocation, encode_budget
+
+# gates and probes
+from .gates import (
     ModelRunner,
     Thresholds,
     VerifyReport,
@@ -56,8 +76,10 @@ from .gates import (  # noqa: E402  (torch/transformers/matplotlib load only whe
     heldout_texts,
     verify,
 )
+from .probe import AttentionProbeResult, probe_attention
 
-from .loader import (  # noqa: E402  (torch/transformers load only when called)
+# using a pack directly
+from .loader import (
     Generation,
     LoadInfo,
     embed,
@@ -70,25 +92,28 @@ from .loader import (  # noqa: E402  (torch/transformers load only when called)
 )
 
 __all__ = [
-    "CODECS", "Checkpoint", "CheckpointError", "CodecError", "EncodablePolicy", "FisherZTable",
-    "GateError", "GroupKey", "HhtlF32Tensor", "HhtldError", "OptionsError", "Pack", "PackError",
-    "RoleRule", "RuleTable", "SharedPaletteGroup", "SvdBasis", "TensorInfo", "__version__",
-    "build_group_with_fisher_z", "build_group_with_leaf", "classify_component", "classify_role",
-    "decode_pack", "effective_shape", "encode_checkpoint", "is_encodable", "make_codec",
-    "open_checkpoint", "open_pack", "plan_checkpoint", "should_use_leaf",
-    # verify (issue 3)
-    "ModelRunner", "Thresholds", "VerifyReport", "calibration_texts", "compare_outputs",
-    "heldout_texts", "verify",
-    # budget codec and rate allocation (issue 5)
-    "Allocation", "HhtlVqCodec", "LADDER", "encode_budget",
-    # format and codec parts
-    "CodecId", "FamilyGamma", "HeelBasin", "HhtlCache", "RouteAction", "inspect_path", "slot_l_byte_size",
+    "__version__",
+    # errors and format constants
+    "ArchitectureError", "CheckpointError", "CodecError", "GateError", "HhtldError", "LoadError",
+    "MissingDependencyError", "NoConfigError", "OptionsError", "PackError", "TensorMismatchError",
+    "CodecId", "HeelBasin", "RouteAction",
+    # checkpoint and classification
+    "Checkpoint", "TensorInfo", "open_checkpoint",
+    "EncodablePolicy", "GroupKey", "RoleRule", "RuleTable", "classify_component", "classify_role",
+    "effective_shape", "is_encodable", "plan_checkpoint", "should_use_leaf",
+    # codecs
+    "CODECS", "FamilyGamma", "FisherZQuality", "FisherZTable", "HhtlCache", "HhtlDEntry", "HhtlDTensor",
+    "HhtlF32Tensor", "HhtlVqCodec", "SharedPaletteGroup", "SvdBasis", "build_group_with_fisher_z",
+    "build_group_with_leaf", "build_hhtl_d_group", "fisher_z_quality", "make_codec", "slot_l_byte_size",
     "svd_basis_byte_size",
-    # lookup grade and the attention probe (issue 4)
-    "AttentionProbeResult", "FisherZQuality", "HhtlDEntry", "HhtlDTensor", "build_hhtl_d_group",
-    "fisher_z_quality", "probe_attention",
-    # use a pack directly
-    "ArchitectureError", "Generation", "LoadError", "LoadInfo", "MissingDependencyError", "NoConfigError",
-    "TensorMismatchError", "embed", "embedding_pooling", "generate", "load", "load_sentence_transformer",
+    # pack
+    "Pack", "decode_pack", "encode_checkpoint", "open_pack", "inspect_path",
+    # budget
+    "Allocation", "LADDER", "encode_budget",
+    # gates and probes
+    "ModelRunner", "Thresholds", "VerifyReport", "calibration_texts", "compare_outputs", "heldout_texts",
+    "verify", "AttentionProbeResult", "probe_attention",
+    # using a pack
+    "Generation", "LoadInfo", "embed", "embedding_pooling", "generate", "load", "load_sentence_transformer",
     "load_tokenizer", "weight_memory",
 ]

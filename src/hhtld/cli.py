@@ -20,7 +20,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .classify import DEFAULT_RULES, EncodablePolicy, load_rules_file, parse_rule
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import HhtldError, HhtldNote, OptionsError
@@ -95,7 +95,7 @@ def cmd_encode(args) -> int:
         raise HhtldError(f"--{wrong[0].replace('_', '-')} is not an option of codec {args.codec}")
     allocation = None
     if args.codec == "hhtl-vq" and "stages" not in opts:
-        # the budget codec: a rate allocation chooses a ladder rung per group (SPEC §4)
+        # the budget codec: a rate allocation chooses a ladder rung per group (docs/design.md §2)
         from .budget import encode_budget
 
         fixed = [k for k in ("rotate", "gain", "leaf_lanes") if k in opts]
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(i)
     i.set_defaults(func=cmd_inspect)
 
-    pr = sub.add_parser("probe", help="codec-space experiments (SPEC §7)",
+    pr = sub.add_parser("probe", help="codec-space experiments (docs/design.md §6)",
                         description="Experiments that ask whether codec-space lookups can stand in for real products.")
     psub = pr.add_subparsers(dest="probe", required=True, metavar="PROBE")
     pa = psub.add_parser("attention", help="top-1/top-5 agreement of Fisher-z lookups with exact q·K scores",
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(ge)
     ge.set_defaults(func=cmd_generate)
 
-    v = sub.add_parser("verify", help="measure the four gates of a pack against its model (SPEC §6)",
+    v = sub.add_parser("verify", help="measure the four gates of a pack against its model (docs/design.md §5)",
                        description="Row fidelity, behaviour parity, storage and output agreement of PACK against "
                                    "MODEL, with real inference on held-out text. Exit status 0 only if every gate "
                                    "passes (2 if one fails, 1 on an error).")
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--greedy-tokens", type=int, default=32, metavar="N", help="causal LMs: greedy continuation length (0: off; default %(default)s)")
     v.add_argument("--greedy-texts", type=int, default=32, metavar="N", help="causal LMs: texts continued greedily (default %(default)s)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only the gate table")
-    t = v.add_argument_group("targets (SPEC §6 defaults)")
+    t = v.add_argument_group("targets (defaults: docs/design.md §5)")
     t.add_argument("--argmax-median", type=float, metavar="X", help="gate 1: argmax-regime median row cosine (default 0.95)")
     t.add_argument("--argmax-p5", type=float, metavar="X", help="gate 1: argmax-regime 5th-percentile row cosine (default 0.90)")
     t.add_argument("--index-median", type=float, metavar="X", help="gate 1: index-regime median row cosine (default 0.98)")

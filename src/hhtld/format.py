@@ -82,7 +82,7 @@ HHTL_F32_LEAF_ROW_BYTES = TWIG_U8_BYTES + SLOT_L_ROW_BYTES  # 9 B/row
 HHTL_D_ENTRY_BYTES = 2 + 2  # slot_d u16 + slot_v u16 (bf16)
 HHTL_D_LEAF_ROW_BYTES = HHTL_D_ENTRY_BYTES + SLOT_L_ROW_BYTES  # 12 B/row
 
-# --- HHTL-D lookup grade (SPEC §3) ----------------------------------------------
+# --- HHTL-D lookup grade (docs/design.md §2) ----------------------------------------------
 BASE17_DIMS = 17  # a row folds to 17 int16 values
 BASE17_GOLDEN_STEP = 11  # GOLDEN_POS[i] = (i * 11) % 17
 BASE17_SCALE = 256  # fixed point: round(mean * 256), clamped to int16
@@ -139,7 +139,7 @@ LEGACY_ROTATION_MAX_BLOCK = 1024
 # codec may declare less (Codec.max_abs). Larger finite weights are refused, never saturated.
 MAX_ENCODE_ABS = 2.0**100
 
-# --- encodable defaults (SPEC §2) -------------------------------------------
+# --- encodable defaults (docs/design.md §1) -------------------------------------------
 DEFAULT_MIN_ROWS = 512
 DEFAULT_MIN_BYTES = 100_000  # strictly more than this many bytes
 

@@ -1,4 +1,4 @@
-"""Rate allocation for the budget codec hhtl-vq (SPEC §4): the ladder of
+"""Rate allocation for the budget codec hhtl-vq (docs/design.md §2): the ladder of
 settings with exact bits per weight, per-group sensitivity on the
 calibration set, and the allocator behind ``hhtld encode --target/--bpw``."""
 

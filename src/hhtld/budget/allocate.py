@@ -1,4 +1,4 @@
-"""Rate allocation: which ladder rung each group (or tensor) gets (SPEC §4, §8).
+"""Rate allocation: which ladder rung each group (or tensor) gets (docs/design.md §4).
 
 Targets:
 

@@ -1,8 +1,8 @@
-"""The ladder of hhtl-vq settings and their exact bits per weight (SPEC §4).
+"""The ladder of hhtl-vq settings and their exact bits per weight (docs/design.md §2).
 
 A rung is a set of codec options; its rate for a given group is exact: every
 stored byte of the group (palettes, rotation signs, basis) and of its tensors
-(twigs, gains, leaf) — see :func:`hhtld.codecs.hhtl_vq_codec.stored_bytes`.
+(twigs, gains, leaf) — see :func:`hhtld.codecs.vq.codec.stored_bytes`.
 Only the pack's safetensors header and JSON manifest are not counted here
 (they are counted in the whole-file ratio of ``Pack.storage_ratio``).
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from ..classify.groups import GroupKey
 from ..classify.rules import should_use_leaf
-from ..codecs.hhtl_vq_codec import stored_bytes
+from ..codecs.vq.codec import stored_bytes
 from ..errors import OptionsError
 
 

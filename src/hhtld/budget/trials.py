@@ -16,7 +16,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..classify.groups import GroupPlan
 from ..checkpoint.rows import TensorRows, sample_across
-from ..codecs.vq import encode_rows, parse_stages
+from ..codecs.vq.quantiser import encode_rows, parse_stages
 from ..cosine import row_cosines
 from .settings import Setting
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..budget.greedy import spend
 from ..budget.settings import LADDER, Setting
-from ..codecs.vq import hadamard_block, rotation_signs
-from ..codecs.vq_feedback import DEFAULT_DAMP, inverse_cholesky, rotated_hessian
+from ..codecs.vq.quantiser import hadamard_block, rotation_signs
+from ..codecs.vq.feedback import DEFAULT_DAMP, inverse_cholesky, rotated_hessian
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TensorStats:
 def tensor_stats(name: str, group: str, role: str, w: np.ndarray, h: np.ndarray | None = None, tokens: int = 0,
                  seed: int = 0, damp: float = DEFAULT_DAMP) -> TensorStats:
     """Stats of row matrix ``w`` (rows, c) float32 and Hessian ``h`` (c, c) summed over ``tokens``."""
-    from ..codecs.vq import VqModel
+    from ..codecs.vq.quantiser import VqModel
 
     rows, c = w.shape
     wd = w.astype(np.float64)

@@ -1,4 +1,4 @@
-"""Classification: role, component, effective shape, encodability, groups (SPEC §2)."""
+"""Classification: role, component, effective shape, encodability, groups (docs/design.md §1)."""
 
 from .groups import GroupKey, GroupPlan, Plan, TensorPlan, plan_checkpoint, plan_tensor
 from .rules import (

@@ -1,6 +1,6 @@
 """Group planning: which tensors are encoded, and with whom they share a palette.
 
-A group key is ``(component, role, effective_shape)`` (SPEC §2). Planning
+A group key is ``(component, role, effective_shape)`` (docs/design.md §1). Planning
 only reads headers, so ``hhtld inspect MODEL`` is a free dry run.
 """
 

@@ -1,4 +1,4 @@
-"""Effective 2-D shapes and the encodable rule (SPEC §2)."""
+"""Effective 2-D shapes and the encodable rule (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -1,29 +1,39 @@
-"""Codecs: pure numpy, arrays in, arrays out (SPEC §3, §4)."""
+"""Codecs: pure numpy, arrays in, arrays out.
+
+The interface every codec implements (``base``), the declaration of what a
+codec stores (``layout``), the registry of pack codecs by name and id
+(``registry``) and the encode thread pool (``parallel``) live here; each codec
+family has its own subpackage: ``reference`` (hhtl-f32, hhtl-d and their
+building blocks) and ``vq`` (the budget codec hhtl-vq).
+"""
 
 from .base import Codec, DictParts, EncodedGroup, EncodedTensor
-from .base17 import GOLDEN_POS, fold, l1_cdist, l1_distance, nearest_l1, unfold
-from .base17_palette import Base17Palette, build_base17_palette
-from .fisher_quality import FisherZQuality, fisher_z_quality
-from .hhtl_cache import HhtlCache
-from .hhtl_d import HhtlDEntry, HhtlDGroup, HhtlDShared, HhtlDTensor, build_hhtl_d_group, heel_basin
-from .hip import hip_families
-from .fisher_z import FamilyGamma, FisherZTable
-from .group import SharedPaletteGroup, build_group_with_fisher_z, build_group_with_leaf
-from .hhtl_f32 import HhtlF32Tensor
-from .palette import Palette, assign_nearest, build_f32_palette, check_k, furthest_point_sample
+from .reference import (
+    Base17Palette,
+    FamilyGamma,
+    FisherZQuality,
+    FisherZTable,
+    HhtlCache,
+    HhtlDEntry,
+    HhtlDTensor,
+    HhtlF32Tensor,
+    Palette,
+    SharedPaletteGroup,
+    SvdBasis,
+    build_group_with_fisher_z,
+    build_group_with_leaf,
+    build_hhtl_d_group,
+    fisher_z_quality,
+    slot_l_byte_size,
+    svd_basis_byte_size,
+)
 from .registry import CODECS, DEFAULT_CODEC, codec_by_id, codec_class, make_codec
-from .slot_l import decode_slot_l, encode_slot_l, slot_l_byte_size
-from .svd_basis import SvdBasis, svd_basis_byte_size
+from .vq import HhtlVqCodec
 
 __all__ = [
-    "CODECS", "Codec", "DEFAULT_CODEC", "DictParts", "EncodedGroup", "EncodedTensor", "FamilyGamma",
-    "FisherZTable", "HhtlF32Tensor", "Palette", "SharedPaletteGroup", "SvdBasis", "assign_nearest",
-    "build_f32_palette", "build_group_with_fisher_z", "build_group_with_leaf", "check_k",
-    "codec_by_id", "codec_class", "decode_slot_l", "encode_slot_l", "furthest_point_sample",
+    "Base17Palette", "CODECS", "Codec", "DEFAULT_CODEC", "DictParts", "EncodedGroup", "EncodedTensor",
+    "FamilyGamma", "FisherZQuality", "FisherZTable", "HhtlCache", "HhtlDEntry", "HhtlDTensor", "HhtlF32Tensor",
+    "HhtlVqCodec", "Palette", "SharedPaletteGroup", "SvdBasis", "build_group_with_fisher_z",
+    "build_group_with_leaf", "build_hhtl_d_group", "codec_by_id", "codec_class", "fisher_z_quality",
     "make_codec", "slot_l_byte_size", "svd_basis_byte_size",
-]
-__all__ += [  # HHTL-D lookup grade
-    "Base17Palette", "FisherZQuality", "GOLDEN_POS", "HhtlCache", "HhtlDEntry", "HhtlDGroup", "HhtlDShared",
-    "HhtlDTensor", "build_base17_palette", "build_hhtl_d_group", "fisher_z_quality", "fold", "heel_basin",
-    "hip_families", "l1_cdist", "l1_distance", "nearest_l1", "unfold",
 ]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..errors import OptionsError, PackError
 from .base import Codec
-from .hhtl_d_codec import HhtlDCodec
-from .hhtl_f32_codec import HhtlF32Codec
-from .hhtl_vq_codec import HhtlVqCodec
+from .reference.hhtl_d_codec import HhtlDCodec
+from .reference.hhtl_f32_codec import HhtlF32Codec
+from .vq.codec import HhtlVqCodec
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (HhtlF32Codec, HhtlDCodec, HhtlVqCodec)}
-DEFAULT_CODEC = "hhtl-vq"  # budget codec, rate allocation --target behaviour (issue 5)
+DEFAULT_CODEC = "hhtl-vq"  # the budget codec, whose rungs the rate allocation chooses
 
 
 def codec_class(name: str) -> type[Codec]:

@@ -1,4 +1,4 @@
-"""The four gates of ``hhtld verify`` (SPEC §6) and the pieces they are built from.
+"""The four gates of ``hhtld verify`` (docs/design.md §5) and the pieces they are built from.
 
 * :mod:`.texts` — held-out and calibration sentences (disjoint sources);
 * :mod:`.runner` — run a model with original or swapped weights, compare runs;

@@ -5,7 +5,7 @@ Gate 2 — behaviour parity. Embedding models: top-1 retrieval agreement (the
 nearest other held-out sentence is the same with original and decoded
 weights). Causal LMs: held-out perplexity of the decoded model over the
 original's (``ppl_ratio``); next-token top-1 agreement and identical greedy
-continuations are reported, not gated (SPEC §6: on SmolLM2-135M even int8
+continuations are reported, not gated (docs/design.md §5: on SmolLM2-135M even int8
 weights keep only about 96 % of the top-1).
 
 Gate 4 — output agreement: embedding models: mean cosine between each

@@ -1,4 +1,4 @@
-"""The targets each gate is judged against (SPEC §6), overridable."""
+"""The targets each gate is judged against (docs/design.md §5), overridable."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ the extraction:
   (gates 2 and 4), 256 sentences from the modules in :data:`HELDOUT_MODULES`.
   Nothing in the encoder may look at it.
 * :func:`calibration_texts` — the set an encoder may use to steer its bit
-  allocation by measured behaviour (SPEC §6), 256 sentences from the *other*
+  allocation by measured behaviour (docs/design.md §5), 256 sentences from the *other*
   modules in :data:`CALIBRATION_MODULES`; no sentence of the held-out modules
   is in it.
 
@@ -17,7 +17,7 @@ They are data rather than extracted at run time because introspecting
 modules depends on what was imported before (importing torch first changed
 which docstrings a module exposes, and so the held-out set).
 
-Causal language models are measured on prose passages instead (SPEC §6:
+Causal language models are measured on prose passages instead (docs/design.md §5:
 passages of at least 128 tokens), two more fixed lists made by
 ``scripts/make_passages.py`` from CPython 3.11's language reference
 (``pydoc_data.topics``) and the docstrings of its standard-library source

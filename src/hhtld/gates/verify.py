@@ -1,4 +1,4 @@
-"""``verify(model, pack)``: the four gates of SPEC §6 for one pack."""
+"""``verify(model, pack)``: the four gates of docs/design.md §5 for one pack."""
 
 from __future__ import annotations
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codecs.hhtl_vq_codec import HhtlVqCodec
-from ..codecs.vq import decode_rows as vq_decode_rows, parse_stages
+from ..codecs.vq.codec import HhtlVqCodec
+from ..codecs.vq.quantiser import decode_rows as vq_decode_rows, parse_stages
 from .tensors import to_numpy, to_torch
-from ..codecs.hhtl_vq_codec import rotation_block
+from ..codecs.vq.codec import rotation_block
 from .torch_vq import decode_rows_vq, gather_stages, rotate_inputs
 
 

@@ -2,7 +2,7 @@
 compressed on a device other than the CPU (on the CPU the codec's own numpy
 decode runs, on zero-copy views of the same buffers).
 
-Same steps as :func:`hhtld.codecs.vq.decode_rows` and
+Same steps as :func:`hhtld.codecs.vq.quantiser.decode_rows` and
 ``HhtlVqCodec.decode_rows``: per residual stage one gather per pattern
 position into the group's bf16 palettes, the stages summed, times the per-row
 bf16 gain, the inverse randomised block-Hadamard rotation (``@ H`` per block,
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..codecs.hhtl_vq_codec import rotation_block
-from ..codecs.vq import parse_stages
+from ..codecs.vq.codec import rotation_block
+from ..codecs.vq.quantiser import parse_stages
 
 
 @lru_cache(maxsize=32)

@@ -1,4 +1,4 @@
-"""The ``.hhtld`` pack: writer (encode), lazy reader, dense decode (SPEC §5)."""
+"""The ``.hhtld`` pack: writer (encode), lazy reader, dense decode (docs/format.md)."""
 
 from .decode import DecodeResult, decode_pack
 from .reader import Pack, open_pack

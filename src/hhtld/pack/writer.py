@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.rows import TensorRows, row_blocks, sample_across
 from ..classify import DEFAULT_RULES, EncodablePolicy, GroupPlan, Plan, RuleTable, plan_checkpoint

@@ -1,4 +1,4 @@
-"""The codec-space attention probe (SPEC §7): can table lookups stand in for ``q · K[i]``?
+"""The codec-space attention probe (docs/design.md §6): can table lookups stand in for ``q · K[i]``?
 
 For one key matrix ``K`` (rows = keys, ``n x d``):
 
@@ -42,14 +42,14 @@ import numpy as np
 
 from ..checkpoint import open_checkpoint
 from ..classify import DEFAULT_RULES, GroupKey, RuleTable
-from ..codecs.base17 import fold
-from ..codecs.fisher_quality import fisher_z_quality
-from ..codecs.fisher_z import FisherZTable
-from ..codecs.group import build_group_with_fisher_z
-from ..codecs.hhtl_cache import HhtlCache, action_mix
-from ..codecs.hhtl_d import build_shared
-from ..codecs.hip import hip_families
-from ..codecs.palette import assign_nearest, check_k
+from ..codecs.reference.base17_fold import fold
+from ..codecs.reference.fisher_z_quality import fisher_z_quality
+from ..codecs.reference.fisher_z import FisherZTable
+from ..codecs.reference.shared_group import build_group_with_fisher_z
+from ..codecs.reference.route_cache import HhtlCache, action_mix
+from ..codecs.reference.hhtl_d_tensor import build_shared
+from ..codecs.reference.hip import hip_families
+from ..codecs.reference.palette import assign_nearest, check_k
 from ..errors import OptionsError
 from ..format import RouteAction
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import FAMILY_GAMMA_BYTES
+from ...format import FAMILY_GAMMA_BYTES
 
 COS_CLAMP = 0.9999
 

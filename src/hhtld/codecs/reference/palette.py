@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..errors import CodecError
-from ..format import MAX_PALETTE_K
+from ...errors import CodecError
+from ...format import MAX_PALETTE_K
 
 _CHUNK_ELEMS = 1 << 24  # rows x centroids per distance block (64 MiB of f32)
 

@@ -1,10 +1,10 @@
-"""``--codec hhtl-vq``: the budget codec (SPEC §4).
+"""``--codec hhtl-vq``: the budget codec (docs/design.md §2).
 
 Same architecture as the reference codecs — group-shared palettes, twig
 indices, a leaf on a group-shared SVD basis — with the budget as options:
 segments (several twigs per row), residual stages, 8/16-bit twigs, per-row
 gain, optional randomised Hadamard rotation, leaf lanes for index-regime
-groups. See ``codecs/vq.py`` for the quantiser.
+groups. See ``codecs/vq/quantiser.py`` for the quantiser.
 
 Group parts: ``palette.<stage>.<position>`` (k, w) bf16; ``rotation`` (c,)
 int8 (when rotate; its Hadamard block is ``params.rotation_block``); index
@@ -26,13 +26,13 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
-from ..checkpoint.rows import ArrayRows
-from ..classify.groups import GroupKey
-from ..classify.rules import should_use_leaf
-from ..errors import CodecError, OptionsError
-from ..format import BF16_BYTES, F32_BYTES, LEGACY_ROTATION_MAX_BLOCK, MAX_PALETTE_K, SLOT_L_SCALE_BYTES, CodecId
-from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
-from .layout import (
+from ...checkpoint.rows import ArrayRows
+from ...classify.groups import GroupKey
+from ...classify.rules import should_use_leaf
+from ...errors import CodecError, OptionsError
+from ...format import BF16_BYTES, F32_BYTES, LEGACY_ROTATION_MAX_BLOCK, MAX_PALETTE_K, SLOT_L_SCALE_BYTES, CodecId
+from ..base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
+from ..layout import (
     Count,
     LayoutProblem,
     PartSpec,
@@ -44,11 +44,11 @@ from .layout import (
     leaf_parts_layout,
     signs,
 )
-from .palette import to_bf16
-from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
-from .svd_basis import SvdBasis
-from .vq_feedback import FeedbackPlan, encode_block_feedback
-from .vq import (
+from ..reference.palette import to_bf16
+from ..reference.slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
+from ..reference.svd_basis import SvdBasis
+from .feedback import FeedbackPlan, encode_block_feedback
+from .quantiser import (
     Layout,
     VqModel,
     decode_rows as vq_decode_rows,
@@ -130,7 +130,7 @@ class HhtlVqCodec(Codec):
     codec_id = CodecId.HHTL_VQ
     params_model = HhtlVqParams
     defaults = {
-        "stages": "3",  # segment widths per residual stage (see codecs/vq.py)
+        "stages": "3",  # segment widths per residual stage (see codecs/vq/quantiser.py)
         "gain": True,  # per-row bf16 gain
         "rotate": True,  # randomised block-Hadamard rotation (undone at decode): whitens the error
         "leaf_lanes": 0,  # Slot L lanes for index-regime groups (0 = no leaf)
@@ -185,7 +185,7 @@ class HhtlVqCodec(Codec):
     def encode_tensor(self, fit: "_VqFit", rows, pool=None, measure: bool = False,
                       hessian: np.ndarray | None = None) -> EncodedTensor:
         """``hessian`` (cols, cols): the inputs' ``XᵀX`` on calibration tokens; the
-        rows are then quantised with error feedback (``codecs.vq_feedback``) and
+        rows are then quantised with error feedback (``codecs/vq/feedback.py``) and
         ``stats["output_error"]`` is the predicted ``tr(ΔW H ΔWᵀ)``."""
         leaf = fit.basis is not None
         plan = FeedbackPlan.build(fit.model, hessian) if hessian is not None else None

@@ -1,4 +1,4 @@
-"""HhtlF32Tensor: the reconstruction-grade codec of one tensor (SPEC §3).
+"""HhtlF32Tensor: the reconstruction-grade codec of one tensor (docs/design.md §2).
 
 One-byte twig into a palette of real rows (stored bf16): 1 B/row; with the
 Slot L leaf 9 B/row (+ one f32 scale per tensor).
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import HHTL_F32_ROW_BYTES
+from ...format import HHTL_F32_ROW_BYTES
 from .palette import Palette, assign_nearest
 from .slot_l import decode_slot_l, encode_slot_l, slot_l_byte_size
 from .svd_basis import SvdBasis

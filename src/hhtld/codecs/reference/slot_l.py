@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import SLOT_L_LANES, SLOT_L_SCALE_BYTES
+from ...format import SLOT_L_LANES, SLOT_L_SCALE_BYTES
 from .svd_basis import SvdBasis, combine_lanes
 
 

@@ -26,9 +26,9 @@ from math import lcm
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, cholesky
 
-from ..errors import CodecError
-from .palette import to_bf16
-from .vq import Layout, VqBlock, VqModel, assign, rotate
+from ...errors import CodecError
+from ..reference.palette import to_bf16
+from .quantiser import Layout, VqBlock, VqModel, assign, rotate
 
 DEFAULT_DAMP = 0.01  # fraction of the mean diagonal added to H (GPTQ's default)
 LAZY_COLS = 128  # columns per lazy update block (rounded up to whole units)
@@ -173,7 +173,7 @@ def encode_block_feedback(plan: FeedbackPlan, x: np.ndarray, cosines: bool = Fal
     d = (y - approx).astype(np.float64)
     out = VqBlock(twigs, g, output_error=float(np.einsum("ij,ij->", d @ plan.h_rot.astype(np.float64), d)))
     if cosines:
-        from ..cosine import row_cosines
+        from ...cosine import row_cosines
 
         out.cosines = row_cosines(y, approx)
     return out

@@ -21,10 +21,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ..classify.groups import GroupKey
-from ..classify.rules import should_use_leaf
-from ..errors import CodecError
-from ..format import (
+from ...classify.groups import GroupKey
+from ...classify.rules import should_use_leaf
+from ...errors import CodecError
+from ...format import (
     BASE17_DIMS,
     BASE17_SCALE,
     HIP_FAMILIES,
@@ -40,12 +40,12 @@ from ..format import (
     HeelBasin,
     RouteAction,
 )
-from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks, source_where
-from .base17 import MAX_FOLD_MEAN, fold, fold_from_means, fold_means
+from ..base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks, source_where
+from .base17_fold import MAX_FOLD_MEAN, fold, fold_from_means, fold_means
 from .base17_palette import palette_stats
-from .hhtl_cache import check_percentiles
-from .hhtl_d import HhtlDShared, build_shared, decode_rows17, entry_twigs, heel_basin, pack_entries, residual_fields
-from .layout import Count, LayoutProblem, PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
+from .route_cache import check_percentiles
+from .hhtl_d_tensor import HhtlDShared, build_shared, decode_rows17, entry_twigs, heel_basin, pack_entries, residual_fields
+from ..layout import Count, LayoutProblem, PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import check_k
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis

@@ -1,4 +1,4 @@
-"""HIP families: the palette split 16 ways by four levels of farthest-pair splits (SPEC §3).
+"""HIP families: the palette split 16 ways by four levels of farthest-pair splits (docs/design.md §2).
 
 At each level every current set is split at its farthest pair ``(a, b)``
 (``a < b``; the first such pair in row-major order of the set's distance
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import HIP_FAMILIES, HIP_LEVELS
+from ...format import HIP_FAMILIES, HIP_LEVELS
 
 
 def hip_families(dist: np.ndarray) -> np.ndarray:

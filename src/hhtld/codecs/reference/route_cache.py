@@ -1,4 +1,4 @@
-"""The HHTL cache: a palette's k x k u16 distance table and k x k route table (SPEC §3).
+"""The HHTL cache: a palette's k x k u16 distance table and k x k route table (docs/design.md §2).
 
 Distances: the palette's own metric between centroids (L1 for Base17). They
 are stored exactly when they are integers that fit in u16; otherwise they are
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CodecError
-from ..format import HHTL_DISTANCE_MAX, ROUTE_ATTEND_PERCENTILE, ROUTE_SKIP_PERCENTILE, RouteAction
+from ...errors import CodecError
+from ...format import HHTL_DISTANCE_MAX, ROUTE_ATTEND_PERCENTILE, ROUTE_SKIP_PERCENTILE, RouteAction
 
 
 def check_percentiles(attend: float, skip: float) -> tuple[float, float]:

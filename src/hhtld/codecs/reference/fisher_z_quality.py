@@ -1,4 +1,4 @@
-"""How faithful is a Fisher-z table? Measured, never assumed (issue 4).
+"""How faithful is a Fisher-z table? Measured, never assumed.
 
 For the off-diagonal pairs of the representatives: the Spearman rank
 correlation between the int8 table's restored cosines and the exact cosines

@@ -1,4 +1,4 @@
-"""Base17 palettes: CLAM furthest-point sampling in L1 over folded rows (SPEC §3).
+"""Base17 palettes: CLAM furthest-point sampling in L1 over folded rows (docs/design.md §2).
 
 The start is the row nearest (L1) to the mean of all folded rows; then the row
 farthest from everything chosen is added until ``k`` rows are chosen (fewer
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import BASE17_DIMS, BASE17_VALUE_BYTES, F32_BYTES
-from .base17 import l1_cdist, l1_distance, nearest_l1, unfold
+from ...format import BASE17_DIMS, BASE17_VALUE_BYTES, F32_BYTES
+from .base17_fold import l1_cdist, l1_distance, nearest_l1, unfold
 from .palette import Palette, assignment_stats, check_k
 
 

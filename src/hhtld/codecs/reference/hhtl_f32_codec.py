@@ -19,13 +19,13 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from ..classify.groups import GroupKey
-from ..classify.rules import should_use_leaf
-from ..errors import CodecError
-from ..format import MAX_PALETTE_K, SLOT_L_LANES, CodecId
-from .base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
+from ...classify.groups import GroupKey
+from ...classify.rules import should_use_leaf
+from ...errors import CodecError
+from ...format import MAX_PALETTE_K, SLOT_L_LANES, CodecId
+from ..base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
 from .fisher_z import FisherZTable
-from .layout import PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
+from ..layout import PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import assign_nearest, check_k, furthest_point_sample, to_bf16
 from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis

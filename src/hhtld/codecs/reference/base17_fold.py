@@ -1,4 +1,4 @@
-"""Base17: fold a row of any length to 17 int16 values, unfold it back, L1 distance (SPEC §3).
+"""Base17: fold a row of any length to 17 int16 values, unfold it back, L1 distance (docs/design.md §2).
 
 ``GOLDEN_POS[i] = (i * 11) % 17``. Dimension ``i`` of the fold is the mean of
 ``row[o*17 + GOLDEN_POS[i]]`` over every octave ``o`` that exists (the last
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import BASE17_DIMS, BASE17_GOLDEN_STEP, BASE17_SCALE, BASE17_VALUE_BYTES
+from ...format import BASE17_DIMS, BASE17_GOLDEN_STEP, BASE17_SCALE, BASE17_VALUE_BYTES
 
 GOLDEN_POS = (np.arange(BASE17_DIMS) * BASE17_GOLDEN_STEP) % BASE17_DIMS  # (17,) dim -> position class
 DIM_OF_POS = np.argsort(GOLDEN_POS)  # (17,) position class -> dim (inverse permutation)

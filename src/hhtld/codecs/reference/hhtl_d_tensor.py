@@ -1,4 +1,4 @@
-"""HHTL-D, the lookup grade (SPEC §3): Base17 palette + one 4-byte HhtlDEntry per row.
+"""HHTL-D, the lookup grade (docs/design.md §2): Base17 palette + one 4-byte HhtlDEntry per row.
 
 ``HhtlDEntry`` (4 bytes, little-endian)::
 
@@ -38,10 +38,10 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from ..classify.groups import GroupKey
-from ..classify.rules import should_use_leaf
-from ..errors import CodecError
-from ..format import (
+from ...classify.groups import GroupKey
+from ...classify.rules import should_use_leaf
+from ...errors import CodecError
+from ...format import (
     HHTL_D_ENTRY_BYTES,
     ROUTE_ATTEND_PERCENTILE,
     ROUTE_SKIP_PERCENTILE,
@@ -55,12 +55,12 @@ from ..format import (
     SLOT_L_LANES,
     HeelBasin,
 )
-from .base17 import fold, unfold
+from .base17_fold import fold, unfold
 from .base17_palette import Base17Palette, build_base17_palette, representatives
-from .fisher_quality import FisherZQuality, fisher_z_quality
+from .fisher_z_quality import FisherZQuality, fisher_z_quality
 from .fisher_z import FisherZTable
-from .group import GroupAccounting, check_group_inputs
-from .hhtl_cache import HhtlCache
+from .shared_group import GroupAccounting, check_group_inputs
+from .route_cache import HhtlCache
 from .hip import hip_families
 from .palette import check_k
 from .slot_l import decode_slot_l, encode_slot_l, slot_l_byte_size

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..checkpoint.rows import evenly_spaced
-from ..format import BF16_BYTES, F32_BYTES, SLOT_L_LANES, SVD_MAX_SAMPLE_ROWS
+from ...checkpoint.rows import evenly_spaced
+from ...format import BF16_BYTES, F32_BYTES, SLOT_L_LANES, SVD_MAX_SAMPLE_ROWS
 from .palette import to_bf16
 
 FULL_SVD_MAX_ELEMS = 1 << 20  # samples up to this size take the full (float64) SVD

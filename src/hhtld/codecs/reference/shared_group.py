@@ -1,5 +1,5 @@
 """SharedPaletteGroup: one palette, one Fisher-z table and (index regime) one
-SVD basis for every tensor of a group (SPEC §3)."""
+SVD basis for every tensor of a group (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..classify.groups import GroupKey
-from ..classify.rules import should_use_leaf
-from ..format import SLOT_L_LANES
+from ...classify.groups import GroupKey
+from ...classify.rules import should_use_leaf
+from ...format import SLOT_L_LANES
 from .fisher_z import FisherZTable
-from .hhtl_f32 import HhtlF32Tensor
+from .hhtl_f32_tensor import HhtlF32Tensor
 from .palette import Palette, build_f32_palette, check_k
 from .svd_basis import SvdBasis
 
