@@ -120,7 +120,7 @@ def checkpoint_gb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e9
 
 
-def run_size(size: str, ckdir: Path, work: Path, threads: int | None) -> dict:
+def run_size(size: str, ckdir: Path, work: Path, threads: int | None, encodes: dict[str, list[str]] = ENCODES) -> dict:
     from hhtld import open_checkpoint, open_pack
 
     t = time.perf_counter()
@@ -152,7 +152,7 @@ def run_size(size: str, ckdir: Path, work: Path, threads: int | None) -> dict:
         row(base, "encode", m, n_w, out_gb=round(out.stat().st_size / 1e9, 3))
         out.unlink()
     rows_pack = None
-    for name, args in ENCODES.items():
+    for name, args in encodes.items():
         pack = work / f"{name.split()[0]}-{len(res['rows'])}.hhtld"
         m = measure(hhtld_cmd("encode", str(model), "-o", str(pack), "-q", *args, *extra), env)
         p = open_pack(pack)
@@ -199,12 +199,21 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=HERE / "out" / "scale", help="checkpoints and packs (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="hhtld --threads (default: all usable cores)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--encodes", default=None, metavar="K,K,...",
+                    help="hhtld encodes to run, by their first words (e.g. 'hhtl-f32,hhtl-vq --target rows'; "
+                         "default: all of " + "; ".join(ENCODES) + "). The --target rows pack is always made: "
+                         "the decode rows read it")
     args = ap.parse_args()
+    encodes = ENCODES
+    if args.encodes:
+        want = [w.strip() for w in args.encodes.split(",") if w.strip()]
+        encodes = {k: v for k, v in ENCODES.items() if any(k.startswith(w) for w in want)}
+        encodes.setdefault("hhtl-vq --target rows", ENCODES["hhtl-vq --target rows"])
     sizes = [s for s in args.sizes.split(",") if s] + args.size
     results = []
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
     for size in sizes:
-        results.append(run_size(size, args.dir / "ckpt", args.dir / "work", args.threads))
+        results.append(run_size(size, args.dir / "ckpt", args.dir / "work", args.threads, encodes))
         (HERE / "scale.json").write_text(json.dumps({"command": cmd, "results": results}, indent=2) + "\n")
         (HERE / "scale.md").write_text(to_markdown(results, cmd) + "\n")
         if not args.keep:

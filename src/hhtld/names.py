@@ -85,3 +85,19 @@ def path_conflicts(paths: list[str]) -> str | None:
 
 
 __all__ = ["MAX_NAME_CHARS", "name_problem", "path_conflicts", "path_problem"]
+
+
+def state_dict_candidates(name: str, prefix: str) -> list[str]:
+    """The keys of a transformers model a checkpoint tensor name may stand for, in
+    order: the name itself, with or without the model's ``base_model_prefix``
+    (``bert.``, ``model.``), and the legacy LayerNorm names ``gamma``/``beta`` as
+    ``weight``/``bias``."""
+    cands = [name]
+    if prefix:
+        cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+    for c in list(cands):
+        if c.endswith(".gamma"):
+            cands.append(c[: -len(".gamma")] + ".weight")
+        elif c.endswith(".beta"):
+            cands.append(c[: -len(".beta")] + ".bias")
+    return cands

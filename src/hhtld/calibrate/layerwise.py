@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import GateError
+from ..names import state_dict_candidates
 
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")
 
@@ -239,15 +240,7 @@ def checkpoint_param_map(model, ckpt) -> dict[str, str]:
     prefix = getattr(model, "base_model_prefix", "") or ""
     out: dict[str, str] = {}
     for name, info in ckpt.tensors.items():
-        cands = [name]
-        if prefix:
-            cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
-        for c in list(cands):
-            if c.endswith(".gamma"):
-                cands.append(c[: -len(".gamma")] + ".weight")
-            elif c.endswith(".beta"):
-                cands.append(c[: -len(".beta")] + ".bias")
-        hit = next((c for c in cands if c in params), None)
+        hit = next((c for c in state_dict_candidates(name, prefix) if c in params), None)
         if hit is None:
             continue
         if int(np.prod(params[hit].shape)) != int(np.prod(info.shape)):

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import GateError, HhtldError
+from ..names import state_dict_candidates
 
 FAMILIES = ("embedding", "causal")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -233,15 +234,7 @@ class ModelRunner:
         keys = self._state
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         for name in self.checkpoint.tensors:
-            cands = [name]
-            if prefix:
-                cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
-            for c in list(cands):
-                if c.endswith(".gamma"):
-                    cands.append(c[: -len(".gamma")] + ".weight")
-                elif c.endswith(".beta"):
-                    cands.append(c[: -len(".beta")] + ".bias")
-            hit = next((c for c in cands if c in keys), None)
+            hit = next((c for c in state_dict_candidates(name, prefix) if c in keys), None)
             if hit is None:
                 self.unused.append(name)
                 continue

@@ -11,6 +11,7 @@ from ..errors import MissingDependencyError
 _EXTRAS = {
     "torch": ("torch", "load"),
     "transformers": ("transformers", "load"),
+    "accelerate": ("accelerate", "load"),
     "sentence_transformers": ("sentence-transformers", "sentence-transformers"),
 }
 

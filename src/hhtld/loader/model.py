@@ -12,7 +12,6 @@ and the folder is removed afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,9 @@ import numpy as np
 
 from ..errors import ArchitectureError, LoadError, NoConfigError, TensorMismatchError
 from ..gates.runner import FAMILIES, family_of_config
+from ..names import state_dict_candidates
 from ..pack.reader import Pack
-from .deps import torch_and_transformers
+from .deps import require, torch_and_transformers
 from .sidefiles import carried_config, has_file, open_pack_arg, read_json, side_files
 from .tensors import torch_dtype, to_torch
 
@@ -128,31 +128,6 @@ def family_of(pack, config=None) -> str:
 
 
 # -- empty construction ---------------------------------------------------------------
-@contextlib.contextmanager
-def params_on_meta():
-    """Every parameter registered inside the block is put on the ``meta``
-    device (no memory, no initialisation work); buffers stay real, so what a
-    model computes at construction (``position_ids``, rotary ``inv_freq``)
-    is there."""
-    import torch
-    from torch import nn
-
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _dominant_float_dtype(pack: Pack):
     """The torch dtype holding most float elements of the pack (None if none)."""
     count: dict[str, int] = {}
@@ -171,8 +146,12 @@ def build_empty(auto, cfg, dtype, attn_implementation: str | None, where: Path):
         kw["dtype"] = dtype
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
+    # accelerate puts every parameter on ``meta`` (no memory, no initialisation work) and
+    # keeps buffers real, so what a model computes at construction (``position_ids``,
+    # rotary ``inv_freq``) is there
+    init_empty_weights = require("accelerate", "hhtld.load").init_empty_weights
     try:
-        with params_on_meta():
+        with init_empty_weights(), torch.no_grad():
             torch.manual_seed(0)
             net = auto.from_config(cfg, **kw)
     except Exception as e:
@@ -182,24 +161,12 @@ def build_empty(auto, cfg, dtype, attn_implementation: str | None, where: Path):
         ) from None
     if not isinstance(net, torch.nn.Module):
         raise ArchitectureError(f"{where}: {auto} did not build a torch model")
+    if hasattr(net, "tie_weights"):  # ties made under init_empty_weights can come apart: one object again
+        net.tie_weights()
     return net
 
 
 # -- names ----------------------------------------------------------------------------
-def name_candidates(name: str, prefix: str) -> list[str]:
-    """State-dict keys a checkpoint name may stand for: itself, with or without
-    the model's ``base_model_prefix``, and legacy LayerNorm ``gamma``/``beta``."""
-    cands = [name]
-    if prefix:
-        cands += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
-    for c in list(cands):
-        if c.endswith(".gamma"):
-            cands.append(c[: -len(".gamma")] + ".weight")
-        elif c.endswith(".beta"):
-            cands.append(c[: -len(".beta")] + ".bias")
-    return cands
-
-
 def _listed(names: list[str]) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:_NAMED])
     return shown + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
@@ -234,7 +201,7 @@ def plan_fill(pack: Pack, model, strict: bool) -> tuple[list[_Slot], LoadInfo]:
     info = LoadInfo(pack.path, None, type(model).__name__)
     extra: list[str] = []
     for name in pack.names():
-        cands = name_candidates(name, prefix)
+        cands = state_dict_candidates(name, prefix)
         hit = next((c for c in cands if c in key_slot), None)
         if hit is None:
             if any(c in all_buffers for c in cands):

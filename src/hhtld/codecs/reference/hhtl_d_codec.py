@@ -47,7 +47,7 @@ from .route_cache import check_percentiles
 from .hhtl_d_tensor import HhtlDShared, build_shared, decode_rows17, entry_twigs, heel_basin, pack_entries, residual_fields
 from ..layout import Count, LayoutProblem, PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import check_k
-from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
+from .slot_l import add_stored_leaf, basis_parts, check_leaf_lanes, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
 
 
@@ -136,9 +136,7 @@ class HhtlDCodec(Codec):
 
     def validate(self) -> None:
         check_k(self.opts["k"])
-        lanes = self.opts["leaf_lanes"]
-        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
-            raise CodecError(f"codec {self.name}: leaf_lanes={lanes} is out of range (1..64)")
+        check_leaf_lanes(self.name, self.opts["leaf_lanes"])
         check_percentiles(self.opts["attend_percentile"], self.opts["skip_percentile"])
 
     def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _DFit:

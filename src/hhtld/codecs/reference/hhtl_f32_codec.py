@@ -21,13 +21,12 @@ from pydantic import Field
 
 from ...classify.groups import GroupKey
 from ...classify.rules import should_use_leaf
-from ...errors import CodecError
 from ...format import MAX_PALETTE_K, SLOT_L_LANES, CodecId
 from ..base import Codec, DictParts, EncodedGroup, EncodedTensor, Parts, map_blocks
 from .fisher_z import FisherZTable
 from ..layout import PartSpec, Params, Stored, StoredLayout, below, finite, leaf_parts_layout
 from .palette import assign_nearest, check_k, furthest_point_sample, to_bf16
-from .slot_l import add_stored_leaf, basis_parts, leaf_parts, quantise_leaf
+from .slot_l import add_stored_leaf, basis_parts, check_leaf_lanes, leaf_parts, quantise_leaf
 from .svd_basis import SvdBasis
 
 
@@ -74,9 +73,7 @@ class HhtlF32Codec(Codec):
 
     def validate(self) -> None:
         check_k(self.opts["k"])
-        lanes = self.opts["leaf_lanes"]
-        if not isinstance(lanes, int) or not 1 <= lanes <= 64:
-            raise CodecError(f"codec {self.name}: leaf_lanes={lanes} is out of range (1..64)")
+        check_leaf_lanes(self.name, self.opts["leaf_lanes"])
 
     def fit_group(self, key: GroupKey, sample: np.ndarray, pool=None) -> _F32Fit:
         self.check_range(sample, key=key)

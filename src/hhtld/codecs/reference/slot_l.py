@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import CodecError
 from ...format import SLOT_L_LANES, SLOT_L_SCALE_BYTES
 from .svd_basis import SvdBasis, combine_lanes
 
@@ -31,6 +32,12 @@ def quantise_leaf(c: np.ndarray) -> tuple[np.ndarray, float]:
 def decode_slot_l(q: np.ndarray, scale: float, basis: SvdBasis) -> np.ndarray:
     """q (m, n) int8, scale → residual estimate (m, d) float32."""
     return basis.reconstruct(q.astype(np.float32) * np.float32(scale))
+
+
+def check_leaf_lanes(codec: str, lanes) -> None:
+    """A codec's ``leaf_lanes`` option: an integer (not a bool) from 1 to 64, else CodecError."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
+        raise CodecError(f"codec {codec}: leaf_lanes={lanes} is out of range (1..64)")
 
 
 def slot_l_byte_size(n_rows: int, lanes: int = SLOT_L_LANES) -> int:
