@@ -51,10 +51,11 @@ demo-llm: $(STAMP) llm
 test: $(STAMP) llm
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) llm
 	$(BIN)/python bench/rate_distortion.py
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/load_smollm2.py
 
 # 10,000 mutated packs of every codec read in forked children; the table goes into RELIABILITY.md
 fuzz: $(STAMP)
