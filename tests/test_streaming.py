@@ -106,6 +106,29 @@ def test_block_decode_into_the_output_equals_the_row_decode(tmp_path, monkeypatc
         np.testing.assert_array_equal(t.astype(np.float32), p.rows(name).astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+@pytest.mark.parametrize("codec,opts", [("hhtl-vq", {"stages": "4,3+8", "leaf_lanes": 4}), ("hhtl-d", {})])
+def test_decode_threads_give_the_same_values(tmp_path, monkeypatch, codec, opts):
+    """Whole tensors decode block by block on several threads: the same bits as one
+    thread and as the rows read one block at a time."""
+    import hhtld.checkpoint.rows as rows
+
+    monkeypatch.setattr(rows, "BLOCK_ELEMS", 64 * 700)
+    ck = write_layers(tmp_path / "m.safetensors", n_layers=2, rows=2100)
+    out = tmp_path / "m.hhtld"
+    encode_checkpoint(ck, out, codec=codec, codec_options=opts, policy=ALL)
+    got = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("HHTLD_DECODE_THREADS", threads)
+        p = open_pack(out)
+        got[threads] = {n: (p.rows(n), p.tensor(n)) for n in p.encoded_names()}
+    p = open_pack(out)
+    assert max(len(rows.row_blocks(*r.shape)) for r, _ in got["1"].values()) > 1
+    for name, (r, t) in got["1"].items():
+        np.testing.assert_array_equal(r, got["3"][name][0])
+        np.testing.assert_array_equal(t, got["3"][name][1])
+        np.testing.assert_array_equal(r, np.concatenate([p.rows(name, np.arange(s, e)) for s, e in rows.row_blocks(*r.shape)]))
+
+
 def test_the_written_pack_is_checked_before_the_rename(tmp_path, monkeypatch):
     import hhtld.pack.writer as writer
 

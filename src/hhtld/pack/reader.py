@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,7 +25,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..checkpoint.rows import row_blocks
-from ..codecs.base import Codec
+from ..codecs.base import Codec, ordered_map
+from ..codecs.parallel import available_cpus
 from ..errors import HhtldNote, PackError
 from ..format import (
     CATEGORIES,
@@ -64,6 +67,36 @@ class _LazyParts:
     def __contains__(self, part: str) -> bool:
         return part in self.names
 
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def decode_threads() -> int:
+    """Threads that decode the blocks of a whole tensor: the usable cores, or
+    ``HHTLD_DECODE_THREADS`` (1: decode on the calling thread only)."""
+    env = os.environ.get("HHTLD_DECODE_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else available_cpus()
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: it makes its own pool."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """One pool for every pack of the process (numpy's gathers and BLAS release the GIL)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != decode_threads():
+            _POOL = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="hhtld-decode")
+        return _POOL
 
 class Pack:
     """An open ``.hhtld`` pack. Construction validates the header, format,
@@ -231,8 +264,17 @@ class Pack:
         return self._rows(name, idx)
 
     def _rows(self, name: str, sel) -> np.ndarray:
-        """Decode rows ``sel`` (None, an index array or a slice) of a tensor."""
+        """Decode rows ``sel`` (None, an index array or a slice) of a tensor; every
+        row of a large tensor block by block on the decode threads."""
         t = self.info(name)
+        if t["kind"] == "encoded" and sel is None:
+            n_rows, n_cols = t["row_shape"]
+            blocks = row_blocks(n_rows, n_cols)
+            if len(blocks) > 1 and decode_threads() > 1:
+                out = np.empty((n_rows, n_cols), dtype=np.float32)
+                for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks)):
+                    out[s:e] = block
+                return out
         if t["kind"] == "encoded":
             codec = self.codec_of(name)
             try:
@@ -250,6 +292,13 @@ class Pack:
             raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row {i} is out of range")
         return self.rows(name, np.array([i % n]))[0]
 
+    def _decoded_blocks(self, name: str, blocks: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """The float32 rows of ``blocks`` in order, decoded on the decode threads with
+        at most two blocks per thread in flight (each block is decoded on its own:
+        the same values as one call for every row)."""
+        pool = _decode_pool()
+        return ordered_map(lambda span: self._rows(name, slice(*span)), blocks, pool, 2 * pool._max_workers)
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as the checkpoint stored it: name, shape and dtype (values decoded).
 
@@ -263,8 +312,10 @@ class Pack:
         # the row matrix as a view of ``out``: (rows, cols), or the stored (cols, rows) turned
         view = out.reshape(n_cols, n_rows).T if t["transposed"] else out.reshape(n_rows, n_cols)
         top = _FINITE_MAX.get(t["dtype"])
-        for s, e in row_blocks(n_rows, n_cols):
-            block = self._rows(name, slice(s, e))
+        blocks = row_blocks(n_rows, n_cols)
+        decoded = (self._decoded_blocks(name, blocks) if len(blocks) > 1 and decode_threads() > 1
+                   else (self._rows(name, slice(s, e)) for s, e in blocks))
+        for (s, e), block in zip(blocks, decoded):
             if top is not None:  # a decoded value just past the dtype's range is its largest value, not inf
                 block = np.clip(block, -top, top)
             view[s:e] = block
