@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import shlex
 import subprocess
 import sys
 import time
@@ -211,7 +212,7 @@ def main() -> None:
         encodes.setdefault("hhtl-vq --target rows", ENCODES["hhtl-vq --target rows"])
     sizes = [s for s in args.sizes.split(",") if s] + args.size
     results = []
-    cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
+    cmd = "python bench/scale.py " + shlex.join(sys.argv[1:])
     for size in sizes:
         results.append(run_size(size, args.dir / "ckpt", args.dir / "work", args.threads, encodes))
         (HERE / "scale.json").write_text(json.dumps({"command": cmd, "results": results}, indent=2) + "\n")
