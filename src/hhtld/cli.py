@@ -308,7 +308,8 @@ def _rules_only(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hhtld", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hhtld", description="Compress the weights of a transformer model into one "
+                                ".hhtld pack and prove what it cost. Format and design: docs/format.md, docs/design.md.")
     p.add_argument("--version", action="version", version=f"hhtld {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
