@@ -68,7 +68,6 @@ class _LazyParts:
         return part in self.names
 
 
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -90,13 +89,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _decode_pool() -> ThreadPoolExecutor:
-    """One pool for every pack of the process (numpy's gathers and BLAS release the GIL)."""
+def _decode_pool() -> ThreadPoolExecutor | None:
+    """One pool for every pack of the process (numpy's gathers and BLAS release the
+    GIL); None when decoding stays on the calling thread."""
     global _POOL
+    n = decode_threads()
+    if n == 1:
+        return None
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != decode_threads():
-            _POOL = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="hhtld-decode")
+        if _POOL is None or _POOL._max_workers != n:
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hhtld-decode")
         return _POOL
+
 
 class Pack:
     """An open ``.hhtld`` pack. Construction validates the header, format,
@@ -270,9 +274,10 @@ class Pack:
         if t["kind"] == "encoded" and sel is None:
             n_rows, n_cols = t["row_shape"]
             blocks = row_blocks(n_rows, n_cols)
-            if len(blocks) > 1 and decode_threads() > 1:
+            pool = _decode_pool() if len(blocks) > 1 else None
+            if pool is not None:
                 out = np.empty((n_rows, n_cols), dtype=np.float32)
-                for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks)):
+                for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
                     out[s:e] = block
                 return out
         if t["kind"] == "encoded":
@@ -292,12 +297,13 @@ class Pack:
             raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row {i} is out of range")
         return self.rows(name, np.array([i % n]))[0]
 
-    def _decoded_blocks(self, name: str, blocks: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-        """The float32 rows of ``blocks`` in order, decoded on the decode threads with
-        at most two blocks per thread in flight (each block is decoded on its own:
-        the same values as one call for every row)."""
-        pool = _decode_pool()
-        return ordered_map(lambda span: self._rows(name, slice(*span)), blocks, pool, 2 * pool._max_workers)
+    def _decoded_blocks(self, name: str, blocks: list[tuple[int, int]],
+                        pool: ThreadPoolExecutor | None) -> Iterator[np.ndarray]:
+        """The float32 rows of ``blocks`` in order, decoded on ``pool`` with at most two
+        blocks per thread in flight, or one after the other without a pool (each block
+        is decoded on its own: the same values as one call for every row)."""
+        width = 2 * pool._max_workers if pool is not None else 1
+        return ordered_map(lambda span: self._rows(name, slice(*span)), blocks, pool, width)
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as the checkpoint stored it: name, shape and dtype (values decoded).
@@ -313,9 +319,8 @@ class Pack:
         view = out.reshape(n_cols, n_rows).T if t["transposed"] else out.reshape(n_rows, n_cols)
         top = _FINITE_MAX.get(t["dtype"])
         blocks = row_blocks(n_rows, n_cols)
-        decoded = (self._decoded_blocks(name, blocks) if len(blocks) > 1 and decode_threads() > 1
-                   else (self._rows(name, slice(s, e)) for s, e in blocks))
-        for (s, e), block in zip(blocks, decoded):
+        pool = _decode_pool() if len(blocks) > 1 else None
+        for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
             if top is not None:  # a decoded value just past the dtype's range is its largest value, not inf
                 block = np.clip(block, -top, top)
             view[s:e] = block
