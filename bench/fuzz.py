@@ -17,7 +17,12 @@ no gain), and the real all-MiniLM-L6-v2 encoded with ``--stages 2
   same structured edits of the manifest (types, sizes, offsets, names,
   nesting, swapped entries, deleted and unknown keys) and of the header, and
   changed array bytes with their hash updated (twigs out of range, NaN
-  palettes, ...), which only validation can refuse.
+  palettes, ...), which only validation can refuse; and ``wide`` packs: an
+  hhtl-d group without a leaf stores 4 bytes a row whatever its width, so
+  its declared shape is widened (up to 65,536 x 131,072, every tensor of
+  the group) and its entries repeated: a pack of a few hundred kB that
+  declares tens of GiB, which a reader must refuse before allocating (or
+  decode, when it fits).
 
 Every case runs in a child forked from this pre-imported process, under an
 address-space cap (the parent's size + 2 GiB) and a time limit, through
@@ -25,11 +30,15 @@ address-space cap (the parent's size + 2 GiB) and a time limit, through
 ``decode_pack``, ``inspect_pack`` (+ ``format_inspect``) and ``verify``.
 Outcomes: clean refusal (one PackError naming the file), identical decode
 (every call gives what the unmutated pack gives), silent difference (an
-accident that decodes to something else; for crafted files a valid pack
-that decodes differently is counted apart: the format cannot tell it from
-an honest pack), traceback (any other exception, with its signature),
-another error type, hang (over the time limit), memory (MemoryError under
-the cap, or peak RSS over the unmutated run by more than 4 x the file size
+accident that decodes to something else, or a crafted file that hhtld
+decodes otherwise than the reader written from docs/format.md alone,
+``tests/format_reader.py``: every passthrough tensor byte for byte, a
+sample of rows of every encoded tensor, whole tensors up to 256 k weights),
+crafted: valid, decodes as the format says (the format cannot tell such a
+file from an honest pack), traceback (any other exception, with its
+signature), another error type, hang (over the time limit), memory
+(MemoryError under the cap, or peak RSS over the unmutated run by more than
+4 x the file size plus 3 x the largest tensor the pack declares, as float32,
 plus 16 MiB of allocator noise).
 
     python bench/fuzz.py [--cases 10000] [--minilm-cases 600] [--seed 0] [--timeout 5]
@@ -71,15 +80,20 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from hhtld import EncodablePolicy, HhtldError, PackError, decode_pack, encode_checkpoint, open_pack  # noqa: E402
-from hhtld.format import META_DIGEST, META_MANIFEST, META_VERSION  # noqa: E402
+from hhtld.format import DTYPE_BITS, FLOAT_DTYPES, META_DIGEST, META_MANIFEST, META_VERSION  # noqa: E402
 from hhtld.inspect import format_inspect, inspect_pack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTCOMES = ("refused", "identical", "silent difference", "crafted: valid, decodes differently", "traceback",
-            "other error", "hang", "memory")
+sys.path.insert(0, str(ROOT / "tests"))
+from format_reader import DocReader  # noqa: E402  - the reader written from docs/format.md alone
+
+OUTCOMES = ("refused", "identical", "crafted: valid, decodes as the format says", "silent difference",
+            "traceback", "other error", "hang", "memory")
 FAILURES = ("silent difference", "traceback", "other error", "hang", "memory")
 MEM_CAP = 2 << 30
 MEM_NOISE = 16 << 20
+WIDE_SHARE = 0.08  # of the cases on a pack with an hhtl-d group without a leaf
+FORMAT_FULL = 1 << 18  # whole tensors up to this many weights are compared with the format's reader
 _DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64", "F8_E5M2",
            "F8_E4M3", "F4", "C64", "X9"]
 
@@ -348,6 +362,10 @@ def mutate_json(rng: random.Random, obj, weights: dict[str, float] | None = None
 
 def mutate(rng: random.Random, blob: bytes) -> tuple[bytes, str, bool]:
     """One mutation of a valid pack: (bytes, family label, crafted?)."""
+    if rng.random() < WIDE_SHARE:
+        wide = widen(rng, blob)
+        if wide is not None:
+            return wide, "wide:declared shape", True
     header, data = split(blob)
     (n,) = struct.unpack("<Q", blob[:8])
     meta_text = header["__metadata__"][META_MANIFEST]
@@ -449,6 +467,51 @@ def mutate(rng: random.Random, blob: bytes) -> tuple[bytes, str, bool]:
     return join(h, bytes(d)), f"data:bytes of {name!r}", crafted
 
 
+# --- wide: a small pack that declares a huge tensor ---------------------------------------------------
+# (rows, cols) a widened group declares: some small enough to decode in a case, most far beyond the cap
+WIDE_SHAPES = [(600, 1000), (1200, 4096), (4096, 4096), (65536, 65536), (4096, 131072), (65536, 131072),
+               (16384, 131072), (131072, 65536)]
+
+
+def widen(rng: random.Random, blob: bytes, shape: tuple[int, int] | None = None, group: int | None = None
+          ) -> bytes | None:
+    """An hhtl-d group without a leaf (``group``, or one drawn) widened to a declared
+    ``shape`` (default: one of WIDE_SHAPES), its entries repeated to the new row count,
+    the array table and digest recomputed (a crafted file); None when the pack has no
+    such group."""
+    header, data = split(blob)
+    m = json.loads(header["__metadata__"][META_MANIFEST])
+    cands = [gi for gi, g in enumerate(m["groups"]) if g["codec"] == "hhtl-d" and not g["params"].get("leaf")]
+    if not cands:
+        return None
+    gi = rng.choice(cands) if group is None else group
+    g = m["groups"][gi]
+    rows, cols = shape or rng.choice(WIDE_SHAPES)
+    g["key"]["shape"] = [rows, cols]
+    g["params"]["cols"] = cols
+    arrays = {n: [e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]]]
+              for n, e in header.items() if n != "__metadata__"}
+    for name in g["tensors"]:
+        t = m["tensors"][name]
+        t.update(shape=[rows, cols], row_shape=[rows, cols], transposed=False)
+        entry = arrays[f"{name}::entry"]
+        e = np.frombuffer(entry[2], np.uint16).reshape(entry[1])
+        entry[1:] = [[rows, 2], np.tile(e, (-(-rows // e.shape[0]), 1))[:rows].tobytes()]
+    m["source"]["bytes"] = sum(int(np.prod(t["shape"])) * DTYPE_BITS[t["dtype"]] // 8 for t in m["tensors"].values())
+    m["source"]["bf16_bytes"] = sum(int(np.prod(t["shape"])) * (2 if t["dtype"] in FLOAT_DTYPES else
+                                    DTYPE_BITS[t["dtype"]] // 8) for t in m["tensors"].values())
+    h = {"__metadata__": dict(header["__metadata__"])}
+    h["__metadata__"][META_MANIFEST] = json.dumps(m, separators=(",", ":"))
+    out, off = [], 0
+    for n, (dt, shape, raw) in arrays.items():
+        h[n] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        out.append(raw)
+        off += len(raw)
+    new = b"".join(out)
+    sync_arrays(h, new)
+    return join(h, new)
+
+
 # --- one case, in a child -----------------------------------------------------------------------------------
 def _digest(*parts) -> str:
     h = hashlib.sha256()
@@ -497,14 +560,53 @@ def _signature(e: BaseException) -> str:
     return f"{type(e).__name__} in {where}: {msg}"
 
 
-def _child(path: Path, out_dir: Path, full: bool, wfd: int, as_limit: int) -> None:
+def declared_max(path: Path) -> int:
+    """float32 bytes of the largest tensor the pack declares (0 when it cannot be read)."""
+    try:
+        p = open_pack(path)
+    except HhtldError:
+        return 0
+    return max((int(np.prod(t.get("row_shape") or t["shape"])) * 4 for t in p.tensors.values()), default=0)
+
+
+def format_says(path: Path) -> str | None:
+    """Compare hhtld's decode with the reader written from docs/format.md: None when
+    they agree, else the first difference."""
+    p, doc = open_pack(path), DocReader(path)
+    for name in p.names():
+        info = p.info(name)
+        if info["kind"] == "passthrough":
+            if bytes(p.raw(name)) != np.ascontiguousarray(doc.tensor(name)).tobytes():
+                return f"passthrough {name!r}"
+            continue
+        n = info["row_shape"][0]
+        vq = p.group_of(name)["codec"] == "hhtl-vq"
+        idx = np.unique(np.concatenate([[0, 1 % n, n // 2, n - 1], np.linspace(0, n - 1, 12).round()]).astype(np.int64))
+        mine = p.rows(name, idx)
+        for k, r in enumerate(idx):
+            theirs = doc.row(name, int(r))
+            if theirs.shape != mine[k].shape:
+                return f"{name!r} row {r}: shape {mine[k].shape}, the format says {theirs.shape}"
+            tol = 1e-5 * float(np.abs(theirs).max(initial=0.0)) if vq else 0.0
+            if not np.all(np.abs(mine[k] - theirs) <= tol):
+                return f"{name!r} row {r}"
+        if not vq and np.prod(info["row_shape"]) <= FORMAT_FULL:
+            if p.tensor(name).tobytes() != doc.tensor(name).tobytes():
+                return f"{name!r} as a whole tensor"
+    return None
+
+
+def _child(path: Path, out_dir: Path, full: bool, wfd: int, as_limit: int, judge: bool = False) -> None:
     res: dict = {"done": []}
     try:
         resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
         warnings.simplefilter("ignore")
+        res["declared_max"] = declared_max(path)
         try:
             run_ops(path, out_dir, full, res["done"])
             res["outcome"] = "ok"
+            if judge:
+                res["format_differs"] = format_says(path)
         except PackError as e:
             res["outcome"] = "refused" if str(e).startswith(f"{path}: ") else "other error"
             res["message"] = str(e)[len(str(path)) + 2:][:300]
@@ -535,7 +637,7 @@ def _vm() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(blob: bytes, case_dir: Path, full: bool, timeout: float) -> tuple[dict, int, float]:
+def run_case(blob: bytes, case_dir: Path, full: bool, timeout: float, judge: bool = False) -> tuple[dict, int, float]:
     """Write ``blob`` as the case's pack and read it in a forked child: (result, peak RSS growth, seconds)."""
     path = case_dir / "model.hhtld"
     out_dir = case_dir / "out"
@@ -547,7 +649,7 @@ def run_case(blob: bytes, case_dir: Path, full: bool, timeout: float) -> tuple[d
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _child(path, out_dir, full, w, _vm() + MEM_CAP)
+        _child(path, out_dir, full, w, _vm() + MEM_CAP, judge)
     os.close(w)
     buf = b""
     deadline = t0 + timeout
@@ -618,10 +720,12 @@ def classify(base: Base, res: dict, growth: int, crafted: bool) -> str:
     differs = any(i >= len(base.ref) or base.ref[i] != d for i, d in enumerate(done))
     if outcome in ("traceback", "other error", "hang", "memory"):
         return outcome
-    if growth > base.ref_rss + 4 * len(base.blob) + MEM_NOISE:
+    if growth > base.ref_rss + 4 * len(base.blob) + 3 * res.get("declared_max", 0) + MEM_NOISE:
         return "memory"
     if differs or (outcome == "ok" and done != base.ref):
-        return "crafted: valid, decodes differently" if crafted else "silent difference"
+        if crafted and outcome == "ok" and res.get("format_differs") is None:
+            return "crafted: valid, decodes as the format says"
+        return "silent difference"
     return "refused" if outcome == "refused" else "identical"
 
 
@@ -660,12 +764,12 @@ def run(cases: int = 10_000, minilm_cases: int = 600, seed: int = 0, work: Path 
         for k, (i, b) in enumerate(plan):
             rng = random.Random(f"{seed}:{i}")
             blob, family, crafted = mutate(rng, b.blob)
-            r, growth, secs = run_case(blob, case_dir, b.full, timeout)
+            r, growth, secs = run_case(blob, case_dir, b.full, timeout, judge=crafted)
             outcome = classify(b, r, growth, crafted)
             mode = "crafted" if crafted else "accident"
             res.by_base[b.name][outcome] += 1
             res.by_family[f"{family.split(':')[0]} ({mode})"][outcome] += 1
-            if outcome == "crafted: valid, decodes differently" and len(res.accepted) < 400:
+            if outcome == "crafted: valid, decodes as the format says" and len(res.accepted) < 400:
                 res.accepted.append({"case": i, "base": b.name, "mutation": family})
             res.by_mode[mode][outcome] += 1
             res.max_growth[b.name] = max(res.max_growth.get(b.name, 0), growth - b.ref_rss)
@@ -675,7 +779,8 @@ def run(cases: int = 10_000, minilm_cases: int = 600, seed: int = 0, work: Path 
             if outcome in FAILURES:
                 res.signatures[f"{outcome}: {r.get('message', '')}"] += 1
                 res.failures.append({"case": i, "base": b.name, "family": family, "mode": mode, "outcome": outcome,
-                                     "message": r.get("message"), "growth": growth, "seconds": round(secs, 2)})
+                                     "message": r.get("message") or r.get("format_differs"), "growth": growth,
+                                     "seconds": round(secs, 2)})
                 if keep is not None:
                     keep.mkdir(parents=True, exist_ok=True)
                     (keep / f"case-{i}.hhtld").write_bytes(blob)

@@ -27,6 +27,7 @@ from .errors import HhtldError, HhtldNote, OptionsError
 from .outputs import check_output_file, remove_all_temps, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
 from .inspect import format_inspect, human_bytes, inspect_path
+from .memory import set_memory_limit, system_room
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -187,7 +188,7 @@ def cmd_decode(args) -> int:
 
 def cmd_inspect(args) -> int:
     policy, rules = _policy(args)
-    info = inspect_path(args.path, policy, rules)
+    info = inspect_path(args.path, policy, rules, check=args.check)
     if args.json:
         _emit_json(info, args.json)
     else:
@@ -287,7 +288,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="bytes one decode may allocate, e.g. 4G or 512MiB (default: what the process may really use: "
+                        "available memory, cgroup and ulimit limits, less a margin; also HHTLD_MEMORY_LIMIT)")
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
+    _add_memory_arg(p)
     g = p.add_argument_group("loading the pack")
     g.add_argument("--config", default=None, metavar="CONFIG",
                    help="config.json (or a folder holding one) for a pack that carries none")
@@ -367,12 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.add_argument("--force", action="store_true", help="overwrite files that already exist in the output folder")
+    _add_memory_arg(d)
     d.set_defaults(func=cmd_decode)
 
     i = sub.add_parser("inspect", help="group table of a model (dry run) or of a pack",
                        description="Print the groups (key, regime, tensors, rows, bytes) of a model or of a pack.")
     i.add_argument("path", help="a model (file, index, folder) or a .hhtld pack")
     i.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) JSON")
+    i.add_argument("--check", action="store_true",
+                   help="a pack: verify the hash and values of every stored array first, read by a decode or not")
     _add_policy_args(i)
     i.set_defaults(func=cmd_inspect)
 
@@ -429,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", nargs="?", const=True, metavar="FILE", help="write the report as JSON to FILE (or print it)")
     v.add_argument("--plots", metavar="DIR", help="write PNG plots (row-cosine histograms, bytes per group) into DIR")
     v.add_argument("--no-fail", action="store_true", help="exit 0 even when a gate fails")
+    _add_memory_arg(v)
     v.add_argument("--texts", type=int, default=None, metavar="N",
                    help="use the first N held-out texts: sentences for embedding models, prose passages for causal LMs "
                         "(default all 256)")
@@ -513,10 +525,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
+        if getattr(args, "memory_limit", None) is not None:
+            set_memory_limit(args.memory_limit)
         _check_outputs(args)
         return int(args.func(args) or 0)
     except HhtldError as e:
         print(f"hhtld: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:  # past every check made before allocating: still one line, never a traceback
+        print(f"hhtld: error: out of memory ({str(e) or 'MemoryError'}); this process may use "
+              f"{system_room().describe()}: free memory, raise the limit (ulimit -v), or set a lower "
+              "--memory-limit so that hhtld refuses before allocating", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "start new thread" not in str(e):
+            raise
+        print(f"hhtld: error: cannot start a thread ({e}): too little memory or too many processes; "
+              "set HHTLD_DECODE_THREADS=1 or --threads 1, or raise the limit (ulimit -v, ulimit -u)", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into a reader that closed early (e.g. `| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,6 +8,7 @@ from typing import Any
 
 from .checkpoint import open_checkpoint
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
+from .errors import OptionsError
 from .format import FORMAT_NAME, META_FORMAT
 from .pack.reader import Pack
 from .pack.writer import bf16_bytes
@@ -58,8 +59,11 @@ def inspect_model(path, policy: EncodablePolicy = EncodablePolicy(), rules: Rule
     }
 
 
-def inspect_pack(path) -> dict[str, Any]:
+def inspect_pack(path, check: bool = False) -> dict[str, Any]:
+    """The group table of a pack; ``check``: first verify the hash (and values) of
+    every stored array, read by a decode or not (:meth:`Pack.verify`)."""
     p = Pack(path)
+    checked = p.verify() if check else None
     b = p.byte_breakdown()
     groups = []
     for gi, g in enumerate(p.groups):
@@ -96,12 +100,18 @@ def inspect_pack(path) -> dict[str, Any]:
         "groups": groups,
         "passthrough": {"tensors": len(pt), "bytes": b["total"]["passthrough"]},
         "aux_files": p.aux_files(),
+        **({"checked_arrays": checked} if check else {}),
     }
 
 
-def inspect_path(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES) -> dict[str, Any]:
+def inspect_path(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
+                 check: bool = False) -> dict[str, Any]:
+    """The group table of a model (dry run) or of a pack; ``check``: a pack's every
+    stored array is verified first (a model has nothing to check: OptionsError)."""
     if is_pack(path) or Path(path).suffix == ".hhtld":
-        return inspect_pack(path)  # Pack() names the problem: missing, not a pack, damaged
+        return inspect_pack(path, check)  # Pack() names the problem: missing, not a pack, damaged
+    if check:
+        raise OptionsError(f"{path}: --check verifies a .hhtld pack; this is a model")
     return inspect_model(path, policy, rules)
 
 
@@ -155,6 +165,8 @@ def format_inspect(info: dict[str, Any]) -> str:
             out.append(format_table(rows, ["group", "spearman", "mean |err|", "max |err|", "pairs"], {1, 2, 3, 4}))
         cats = ", ".join(f"{c} {human_bytes(n)}" for c, n in info["bytes_by_category"].items() if n)
         out.append(f"bytes: {cats}")
+        if "checked_arrays" in info:
+            out.append(f"check: all {info['checked_arrays']} stored arrays match their hashes and declared values")
         out.append(f"pack {human_bytes(info['file_bytes'])}; source {human_bytes(info['source']['bf16_bytes'])} at bf16 "
                    f"→ ratio {info['ratio_vs_bf16']:.2f}:1 (weights only, side files excluded)")
     return "\n".join(out)

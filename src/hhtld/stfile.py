@@ -337,6 +337,36 @@ class SafetensorsWriter:
         self._offset += n
         return n
 
+    def add_region(self, name: str, dtype: str, shape, nbytes: int):
+        """Declare a tensor of ``nbytes`` bytes and return ``write_at(offset, data)``,
+        which puts bytes at ``offset`` inside it, in any order (a tensor written
+        block by block, never held whole; bytes not written stay zero). Nothing
+        may be added after it until its bytes are written."""
+        if self._spill is None:
+            raise FormatProblem("writer is closed")
+        if not isinstance(name, str):
+            raise FormatProblem(f"tensor name {name!r} is not a string")
+        _no_surrogates(name, "a tensor name")
+        if name in self._entries or name == "__metadata__":
+            raise FormatProblem(f"tensor '{name}' added twice or not a valid name")
+        self._spill.flush()
+        base = self._offset
+        self._entries[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [base, base + nbytes]}
+        self._offset += nbytes
+        self._spill.truncate(self._offset)
+        self._spill.seek(self._offset)
+        fd = self._spill.fileno()
+
+        def write_at(offset: int, data) -> None:
+            mv = memoryview(data).cast("B")
+            if offset < 0 or offset + mv.nbytes > nbytes:
+                raise FormatProblem(f"tensor '{name}': bytes {offset}..{offset + mv.nbytes} outside its {nbytes}")
+            while mv.nbytes:
+                n = os.pwrite(fd, mv, base + offset)
+                mv, offset = mv[n:], offset + n
+
+        return write_at
+
     @property
     def data_bytes(self) -> int:
         return self._offset

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..pack.reader import Pack
+from ..pack.reader import DECODE_WORK, Pack
 from .compressed import CompressedEmbedding, CompressedLinear, CompressedWeight, DecodeCache, StoredParts
 from .tensors import torch_dtype
 
@@ -78,6 +78,8 @@ class CompressPlan:
             if not ok:
                 return False
             owners.append((mod, kind))
+        # on use the whole weight may be decoded in one call: refuse now what could never fit
+        self.pack.reserve(slot.source, n_rows * n_cols * 4 * DECODE_WORK, "decoding it on use (keep_compressed)")
         tp = self.pack.tensor_parts(slot.source)
         tensor = StoredParts(tp.params, {part: tp[part] for part in t.get("parts", [])})
         if self.device is not None:

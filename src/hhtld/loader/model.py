@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArchitectureError, LoadError, NoConfigError, TensorMismatchError
+from ..errors import ArchitectureError, LoadError, NoConfigError, PackError, TensorMismatchError
 from ..gates.runner import FAMILIES, family_of_config
 from ..names import state_dict_candidates
-from ..pack.reader import Pack
+from ..pack.reader import DECODE_WORK, Pack
 from .deps import require, torch_and_transformers
 from .sidefiles import carried_config, has_file, open_pack_arg, read_json, side_files
 from .tensors import torch_dtype, to_torch
@@ -258,7 +258,12 @@ def decode_tensor(pack: Pack, name: str, device=None):
     if n_rows <= block or (transposed and len(shape) != 2):
         out = to_torch(pack.tensor(name))
         return out if device is None else out.to(device)
-    out = torch.empty(shape, dtype=torch_dtype(t["dtype"]))
+    tdt = torch_dtype(t["dtype"])
+    pack.reserve(name, n_rows * n_cols * tdt.itemsize + block * n_cols * 4 * DECODE_WORK, "loading it")
+    try:
+        out = torch.empty(shape, dtype=tdt)
+    except RuntimeError as e:  # torch's allocator reports no memory as a RuntimeError
+        raise PackError(f"{pack.path}: tensor '{name}': out of memory while loading it ({_first_line(e)})") from None
     rows = out.t() if transposed else out.view(n_rows, n_cols)
     for s in range(0, n_rows, block):
         e = min(n_rows, s + block)
@@ -282,7 +287,8 @@ def _check_materialised(model, where: Path) -> None:
 # -- the public calls ----------------------------------------------------------------------------
 def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = None, auto_class=None,
          dtype=None, device=None, keep_compressed: bool = False, cache_layers: int = 0, codec_space: bool = True,
-         strict: bool = True, trust_remote_code: bool = False, attn_implementation: str | None = None):
+         strict: bool = True, trust_remote_code: bool = False, attn_implementation: str | None = None,
+         memory_limit: int | str | None = None):
     """A ready ``transformers`` model (eval mode) from a ``.hhtld`` pack.
 
     ``pack``: a path or an open :class:`Pack`. ``config``: the architecture
@@ -308,7 +314,10 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
     (transformers cannot build it), :class:`TensorMismatchError` (parameters
     without a tensor, tensors without a parameter — ``strict=False`` ignores
     the latter — or another shape), :class:`MissingDependencyError` (torch /
-    transformers not installed: ``pip install 'hhtld[load]'``).
+    transformers not installed: ``pip install 'hhtld[load]'``), and
+    :class:`PackError` before allocating a tensor that does not fit in
+    ``memory_limit`` (bytes or e.g. ``"4G"``; default: what the process may
+    really use, :mod:`hhtld.memory`).
     """
     torch, transformers = torch_and_transformers("hhtld.load")
     if isinstance(dtype, str):
@@ -318,6 +327,13 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
     if not isinstance(cache_layers, int) or isinstance(cache_layers, bool) or cache_layers < 0:
         raise LoadError(f"cache_layers must be an integer >= 0, got {cache_layers!r}")
     p = open_pack_arg(pack)
+    with p.limited(memory_limit):
+        return _load(p, torch, transformers, config, family, auto_class, dtype, device, keep_compressed, cache_layers,
+                     codec_space, strict, trust_remote_code, attn_implementation)
+
+
+def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, device, keep_compressed, cache_layers,
+          codec_space, strict, trust_remote_code, attn_implementation):
     cfg, cfg_dict = resolve_config(p, config, trust_remote_code)
     auto, fam = resolve_auto_class(cfg_dict, family, auto_class)
     build_dtype = dtype or _dominant_float_dtype(p)

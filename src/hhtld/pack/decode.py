@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+import numpy as np
+
 from ..errors import OptionsError, PackError
+from ..format import DTYPE_BYTES, aux_array_name
+from ..memory import format_bytes
 from ..outputs import atomic_write_bytes, check_output_file, sweep_stale
-from ..stfile import FormatProblem, SafetensorsWriter
+from ..stfile import FormatProblem, SafetensorsWriter, as_bytes
 from .reader import Pack
+
+# disk a decode leaves free besides what it writes (a full disk breaks more than this decode)
+DISK_MARGIN = 64 << 20
 
 
 @dataclass
@@ -25,10 +33,16 @@ class DecodeResult:
 
 
 def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, progress: bool = False,
-                force: bool = False) -> DecodeResult:
+                force: bool = False, memory_limit: int | str | None = None) -> DecodeResult:
     """Single file → ``OUT/<name>.safetensors``; sharded → shards + index;
     model folder → weights + its config/tokenizer files. Each file is written
     atomically; passthrough tensors come back byte for byte.
+
+    Encoded tensors are written block by block (:meth:`Pack.tensor_blocks`),
+    never held whole: memory is the blocks in flight (checked against
+    ``memory_limit``, by default what the process may really use), whatever
+    the tensor's size. The bytes the decode will write are known from the
+    manifest and checked against the free disk space before anything is written.
 
     Every target is checked before anything is written: an existing file is
     only replaced with ``force``; the pack itself, directories and non-regular
@@ -40,6 +54,11 @@ def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, prog
     """
     t0 = time.perf_counter()
     p = pack if isinstance(pack, Pack) else Pack(pack)
+    with p.limited(memory_limit):
+        return _decode(p, out_dir, progress, force, t0)
+
+
+def _decode(p: Pack, out_dir, progress: bool, force: bool, t0: float) -> DecodeResult:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OptionsError(f"{out}: exists and is not a directory")
@@ -57,6 +76,7 @@ def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, prog
         check_output_file(t, [p.path], what="decoded checkpoint")
         if t.exists() and not force:
             raise OptionsError(f"{t}: exists; decode into a new folder or pass --force to overwrite")
+    _check_disk(p, out, by_file)
     existed = {t for t in targets if t.exists()}
     out.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
@@ -75,9 +95,7 @@ def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, prog
                     if t["kind"] == "passthrough":
                         w.add_raw(name, t["dtype"], t["shape"], p.raw(name))
                     else:
-                        a = p.tensor(name)
-                        n_weights += a.size
-                        w.add(name, a)
+                        n_weights += _write_blocks(p, name, w)
                     weight_map[name] = f
                     bar.update(1)
                 total_size += w.data_bytes
@@ -100,6 +118,59 @@ def decode_pack(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, prog
         _remove(written, existed)
         raise
     return DecodeResult(out, written, time.perf_counter() - t0, n_weights)
+
+
+def _tensor_bytes(t: dict) -> int:
+    return int(np.prod(t["shape"], dtype=np.int64)) * DTYPE_BYTES[t["dtype"]]
+
+
+def _check_disk(p: Pack, out: Path, by_file: dict[str, list[str]]) -> None:
+    """Refuse, before anything is written, a decode whose files will not fit: the
+    file-size limit (``ulimit -f``) against the largest file, and the free disk
+    space against every weight file (written once to a spill file, then copied
+    after its header: the largest file counts twice) and the side files."""
+    sizes = [sum(_tensor_bytes(p.tensors[n]) for n in names) for names in by_file.values()]
+    aux = sum(p.header.tensors[aux_array_name(rel)].nbytes for rel in p.aux_files())
+    largest = max(sizes + [p.header.tensors[aux_array_name(rel)].nbytes for rel in p.aux_files()], default=0)
+    writes = f"{p.path}: decoding it writes {format_bytes(sum(sizes) + aux)}"
+    fsize = _file_size_limit()
+    if fsize is not None and largest > fsize:
+        raise PackError(f"{writes}; its largest file would be {format_bytes(largest)}, but the file-size limit "
+                        f"(ulimit -f) is {format_bytes(fsize)}; raise the limit or decode elsewhere")
+    need = sum(sizes) + max(sizes, default=0) + aux
+    where = out
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need + DISK_MARGIN > free:
+        raise PackError(f"{writes} (and needs {format_bytes(need)} while its largest file is copied after its "
+                        f"header); {out} has {format_bytes(free)} free; free some space or decode into a folder on a "
+                        "larger disk")
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _write_blocks(p: Pack, name: str, w: SafetensorsWriter) -> int:
+    """Write encoded tensor ``name`` into ``w`` block by block; returns its weight count."""
+    t = p.tensors[name]
+    n_rows, n_cols = t["row_shape"]
+    item = DTYPE_BYTES[t["dtype"]]
+    write_at = w.add_region(name, t["dtype"], t["shape"], n_rows * n_cols * item)
+    for s, e, block in p.tensor_blocks(name):
+        if t["transposed"]:  # stored as (cols, rows): row j of the file holds column j of the row matrix
+            cols = np.ascontiguousarray(block.T)
+            for j in range(n_cols):
+                write_at((j * n_rows + s) * item, as_bytes(cols[j]))
+        else:
+            write_at(s * n_cols * item, as_bytes(block))
+    return n_rows * n_cols
 
 
 def _remove(written: list[Path], existed: set[Path]) -> None:

@@ -18,13 +18,14 @@ import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..checkpoint.rows import row_blocks
+from ..checkpoint.rows import block_rows, row_blocks
 from ..codecs.base import Codec, ordered_map
 from ..codecs.parallel import available_cpus
 from ..errors import HhtldNote, PackError
@@ -45,12 +46,18 @@ from ..format import (
     part_category,
     tensor_array_name,
 )
+from ..memory import format_bytes, memory_room, parse_size, threads_that_fit
 from ..stfile import FormatProblem, NUMPY_DTYPES, read_header, read_raw
 from .manifest import ManifestProblem, manifest_digest, parse_manifest
 from .validate import check_pack
 
 # what a 16-bit float output can hold: decoded values just past it are clamped, not turned into inf
 _FINITE_MAX = {"F16": float(np.finfo(np.float16).max)}
+# float32 copies of a block that decoding it holds at its peak (the block and the codec's temporaries;
+# measured with tracemalloc: at most 4.0 for every codec), for the memory a decode asks for beforehand
+DECODE_WORK = 5
+_TOO_BIG = ("decode it to disk with `hhtld decode` (it writes block by block), read it in row blocks with "
+            "Pack.rows(name, idx), or raise the limit (--memory-limit, HHTLD_MEMORY_LIMIT) where the memory is there")
 
 
 @dataclass
@@ -89,16 +96,45 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _decode_pool() -> ThreadPoolExecutor | None:
+class _DecodePool(ThreadPoolExecutor):
+    """A thread pool whose threads are all started when it is made, so that no
+    thread has to start in the middle of a decode (where memory may be short)."""
+
+    def __init__(self, width: int):
+        super().__init__(max_workers=width, thread_name_prefix="hhtld-decode")
+        self.width = width
+        barrier = threading.Barrier(width + 1)
+        try:
+            for _ in range(width):  # each task waits for all the others: every thread is running
+                self.submit(barrier.wait, 30)
+            barrier.wait(30)
+        except (RuntimeError, MemoryError, threading.BrokenBarrierError):
+            barrier.abort()  # the threads that did start finish their task at once, and are joined
+            self.shutdown(wait=True)
+            raise
+
+
+def _decode_pool(keep: int = 0, per_thread: int = 0) -> ThreadPoolExecutor | None:
     """One pool for every pack of the process (numpy's gathers and BLAS release the
-    GIL); None when decoding stays on the calling thread."""
+    GIL); None when decoding stays on the calling thread: one thread asked for,
+    no room in the address space for more (``keep`` bytes of output, ``per_thread``
+    bytes of work a thread: :func:`hhtld.memory.threads_that_fit`), or threads that
+    cannot start (a note says so)."""
     global _POOL
-    n = decode_threads()
+    n = threads_that_fit(decode_threads(), keep, per_thread)
     if n == 1:
         return None
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != n:
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hhtld-decode")
+        if _POOL is None or _POOL.width != n:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+                _POOL = None
+            try:
+                _POOL = _DecodePool(n)
+            except (RuntimeError, MemoryError, threading.BrokenBarrierError) as e:
+                warnings.warn(HhtldNote(f"cannot start {n} decode threads ({type(e).__name__}: {e}); "
+                                        "decoding on one thread"), stacklevel=3)
+                return None
         return _POOL
 
 
@@ -108,8 +144,10 @@ class Pack:
     their hashes, and their values against their codec's declaration, the
     first time they are read (``verify()`` checks everything at once)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, memory_limit: int | str | None = None):
         self.path = Path(path)
+        # bytes one decode call may allocate (None: what the process may really use, hhtld.memory)
+        self.memory_limit = None if memory_limit is None else parse_size(memory_limit)
         if not self.path.exists():
             raise PackError(f"{self.path}: no such file or directory")
         if self.path.is_dir():
@@ -159,6 +197,19 @@ class Pack:
             warnings.warn(HhtldNote(
                 f"{self.path}: pack format version {version}: only each array's CRC32 guards it (no digest over the "
                 f"manifest and header); encode it again for version {FORMAT_VERSION}'s integrity checks"), stacklevel=2)
+
+    @contextmanager
+    def limited(self, memory_limit: int | str | None):
+        """Within the block, decodes of this pack may allocate ``memory_limit`` bytes
+        (None: leave the pack's own limit as it is)."""
+        if memory_limit is None:
+            yield self
+            return
+        saved, self.memory_limit = self.memory_limit, parse_size(memory_limit)
+        try:
+            yield self
+        finally:
+            self.memory_limit = saved
 
     def _damaged(self, what: str) -> PackError:
         return PackError(f"{self.path}: damaged hhtld pack ({what})")
@@ -210,13 +261,24 @@ class Pack:
             self._verified.add(name)
         return arr
 
-    def verify(self) -> None:
-        """Check every stored array: its hash and, for codec parts, its values."""
+    def verify(self) -> int:
+        """Check every stored array, read by a decode or not (Fisher-z tables, routes,
+        radii, ...): its hash and, for codec parts, its values. Returns the number of
+        arrays checked; raises one PackError naming every array that fails."""
+        bad = []
         for name in self.header.tensors:
-            if self._checked.specs.get(name) is None:  # passthrough tensors and side files: bytes only
-                self.raw(name)
-            else:
-                self.array(name)
+            try:
+                if self._checked.specs.get(name) is None:  # passthrough tensors and side files: bytes only
+                    self.raw(name)
+                else:
+                    self.array(name)
+            except PackError as e:
+                bad.append(str(e).removeprefix(f"{self.path}: "))
+        if len(bad) == 1:
+            raise PackError(f"{self.path}: {bad[0]}")
+        if bad:
+            raise PackError(f"{self.path}: {len(bad)} stored arrays fail their checks: " + "; ".join(bad))
+        return len(self.header.tensors)
 
     # -- tensors ----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -267,19 +329,70 @@ class Pack:
                 raise PackError(f"{self.path}: tensor '{name}' has {n} rows; row index out of range or not an integer")
         return self._rows(name, idx)
 
+    # -- memory ---------------------------------------------------------------
+    def _work_bytes(self, name: str, rows: int, pool: ThreadPoolExecutor | None) -> int:
+        """What decoding ``rows`` rows of a tensor block by block holds at once besides
+        its output: the blocks in flight, each with its temporaries."""
+        in_flight = 2 * pool.width if pool is not None else 1
+        return in_flight * self._block_work(name, rows)
+
+    def _block_work(self, name: str, rows: int) -> int:
+        n_cols = self._shape2(name)[1]
+        return min(rows, block_rows(n_cols)) * n_cols * 4 * DECODE_WORK
+
+    def _pool_for(self, name: str, n_blocks: int, keep: int) -> ThreadPoolExecutor | None:
+        """The decode pool for a tensor of ``n_blocks`` blocks whose output takes ``keep`` bytes."""
+        if n_blocks <= 1:
+            return None
+        return _decode_pool(keep + self._block_work(name, 1 << 62), 2 * self._block_work(name, 1 << 62))
+
+    def _shape2(self, name: str) -> tuple[int, int]:
+        t = self.info(name)
+        if t["kind"] == "encoded":
+            return tuple(t["row_shape"])
+        shape = t["shape"]
+        return (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else (1, int(np.prod(shape)))
+
+    def reserve(self, name: str, need: int, call: str) -> None:
+        """Refuse, before allocating, a decode of tensor ``name`` that needs ``need``
+        bytes when this process may not take them (:mod:`hhtld.memory`): one
+        PackError naming the file, tensor, declared shape, bytes, limit and remedy."""
+        room = memory_room(self.memory_limit)
+        if not room.fits(need):
+            t = self.info(name)
+            raise PackError(f"{self.path}: tensor '{name}' declares shape {list(t['shape'])} ({t['dtype']}): {call} "
+                            f"needs {format_bytes(need)}, more than the {room.describe()} this process may use; "
+                            f"{_TOO_BIG}")
+
+    def _out_of_memory(self, name: str, call: str, e: BaseException) -> PackError:
+        return PackError(f"{self.path}: tensor '{name}': out of memory during {call} ({type(e).__name__}: {e}); "
+                         f"{_TOO_BIG}")
+
     def _rows(self, name: str, sel) -> np.ndarray:
         """Decode rows ``sel`` (None, an index array or a slice) of a tensor; every
-        row of a large tensor block by block on the decode threads."""
+        row of a large tensor block by block on the decode threads. The memory it
+        needs is reserved first (:meth:`reserve`)."""
         t = self.info(name)
-        if t["kind"] == "encoded" and sel is None:
-            n_rows, n_cols = t["row_shape"]
-            blocks = row_blocks(n_rows, n_cols)
-            pool = _decode_pool() if len(blocks) > 1 else None
-            if pool is not None:
-                out = np.empty((n_rows, n_cols), dtype=np.float32)
-                for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
-                    out[s:e] = block
-                return out
+        n_rows, n_cols = self._shape2(name)
+        m = n_rows if sel is None else (len(range(n_rows)[sel]) if isinstance(sel, slice) else len(sel))
+        try:
+            if t["kind"] == "encoded" and sel is None:
+                blocks = row_blocks(n_rows, n_cols)
+                pool = self._pool_for(name, len(blocks), m * n_cols * 4)
+                if pool is not None:
+                    self.reserve(name, m * n_cols * 4 + self._work_bytes(name, m, pool), "decoding its rows")
+                    out = np.empty((n_rows, n_cols), dtype=np.float32)
+                    for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
+                        out[s:e] = block
+                    return out
+            self.reserve(name, m * n_cols * 4 * (DECODE_WORK if t["kind"] == "encoded" else 1), "decoding its rows")
+            return self._decode_sel(name, sel)
+        except MemoryError as e:
+            raise self._out_of_memory(name, "decoding its rows", e) from None
+
+    def _decode_sel(self, name: str, sel) -> np.ndarray:
+        """Rows ``sel`` of a tensor in one codec call (memory already reserved)."""
+        t = self.info(name)
         if t["kind"] == "encoded":
             codec = self.codec_of(name)
             try:
@@ -302,28 +415,57 @@ class Pack:
         """The float32 rows of ``blocks`` in order, decoded on ``pool`` with at most two
         blocks per thread in flight, or one after the other without a pool (each block
         is decoded on its own: the same values as one call for every row)."""
-        width = 2 * pool._max_workers if pool is not None else 1
-        return ordered_map(lambda span: self._rows(name, slice(*span)), blocks, pool, width)
+        width = 2 * pool.width if pool is not None else 1
+        return ordered_map(lambda span: self._decode_sel(name, slice(*span)), blocks, pool, width)
+
+    def stored_block(self, name: str, block: np.ndarray) -> np.ndarray:
+        """Decoded float32 rows as the checkpoint's dtype: a value just past a 16-bit
+        float's range is its largest value, not inf."""
+        t = self.info(name)
+        top = _FINITE_MAX.get(t["dtype"])
+        if top is not None:
+            block = np.clip(block, -top, top)
+        return block.astype(NUMPY_DTYPES[t["dtype"]], copy=False)
+
+    def tensor_blocks(self, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, rows)`` of an encoded tensor's row matrix, in order, each
+        block in the checkpoint's dtype: a whole tensor decoded without holding it
+        (what ``hhtld decode`` writes); memory is the blocks in flight only."""
+        n_rows, n_cols = self.info(name)["row_shape"]
+        blocks = row_blocks(n_rows, n_cols)
+        pool = self._pool_for(name, len(blocks), 0)
+        self.reserve(name, self._work_bytes(name, n_rows, pool), "decoding one block at a time")
+        try:
+            for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
+                yield s, e, self.stored_block(name, block)
+        except MemoryError as e:
+            raise self._out_of_memory(name, "decoding it block by block", e) from None
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as the checkpoint stored it: name, shape and dtype (values decoded).
 
         Encoded tensors are decoded block by block straight into the output
-        array, so memory is the tensor in its own dtype plus one float32 block."""
+        array, so memory is the tensor in its own dtype plus the float32 blocks
+        in flight; that much is reserved first (:meth:`reserve`: a PackError,
+        before any allocation, when the process may not take it)."""
         t = self.info(name)
         if t["kind"] == "passthrough":
             return self.array(name)
         n_rows, n_cols = t["row_shape"]
-        out = np.empty(tuple(t["shape"]), dtype=NUMPY_DTYPES[t["dtype"]])
-        # the row matrix as a view of ``out``: (rows, cols), or the stored (cols, rows) turned
-        view = out.reshape(n_cols, n_rows).T if t["transposed"] else out.reshape(n_rows, n_cols)
-        top = _FINITE_MAX.get(t["dtype"])
         blocks = row_blocks(n_rows, n_cols)
-        pool = _decode_pool() if len(blocks) > 1 else None
-        for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
-            if top is not None:  # a decoded value just past the dtype's range is its largest value, not inf
-                block = np.clip(block, -top, top)
-            view[s:e] = block
+        dtype = NUMPY_DTYPES[t["dtype"]]
+        out_bytes = n_rows * n_cols * np.dtype(dtype).itemsize
+        pool = self._pool_for(name, len(blocks), out_bytes)  # threads start before the output is allocated
+        need = out_bytes + self._work_bytes(name, n_rows, pool)
+        self.reserve(name, need, "decoding it whole")
+        try:
+            out = np.empty(tuple(t["shape"]), dtype=dtype)
+            # the row matrix as a view of ``out``: (rows, cols), or the stored (cols, rows) turned
+            view = out.reshape(n_cols, n_rows).T if t["transposed"] else out.reshape(n_rows, n_cols)
+            for (s, e), block in zip(blocks, self._decoded_blocks(name, blocks, pool)):
+                view[s:e] = self.stored_block(name, block)
+        except MemoryError as e:
+            raise self._out_of_memory(name, "decoding it whole", e) from None
         return out
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -375,5 +517,7 @@ class Pack:
         return self.source_bf16_bytes / max(1, b["file_bytes"] - b["total"]["aux_files"])
 
 
-def open_pack(path: str | os.PathLike) -> Pack:
-    return Pack(path)
+def open_pack(path: str | os.PathLike, memory_limit: int | str | None = None) -> Pack:
+    """An open pack (see :class:`Pack`); ``memory_limit``: bytes (or a size such as
+    ``"4G"``) one decode call may allocate, instead of what the process may really use."""
+    return Pack(path, memory_limit)
