@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,3 +79,18 @@ def test_keep_compressed_equals_dense_and_holds_the_pack_bytes(packs):
     weights_in_pack = p.byte_breakdown()["file_bytes"] - p.byte_breakdown()["total"]["aux_files"]
     assert mem["total"] <= 1.2 * weights_in_pack
     assert mem["total"] < hhtld.weight_memory(dense)["total"] / 4
+
+
+@pytest.mark.parametrize("keep_compressed", [False, True])
+def test_load_refuses_a_tensor_beyond_the_memory_limit_before_allocating(packs, keep_compressed):
+    pack, _ = packs
+    p = Pack(pack)
+    big = max(p.encoded_names(), key=lambda n: np.prod(p.info(n)["shape"]))  # the word embedding, 11.7 MB
+    call = re.escape("decoding it on use (keep_compressed)" if keep_compressed else "loading it")
+    with pytest.raises(hhtld.PackError, match=(
+            rf"^{re.escape(str(pack))}: tensor '{re.escape(big)}' declares shape \[30522, 384\] \(F32\): "
+            rf"{call} needs [0-9.]+ MiB, more than the 8\.0 MiB \(the limit given\) this process may use; ")):
+        hhtld.load(pack, keep_compressed=keep_compressed, memory_limit="8M")
+    assert p.memory_limit is None  # the limit held for that call only
+    model = hhtld.load(p, keep_compressed=keep_compressed, memory_limit="1G")
+    assert model.hhtld_info.family == "embedding"
