@@ -162,6 +162,12 @@ def _target_line(allocation) -> str:
     cal = allocation.calibration
     if cal is not None:
         c, t = cal.check, cal.target
+        if cal.family == "causal" and "kinds" in c:
+            kinds = c["kinds"]
+            each = ", ".join(f"{k} {v['kl_mean']:.4f}/{v['ppl_ratio']:.4f}" for k, v in kinds.items())
+            return (f"mean KL {c['kl_mean']:.4f} (target <= {t['max_kl']:g}) and perplexity ratio {c['ppl_ratio']:.4f} "
+                    f"(target <= {t['max_ppl_ratio']:g}) on the worst of {len(kinds)} kinds of check text "
+                    f"(KL/ratio: {each})")
         if cal.family == "causal":
             return (f"mean KL {c['kl_mean']:.4f} (target <= {t['max_kl']:g}), perplexity ratio {c['ppl_ratio']:.4f} "
                     f"(target <= {t['max_ppl_ratio']:g}) on calibration text")
@@ -442,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-fail", action="store_true", help="exit 0 even when a gate fails")
     _add_memory_arg(v)
     v.add_argument("--texts", type=int, default=None, metavar="N",
-                   help="use the first N held-out texts: sentences for embedding models, prose passages for causal LMs "
-                        "(default all 256)")
+                   help="use the first N held-out texts: sentences for embedding models (default all 256), passages "
+                        "of each kind for causal LMs (default all 64 of each of 5 kinds)")
     v.add_argument("--greedy-tokens", type=int, default=32, metavar="N", help="causal LMs: greedy continuation length (0: off; default %(default)s)")
     v.add_argument("--greedy-texts", type=int, default=32, metavar="N", help="causal LMs: texts continued greedily (default %(default)s)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only the gate table")

@@ -15,10 +15,13 @@
    the decoded weights, and the next block sees its output. Embedding and
    output tables are encoded last (an output head against the Hessian of the
    final hidden states).
-4. **Check.** The written pack against the original model on calibration
-   text: mean next-token KL and perplexity ratio (causal LMs), top-1
-   retrieval and embedding cosine (embedding models). A target that is not
-   met is reported as missed; the pack is still written.
+4. **Check.** The written pack against the original model on the check
+   passages (causal LMs: passages of the calibration kinds that calibration
+   did not use, plus a kind it never sees; each kind on its own), mean
+   next-token KL and perplexity ratio, met only when every kind meets them;
+   top-1 retrieval and embedding cosine on the calibration sentences
+   (embedding models). A target that is not met is reported as missed; the
+   pack is still written.
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ from .fisher import fisher_diagonals
 
 # How much calibration text, by family: texts for the Hessians, texts for the Fisher
 # diagonal (a subset, a few at a time: the head's logits of a batch are in memory) and
-# texts for the final check. Causal: prose passages cut to DEFAULT_SEQ_LEN tokens;
-# embedding: the calibration sentences (the check ranks all of them, as verify does).
+# texts for the final check. Causal: calibration passages of every calibration kind in turn,
+# cut to DEFAULT_SEQ_LEN tokens, and check passages (CHECK_TEXTS of each check kind, cut to
+# CHECK_SEQ_LEN tokens as verify cuts its passages); embedding: the calibration sentences
+# (the check ranks all of them, as verify does).
 DEFAULT_SEQ_LEN = 256
+CHECK_SEQ_LEN = 128
 TEXTS = {"causal": 32, "embedding": 256}
 FISHER_TEXTS = {"causal": 8, "embedding": 64}
 FISHER_BATCH = {"causal": 2, "embedding": 8}
-CHECK_TEXTS = {"causal": 16, "embedding": 256}
+CHECK_TEXTS = {"causal": 12, "embedding": 256}
 BATCH = 8
 
 
@@ -96,15 +102,15 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
 
     out = []
     if family == "causal":
-        from ..gates.texts import calibration_passages
+        from ..gates.texts import USE_KINDS, passages, render
 
+        by_kind = [[render(p, tok) for p in passages("calibration", k)] for k in USE_KINDS["calibration"]]
         ids = []
-        for text in calibration_passages():
-            x = tok(text)["input_ids"]
-            if len(x) >= seq_len:
-                ids.append(x[:seq_len])
-            if len(ids) == n_texts:
-                break
+        for row in zip(*by_kind):  # one passage of each kind in turn
+            for text in row:
+                x = tok(text)["input_ids"]
+                if len(x) >= seq_len and len(ids) < n_texts:
+                    ids.append(x[:seq_len])
         if not ids:
             raise GateError(f"no calibration passage has {seq_len} tokens; use a shorter --calibration-tokens")
         for s in range(0, len(ids), batch):
@@ -118,6 +124,29 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
         enc = tok(texts[s : s + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
         out.append(Batch(enc["input_ids"], enc["attention_mask"]))
     return out
+
+
+def check_batches(tok, per_kind: int, seq_len: int = CHECK_SEQ_LEN, batch: int = BATCH):
+    """The calibrated encode's check for causal LMs: ``per_kind`` check passages of
+    every check kind (hhtld.gates.texts: the calibration kinds, other passages, and
+    one kind calibration never sees), cut to ``seq_len`` tokens (a passage with
+    fewer is left out), batched by kind. Returns (batches, the kind of each batch)."""
+    import torch
+
+    from ..gates.texts import USE_KINDS, passages, render
+    from .layerwise import Batch
+
+    out, kinds = [], []
+    for kind in USE_KINDS["check"]:
+        ids = [x[:seq_len] for x in (tok(render(p, tok))["input_ids"] for p in passages("check", kind)[:per_kind])
+               if len(x) >= seq_len]
+        for s in range(0, len(ids), batch):
+            t = torch.tensor(ids[s : s + batch], dtype=torch.long)
+            out.append(Batch(t, torch.ones_like(t)))
+            kinds.append(kind)
+    if not out:
+        raise GateError(f"no check passage has {seq_len} tokens")
+    return out, kinds
 
 
 def _head_hessian(lw, batches) -> tuple[np.ndarray, int]:
@@ -266,13 +295,17 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
     return results
 
 
-def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dict[str, float]:
+def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str,
+                      kinds: list[str] | None = None) -> dict[str, Any]:
     """The original model against one whose tensors ``replaced`` ({checkpoint name:
     callable returning the array}) are swapped in, run side by side one block at
     a time (two hidden-state streams, one block's weights at a time; logits one
     chunk of positions at a time). Causal: ``kl_mean``, ``kl_max``, ``top1``,
     ``nll_a``/``nll_b`` and ``ppl_ratio`` over every position with a next token;
-    embedding: ``top1``, ``top10``, ``cos_mean``, ``cos_min`` of mean-pooled embeddings."""
+    embedding: ``top1``, ``top10``, ``cos_mean``, ``cos_min`` of mean-pooled embeddings.
+    Causal with ``kinds`` (the kind of text of each batch): the same figures per kind
+    under ``kinds``, and at the top the worst of them (largest KL, ``kl_max`` and
+    perplexity ratio, smallest top-1) with ``worst_kind`` (largest mean KL)."""
     import torch
 
     def override(names):
@@ -319,12 +352,12 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dic
     w_a = head.weight.detach().clone()
     b_a = None if getattr(head, "bias", None) is None else head.bias.detach().clone()
     w_b = torch.from_numpy(np.asarray(replaced[hn](), dtype=np.float32).reshape(w_a.shape)) if hn in replaced else w_a
-    kl_sum = nll_a = nll_b = 0.0
-    kl_max = 0.0
-    agree = n = 0
+    labels = kinds or ["all"] * len(batches)
+    acc = {k: {"kl_sum": 0.0, "kl_max": 0.0, "nll_a": 0.0, "nll_b": 0.0, "agree": 0, "n": 0} for k in labels}
     chunk = 128  # positions whose full-vocabulary log-probabilities are in memory at once
     with torch.no_grad():
-        for b, ha, hb in zip(batches, hid_a, hid_b):
+        for b, ha, hb, kind in zip(batches, hid_a, hid_b, labels):
+            a = acc[kind]
             xa = norm(ha) if norm is not None else ha
             xb = norm(hb) if norm is not None else hb
             T = xa.shape[1]
@@ -335,16 +368,28 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str) -> dic
                     la = torch.log_softmax(xa[r, s:e] @ w_a.T + (0 if b_a is None else b_a), dim=-1)
                     lb = torch.log_softmax(xb[r, s:e] @ w_b.T + (0 if b_a is None else b_a), dim=-1)
                     kl = (la.exp() * (la - lb)).sum(-1).clamp(min=0)
-                    kl_sum += float(kl.sum())
-                    kl_max = max(kl_max, float(kl.max()))
+                    a["kl_sum"] += float(kl.sum())
+                    a["kl_max"] = max(a["kl_max"], float(kl.max()))
                     tgt = ids[r, s + 1 : e + 1]
-                    nll_a -= float(la.gather(-1, tgt[:, None]).sum())
-                    nll_b -= float(lb.gather(-1, tgt[:, None]).sum())
-                    agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-                    n += e - s
+                    a["nll_a"] -= float(la.gather(-1, tgt[:, None]).sum())
+                    a["nll_b"] -= float(lb.gather(-1, tgt[:, None]).sum())
+                    a["agree"] += int((la.argmax(-1) == lb.argmax(-1)).sum())
+                    a["n"] += e - s
     lw.release(outside)
-    return {"kl_mean": kl_sum / n, "kl_max": kl_max, "top1": agree / n, "ppl_a": float(np.exp(nll_a / n)),
-            "ppl_b": float(np.exp(nll_b / n)), "ppl_ratio": float(np.exp((nll_b - nll_a) / n)), "positions": n}
+
+    def figures(a) -> dict[str, float]:
+        n = a["n"]
+        return {"kl_mean": a["kl_sum"] / n, "kl_max": a["kl_max"], "top1": a["agree"] / n,
+                "ppl_a": float(np.exp(a["nll_a"] / n)), "ppl_b": float(np.exp(a["nll_b"] / n)),
+                "ppl_ratio": float(np.exp((a["nll_b"] - a["nll_a"]) / n)), "positions": n}
+
+    if kinds is None:
+        return figures(acc["all"])
+    per = {k: figures(a) for k, a in acc.items()}
+    worst = max(per, key=lambda k: per[k]["kl_mean"])
+    return {"kl_mean": per[worst]["kl_mean"], "kl_max": max(v["kl_max"] for v in per.values()),
+            "top1": min(v["top1"] for v in per.values()), "ppl_ratio": max(v["ppl_ratio"] for v in per.values()),
+            "positions": sum(v["positions"] for v in per.values()), "worst_kind": worst, "kinds": per}
 
 
 
@@ -407,7 +452,7 @@ class Calibration:
     groups' rung trials. A context manager: the folder goes on exit.
 
     ``encode(out, goal=..., bpw=..., feedback=...)`` writes one pack (no check);
-    ``check(pack)`` compares a pack with the original on calibration text."""
+    ``check(pack)`` compares a pack with the original on the check texts."""
 
     def __init__(self, model, target, *, config=None, policy: EncodablePolicy = EncodablePolicy(),
                  rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
@@ -433,7 +478,11 @@ class Calibration:
         self.seq_len = seq_len
         batches = calibration_batches(tok, self.family, self.n_texts, seq_len)
         n_check = check_texts or CHECK_TEXTS[self.family]
-        self.check_batches = batches[: max(1, -(-min(n_check, self.n_texts) // BATCH))]
+        if self.family == "causal":  # other passages of the calibration kinds, and a kind it never sees
+            self.check_batches, self.check_kinds = check_batches(tok, n_check)
+        else:
+            self.check_batches = batches[: max(1, -(-min(n_check, self.n_texts) // BATCH))]
+            self.check_kinds = None
         self.total_weights = sum(g.n_weights for g in self.plan.groups) or 1
         target = Path(target)
         self._work = make_temp_dir(target / "calibration" if target.is_dir() else target, ".calibration")
@@ -489,14 +538,14 @@ class Calibration:
         return results
 
     def check(self, pack) -> dict[str, float]:
-        """The pack against the original model on the calibration check texts."""
+        """The pack against the original model on the check texts (per kind for causal LMs)."""
         from ..classify.shapes import from_row_matrix
         from ..pack.reader import Pack
 
         p = pack if isinstance(pack, Pack) else Pack(pack)
         replaced = {n: (lambda n=n: from_row_matrix(p.rows(n), p.info(n)["shape"], bool(p.info(n).get("transposed"))))
                     for n in p.encoded_names()}
-        return layerwise_compare(self.lw, self.check_batches, replaced, self.family)
+        return layerwise_compare(self.lw, self.check_batches, replaced, self.family, self.check_kinds)
 
     def close(self) -> None:
         remove_temp(self._work)
@@ -517,7 +566,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     """Calibrated hhtl-vq encode of ``model`` into ``out`` (module docstring).
 
     Without ``bpw`` the allocation aims at ``target`` (:class:`Target`): if the
-    check on calibration text misses it, the goal is corrected by what the
+    check (every kind of check text) misses it, the goal is corrected by what the
     check measured and the tensors are encoded again (analysis reused), up to
     ``max_rounds``. With ``bpw`` one round spends that budget (bits per encoded
     weight, tensor parts) and the check is reported without a target.
@@ -575,8 +624,12 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                                       "met": met})
                 report.allocation, report.check, report.met, report.results = alloc, check, met, results
                 if log:
-                    log("check on calibration text: " + ", ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()))
+                    flat = {k: v for k, v in check.items() if k != "kinds"}
+                    log("check (the worst kind of check text): " + ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()))
+                    for kind, v in (check.get("kinds") or {}).items():
+                        log(f"  {kind}: KL {v['kl_mean']:.4g}, perplexity ratio {v['ppl_ratio']:.4f}, "
+                            f"top-1 {100 * v['top1']:.1f}%")
                 if met is None or met or rnd + 1 == max_rounds:
                     break
                 measured = change_of(fam, check)
@@ -590,7 +643,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                 remove_temp(r)
         plan = cal.plan
     if report.met is False:
-        report.notes.append("the behaviour target was not met on calibration text after "
+        report.notes.append("the behaviour target was not met on every kind of check text after "
                             f"{len(report.rounds)} round{'s' if len(report.rounds) != 1 else ''}")
     sec["total"] = time.perf_counter() - t0
     report.seconds = {k: round(v, 2) for k, v in sec.items()}

@@ -12,7 +12,10 @@ teacher-forced position that has a next token in the text:
 * ``positions`` (positions counted), ``texts``, ``batch_size``, ``swaps``
   (weight-set changes), and with greedy continuations ``greedy_identical``
   (fraction of identical continuations) and ``greedy_prefix`` (mean number of
-  leading tokens they share).
+  leading tokens they share);
+* given the kind of every text (prose, code, dialogue, ...), ``kinds``: the
+  same statistics per kind, and ``worst_kind``: the kind with the largest
+  mean KL (the gates hold on the worst kind, docs/design.md §5).
 
 Memory: nothing of size positions × vocabulary is kept across batches. Per
 batch of texts the model runs with one weight set, keeps that batch's
@@ -86,6 +89,17 @@ class _Tally:
             self.nll_b -= float(b.gather(-1, t).double().sum())
             self.n += n
 
+    def merged(self, others: Sequence["_Tally"]) -> "_Tally":
+        """One tally of every position of ``others``."""
+        t = _Tally()
+        for o in others:
+            t.kl += o.kl
+            t.agree += o.agree
+            t.nll_a += o.nll_a
+            t.nll_b += o.nll_b
+            t.n += o.n
+        return t
+
     def result(self) -> dict[str, Any]:
         if self.n == 0:
             raise GateError("the texts give no position with a next token to predict (each needs 2+ tokens)")
@@ -105,10 +119,16 @@ def _greedy_stats(ref: np.ndarray, new: np.ndarray) -> dict[str, float]:
     return {"greedy_identical": float(same.all(axis=1).mean()), "greedy_prefix": float(prefix.mean())}
 
 
+def worst_kind(kinds: Mapping[str, Mapping[str, Any]]) -> str:
+    """The kind with the largest mean KL (ties: the larger perplexity ratio)."""
+    return max(kinds, key=lambda k: (kinds[k]["kl_mean"], kinds[k]["ppl_ratio"]))
+
+
 def compare_causal_many(runner, texts: Sequence[str], reference=None,
                         candidates: Mapping[str, Any] | None = None, *, batch_size: int | None = None,
                         greedy_tokens: int = 0, greedy_texts: int | None = None,
-                        logits_budget: int = DEFAULT_LOGITS_BUDGET, desc: str = "compare") -> dict[str, dict[str, Any]]:
+                        logits_budget: int = DEFAULT_LOGITS_BUDGET, desc: str = "compare",
+                        kinds: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Compare every candidate weight set with ``reference`` on ``texts``.
 
     ``reference`` and each candidate: ``None`` (the checkpoint's weights), a
@@ -118,13 +138,19 @@ def compare_causal_many(runner, texts: Sequence[str], reference=None,
     candidate once; the candidate order reverses from batch to batch so the
     weight set loaded at the end of one batch runs first in the next (n
     switches per batch for n candidates). The runner is left holding one of
-    the weight sets.
+    the weight sets. ``kinds``: the kind of each text; then every candidate's
+    statistics also come per kind (``kinds``, ``worst_kind``), batches never mix
+    kinds, and the greedy continuations run on the first texts of each kind.
     """
     if runner.family != "causal":
         raise GateError(f"{runner.config_path}: compare_causal needs a causal language model, this one is {runner.family}")
     texts = [str(t) for t in texts]
     if not texts:
         raise GateError("no texts to run the model on")
+    if kinds is not None and len(kinds) != len(texts):
+        raise GateError(f"{len(kinds)} kinds for {len(texts)} texts")
+    labels = [str(k) for k in kinds] if kinds is not None else ["all"] * len(texts)
+    by_kind = list(dict.fromkeys(labels))
     if not candidates:
         raise GateError("compare_causal needs at least one weight set to compare with the reference")
     if greedy_tokens < 0:
@@ -138,7 +164,7 @@ def compare_causal_many(runner, texts: Sequence[str], reference=None,
     if any(c is ref for c in cands):  # the same object twice: compare it with itself, copied separately
         cands = [_Alias(c) if c is ref else c for c in cands]
     bs = causal_batch_size(runner, batch_size, logits_budget)
-    tallies = [_Tally() for _ in cands]
+    tallies = [{k: _Tally() for k in by_kind} for _ in cands]
     swaps = 0
     loaded: WeightSource | None = None
 
@@ -156,35 +182,44 @@ def compare_causal_many(runner, texts: Sequence[str], reference=None,
         return lp
 
     order = list(range(len(cands)))
-    starts = range(0, len(texts), bs)
-    bar = tqdm(starts, desc=desc, unit="batch", disable=not runner.progress, leave=False, dynamic_ncols=True)
+    spans = []  # (kind, index list) per batch: a batch holds texts of one kind
+    for k in by_kind:
+        idx = [i for i, lab in enumerate(labels) if lab == k]
+        spans += [(k, idx[s:s + bs]) for s in range(0, len(idx), bs)]
+    bar = tqdm(spans, desc=desc, unit="batch", disable=not runner.progress, leave=False, dynamic_ncols=True)
     torch.manual_seed(0)
     with torch.no_grad():
-        for bi, s in enumerate(bar):
-            enc = runner._encode(texts[s:s + bs])
+        for bi, (kind, idx) in enumerate(bar):
+            enc = runner._encode([texts[i] for i in idx])
             enc.pop("token_type_ids", None)
             seq = order if bi % 2 == 0 else order[::-1]
             if loaded is cands[seq[0]]:  # the candidate still loaded runs before the reference
                 first = seq[0]
                 lp_first = logprobs(cands[first], enc)
                 lp_ref = logprobs(ref, enc)
-                tallies[first].add(lp_ref, lp_first, enc)
+                tallies[first][kind].add(lp_ref, lp_first, enc)
                 del lp_first
                 seq = seq[1:]
             else:
                 lp_ref = logprobs(ref, enc)
             for i in seq:
                 lp = logprobs(cands[i], enc)
-                tallies[i].add(lp_ref, lp, enc)
+                tallies[i][kind].add(lp_ref, lp, enc)
                 del lp
             del lp_ref
         out = {}
         for k, t in zip(names, tallies):
-            out[k] = {"texts": len(texts), **t.result(), "batch_size": bs}
+            out[k] = {"texts": len(texts), **_Tally().merged(list(t.values())).result(), "batch_size": bs}
+            if kinds is not None:
+                out[k]["kinds"] = {kind: {"texts": labels.count(kind), **t[kind].result()} for kind in by_kind}
+                out[k]["worst_kind"] = worst_kind(out[k]["kinds"])
         if greedy_tokens > 0:
             n = len(texts) if greedy_texts is None else min(len(texts), int(greedy_texts))
             if n > 0:
-                prompts = texts[:n]
+                # the first texts of each kind in turn, so every kind is continued
+                firsts = [[i for i, lab in enumerate(labels) if lab == k] for k in by_kind]
+                pick = [i for row in zip(*firsts) for i in row] if len(firsts) > 1 else firsts[0]
+                prompts = [texts[i] for i in (pick + [i for i in range(len(texts)) if i not in set(pick)])[:n]]
                 # the loaded set first, so the continuations cost one switch per candidate
                 seq = [i for i in order if cands[i] is loaded] + [i for i in order if cands[i] is not loaded]
                 done: dict[int, np.ndarray] = {}
@@ -225,7 +260,8 @@ class _Alias(WeightSource):
 
 def compare_causal(runner, texts: Sequence[str], source_a=None, source_b=None, *, batch_size: int | None = None,
                    greedy_tokens: int = 0, greedy_texts: int | None = None,
-                   logits_budget: int = DEFAULT_LOGITS_BUDGET, desc: str = "compare") -> dict[str, Any]:
+                   logits_budget: int = DEFAULT_LOGITS_BUDGET, desc: str = "compare",
+                   kinds: Sequence[str] | None = None) -> dict[str, Any]:
     """Next-token agreement of weight set B with weight set A on ``texts``
     (module docstring: the keys, what is counted, the memory bound).
 
@@ -237,4 +273,4 @@ def compare_causal(runner, texts: Sequence[str], source_a=None, source_b=None, *
     """
     return compare_causal_many(runner, texts, source_a, {"b": source_b}, batch_size=batch_size,
                                greedy_tokens=greedy_tokens, greedy_texts=greedy_texts,
-                               logits_budget=logits_budget, desc=desc)["b"]
+                               logits_budget=logits_budget, desc=desc, kinds=kinds)["b"]

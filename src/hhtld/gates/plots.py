@@ -87,4 +87,32 @@ def write_plots(report: VerifyReport, out_dir: str | os.PathLike) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
+
+    kinds = report.behaviour.get("kinds")
+    if kinds:  # causal LMs: mean and p99 next-token KL of every kind of held-out text, against the target
+        names = list(kinds)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 2.2))
+        y = np.arange(len(names))
+        means = [kinds[k]["kl_mean"] for k in names]
+        a1.barh(y, means, color=["#ee6677" if m > th["max_kl"] else "#4477aa" for m in means])
+        a1.scatter([kinds[k]["kl_p99"] for k in names], y, color="#222222", marker="|", s=200, label="p99")
+        a1.axvline(th["max_kl"], color="#228833", ls="--", label=f"target mean <= {th['max_kl']:g}")
+        a1.set_yticks(y, names)
+        a1.invert_yaxis()
+        a1.set_xscale("log")
+        a1.set_xlabel("next-token KL(original || decoded), nats")
+        a1.legend(fontsize=8, loc="lower right")
+        ratios = [kinds[k]["ppl_ratio"] for k in names]
+        a2.barh(y, [r - 1 for r in ratios], color=["#ee6677" if r > th["max_ppl_ratio"] else "#4477aa" for r in ratios])
+        a2.axvline(th["max_ppl_ratio"] - 1, color="#228833", ls="--", label=f"target ratio <= {th['max_ppl_ratio']:g}")
+        a2.set_yticks(y, names)
+        a2.invert_yaxis()
+        a2.set_xlabel("perplexity ratio - 1")
+        a2.legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"gates 2 and 4 per kind of held-out text (they hold on the worst)\n{Path(report.pack).name}")
+        fig.tight_layout()
+        path = out / "kl_per_kind.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written

@@ -95,6 +95,13 @@ class VerifyReport:
             out += ["", "bytes per group:", format_table(rows, ["group", "codec", "bytes", "bits/weight"], {2, 3})]
             if self.storage.get("aux_bytes"):
                 out.append(self.storage["aux_note"])
+        kinds = self.behaviour.get("kinds")
+        if kinds:
+            rows = [[k, v["texts"], v["positions"], f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['ppl_ratio']:.4f}",
+                     f"{100 * v['top1']:.1f}%"] for k, v in kinds.items()]
+            out += ["", "per kind of held-out text (gates 2 and 4 hold on the worst):",
+                    format_table(rows, ["kind", "texts", "positions", "KL mean", "KL p99", "ppl ratio", "top-1"],
+                                 {1, 2, 3, 4, 5, 6})]
         table = [[f"{g.gate} {g.name}", g.value, g.target, "PASS" if g.passed else "FAIL"] for g in self.gates]
         out += ["", format_table(table, ["gate", "value", "target", "result"])]
         for g in self.gates:

@@ -17,23 +17,35 @@ They are data rather than extracted at run time because introspecting
 modules depends on what was imported before (importing torch first changed
 which docstrings a module exposes, and so the held-out set).
 
-Causal language models are measured on prose passages instead (docs/design.md §5:
-passages of at least 128 tokens), two more fixed lists made by
-``scripts/make_passages.py`` from CPython 3.11's language reference
-(``pydoc_data.topics``) and the docstrings of its standard-library source
-files, one document (a topic or a file) going to one side only:
+Causal language models are measured on passages of several kinds of text
+instead (docs/design.md §5: passages of at least 128 tokens), made by
+``scripts/make_passages.py`` (which documents the sources) and shipped as
+``data/passages/<use>-<kind>.jsonl``. :data:`KINDS`: ``prose`` (standard-library
+docstrings), ``code`` (standard-library source), ``reference`` (the language
+reference), ``notes`` (CPython's release notes, readme and licence texts) and
+``dialogue`` (English conversations, rendered with the model's chat template
+for instruct models). Three uses share no document and no passage
+(:data:`USE_KINDS` says which kinds each has):
 
-* :func:`heldout_passages` — 256 passages of 720+ characters (137 to 327
-  SmolLM2-135M tokens), what ``verify`` runs causal models on;
-* :func:`calibration_passages` — 128 passages of 1450+ characters (271 to 435
-  SmolLM2 tokens, enough for 256-token calibration windows), for encoder
-  calibration only. No sentence of one list occurs in the other.
+* ``calibration`` — what the calibrated encoder analyses the model on
+  (prose, code, dialogue; 256+ SmolLM2 tokens a passage);
+* ``check`` — what the calibrated encode checks its pack on: other passages of
+  the calibration kinds plus ``reference``, which calibration never sees;
+* ``heldout`` — what ``verify`` measures: every kind, including ``notes``,
+  which neither calibration nor the check ever sees.
+
+:func:`passages` gives one list, :func:`render` a passage as the text a
+tokenizer reads. :func:`heldout_passages` / :func:`calibration_passages` give
+all kinds of a use as rendered text (dialogue in a plain ``User:`` /
+``Assistant:`` form).
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from importlib import resources
+from typing import Sequence
 
 # Fixed, documented lists; the two lists share no module.
 HELDOUT_MODULES: tuple[str, ...] = (
@@ -81,16 +93,68 @@ def calibration_texts() -> list[str]:
     return list(_calibration())
 
 
+# -- passages of several kinds, for causal language models ----------------------------------
+KINDS: tuple[str, ...] = ("prose", "code", "reference", "notes", "dialogue")
+USES: tuple[str, ...] = ("calibration", "check", "heldout")
+USE_KINDS: dict[str, tuple[str, ...]] = {
+    "calibration": ("prose", "code", "dialogue"),
+    "check": ("prose", "code", "dialogue", "reference"),
+    "heldout": KINDS,
+}
+# A passage: a text, or a dialogue as its turns (user first, then alternating with the assistant).
+Passage = str | tuple[str, ...]
+
+
+@lru_cache(maxsize=None)
+def _passages(use: str, kind: str) -> tuple[Passage, ...]:
+    text = resources.files("hhtld.gates").joinpath("data", "passages", f"{use}-{kind}.jsonl").read_text(
+        encoding="utf-8")
+    out = []
+    for line in text.splitlines():
+        x = json.loads(line)
+        out.append(tuple(x) if isinstance(x, list) else x)
+    return tuple(out)
+
+
+def passages(use: str, kind: str) -> list[Passage]:
+    """The passages of one ``kind`` for one ``use`` (``calibration``, ``check`` or
+    ``heldout``); a new list each call. An unknown pair is a ValueError."""
+    if use not in USE_KINDS or kind not in USE_KINDS[use]:
+        raise ValueError(f"no {kind!r} passages for {use!r} (kinds by use: {USE_KINDS})")
+    return list(_passages(use, kind))
+
+
+def dialogue_messages(turns: Sequence[str]) -> list[dict[str, str]]:
+    """A dialogue's turns as chat messages (user first, then alternating with the assistant)."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def render(passage: Passage, tokenizer=None) -> str:
+    """The text a model reads for a passage: a text as it is; a dialogue through the
+    tokenizer's chat template when it has one (instruct models), else as
+    ``User: ...`` / ``Assistant: ...`` lines."""
+    if isinstance(passage, str):
+        return passage
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(dialogue_messages(passage), tokenize=False)
+    return "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                     for m in dialogue_messages(passage))
+
+
+def rendered(use: str, tokenizer=None, kinds: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """``(kind, text)`` of every passage of ``use`` (all its kinds, or ``kinds``), in kind order."""
+    return [(k, render(p, tokenizer)) for k in (kinds or USE_KINDS[use]) for p in _passages(use, k)]
+
+
 def heldout_passages() -> list[str]:
-    """The 256 held-out prose passages (one string each, 720+ characters,
-    at least 128 tokens for SmolLM2's tokenizer) that ``verify`` runs causal
-    language models on. A new list each call. Never use them for calibration."""
-    return list(_read_cached("heldout_passages.txt"))
+    """Every held-out passage (all kinds, dialogue in plain form), what ``verify``
+    runs causal language models on. A new list each call. Never use them for
+    calibration or for the encoder's check."""
+    return [t for _, t in rendered("heldout")]
 
 
 def calibration_passages() -> list[str]:
-    """The 128 calibration prose passages (1450+ characters, at least 256
-    SmolLM2 tokens each) for encoder calibration of causal language models;
-    they share no document and no sentence with :func:`heldout_passages`.
-    A new list each call."""
-    return list(_read_cached("calibration_passages.txt"))
+    """Every calibration passage (all calibration kinds, dialogue in plain form),
+    for encoder calibration of causal language models; they share no document
+    with the check and held-out passages. A new list each call."""
+    return [t for _, t in rendered("calibration")]

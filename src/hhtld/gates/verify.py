@@ -20,7 +20,7 @@ from .runner import ModelRunner, _load_config_json, compare_outputs, family_of_c
 from .sources import PackSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
-from .texts import HELDOUT_MODULES, heldout_passages, heldout_texts
+from .texts import HELDOUT_MODULES, USE_KINDS, heldout_texts, passages, render
 
 DEFAULT_GREEDY_TOKENS = 32
 DEFAULT_GREEDY_TEXTS = 32
@@ -42,11 +42,23 @@ def check_match(ckpt: Checkpoint, pack: Pack) -> None:
                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list[str], str]:
+def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list, list[str] | None, str]:
+    """(texts or passages, their kinds or None, where they come from)."""
+    if family == "causal" and not (texts is not None and not isinstance(texts, (int, np.integer))):
+        per_kind = {k: passages("heldout", k) for k in USE_KINDS["heldout"]}
+        most = min(len(v) for v in per_kind.values())
+        if texts is not None:
+            if isinstance(texts, bool) or not 1 <= texts <= most:
+                raise OptionsError(f"--texts must be between 1 and {most} (held-out passages of each kind), got {texts}")
+            per_kind = {k: v[:texts] for k, v in per_kind.items()}
+        chosen = [p for v in per_kind.values() for p in v]
+        kinds = [k for k, v in per_kind.items() for _ in v]
+        source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.gates.texts, "
+                  "scripts/make_passages.py)")
+        return chosen, kinds, source
     if family == "causal":
-        every, what = heldout_passages(), "passages"
-        source = ("prose passages of CPython's language reference and standard-library docstrings "
-                  "(hhtld.gates.texts.heldout_passages)")
+        every, what = [], "passages"
+        source = ""
     else:
         every, what = heldout_texts(), "sentences"
         source = f"docstrings of Python standard-library modules ({', '.join(HELDOUT_MODULES)})"
@@ -55,11 +67,11 @@ def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list[st
     if isinstance(texts, (int, np.integer)) and not isinstance(texts, bool):
         if not 2 <= texts <= len(every):
             raise OptionsError(f"--texts must be between 2 and {len(every)} (the held-out {what}), got {texts}")
-        return every[:texts], source
+        return every[:texts], None, source
     out = [str(t) for t in texts]
     if len(out) < 2:
         raise OptionsError("verify needs at least 2 texts")
-    return out, "given by the caller"
+    return out, None, "given by the caller"
 
 
 def verify(
@@ -81,9 +93,11 @@ def verify(
     ``model``: folder, ``.safetensors`` file or index; a bare file needs
     ``config`` (a config.json or a folder holding one, with the tokenizer).
     ``texts``: how many held-out texts (default all: the 256 sentences of
-    :func:`~hhtld.gates.texts.heldout_texts` for embedding models, the 256
-    prose passages of :func:`~hhtld.gates.texts.heldout_passages` for causal
-    LMs), or a list of texts. Causal models also compare ``greedy_tokens``-token
+    :func:`~hhtld.gates.texts.heldout_texts` for embedding models; for causal
+    LMs the held-out passages of every kind, :data:`~hhtld.gates.texts.KINDS`,
+    64 each, and ``texts`` counts passages per kind), or a list of texts.
+    Causal LMs are reported per kind (``behaviour["kinds"]``), and gates 2
+    and 4 hold on the worst kind. Causal models also compare ``greedy_tokens``-token
     greedy continuations of the first ``greedy_texts`` texts (0 turns it off).
     ``runner``: an already built :class:`ModelRunner` of ``model`` to reuse.
 
@@ -105,7 +119,7 @@ def verify(
     check_match(ckpt, p)
     cfile = runner.config_path if runner is not None else find_config(model, config)
     family = runner.family if runner is not None else family_of_config(_load_config_json(cfile))
-    chosen, source = _pick_texts(texts, family)
+    chosen, kinds, source = _pick_texts(texts, family)
 
     t = time.perf_counter()
     storage = measure_storage(p)
@@ -126,8 +140,9 @@ def verify(
     t = time.perf_counter()
     decoded = PackSource(p, ckpt)  # tensor by tensor, on demand; identical passthrough tensors skipped
     if runner.family == "causal":
-        cmp = compare_causal(runner, chosen, None, decoded, batch_size=batch_size,
-                             greedy_tokens=greedy_tokens, greedy_texts=greedy_texts, desc="original vs decoded")
+        chosen = [render(x, runner.tokenizer) for x in chosen]  # dialogue through the model's chat template
+        cmp = compare_causal(runner, chosen, None, decoded, batch_size=batch_size, greedy_tokens=greedy_tokens,
+                             greedy_texts=greedy_texts, desc="original vs decoded", kinds=kinds)
     else:
         ref = runner.run(chosen, None, desc="original")
         new = runner.run(chosen, decoded, desc="decoded")
