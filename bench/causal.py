@@ -6,10 +6,12 @@ For each method, on the real SmolLM2-135M-Instruct (``make llm``):
   and the 210 projections; every stored scale counted; anything left dense
   counted at 16 bits; the 61 norm vectors are not matrices and not counted);
 * held-out perplexity and its ratio to the original's, mean / p99 next-token
-  KL(original ‖ method) and top-1 agreement on the held-out prose passages
-  (``hhtld.gates.texts.heldout_passages``, 128 tokens each), measured with
-  :func:`hhtld.gates.compare_causal_many` — the comparison ``hhtld verify``
-  uses, in one pass: per batch the original runs once and every method once.
+  KL(original ‖ method) and top-1 agreement on the held-out passages of every
+  kind (``hhtld.gates.texts``: prose, code, reference, notes, dialogue in the
+  chat template; 128 tokens each), overall and per kind, with the worst kind
+  (what the gates hold on), measured with :func:`hhtld.gates.compare_causal_many`
+  — the comparison ``hhtld verify`` uses, in one pass: per batch the original
+  runs once and every method once.
 
 Methods (all implemented here unless named):
 
@@ -19,8 +21,8 @@ Methods (all implemented here unless named):
   fp16 scale per row).
 * The ``gguf`` package's own Q4_0 / Q5_0 / Q8_0 quantisers (blocks of 32).
 * GPTQ, written here from the paper's algorithm (Frantar et al., 2022):
-  calibration passages (``calibration_passages``, 256 tokens each, never the
-  held-out ones) run through the model one decoder layer at a time; the inputs
+  calibration passages (``calibration_passages``: prose, code and dialogue,
+  256 tokens each, never the held-out ones) run through the model one decoder layer at a time; the inputs
   of each linear layer give ``H = XᵀX``; columns are quantised in order
   (blocks of 128, lazy batch updates) and each column's error, scaled by the
   Cholesky factor of ``H⁻¹``, is pushed into the columns not yet quantised;
@@ -69,7 +71,7 @@ import numpy as np  # noqa: E402
 
 from hhtld.checkpoint import Checkpoint  # noqa: E402
 from hhtld.gates import FunctionSource, ModelRunner, PackSource, compare_causal_many  # noqa: E402
-from hhtld.gates.texts import calibration_passages, heldout_passages  # noqa: E402
+from hhtld.gates.texts import USE_KINDS, passages, render  # noqa: E402
 from hhtld.outputs import atomic_write_bytes  # noqa: E402
 from hhtld.pack.reader import Pack  # noqa: E402
 
@@ -392,7 +394,7 @@ HHTLD_BPW = (3.5, 4.0, 4.5, 5.0, 6.0)  # calibrated budgets (bits per weight of 
 def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW,
                      log: Callable[[str], None] = print) -> list[Candidate]:
     """hhtld's rows, encoded here into ``folder``: the default (``--target behaviour``:
-    calibrated, KL <= 0.02 on calibration text), the data-free ``--target rows``, and
+    calibrated, KL <= 0.02 on every kind of check text), the data-free ``--target rows``, and
     the calibrated encode at fixed budgets with and without error feedback (one
     calibration, reused). Every matrix is encoded (``--encode-all``)."""
     from threadpoolctl import threadpool_limits
@@ -408,8 +410,8 @@ def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW
     _, al = encode_budget(model, folder / "default.hhtld", target="behaviour", policy=pol, log=log)
     c = al.calibration.check
     out.append(pack_candidate(folder / "default.hhtld", ckpt, "hhtld default (--target behaviour)"))
-    out[-1].note = (f"calibrated; target {'met' if al.met else 'NOT met'} on calibration text (KL {c['kl_mean']:.4f}, "
-                    f"ppl ratio {c['ppl_ratio']:.4f}); {len(al.calibration.rounds)} round(s)")
+    out[-1].note = (f"calibrated; target {'met' if al.met else 'NOT met'} on every kind of check text (worst: KL "
+                    f"{c['kl_mean']:.4f}, ppl ratio {c['ppl_ratio']:.4f}); {len(al.calibration.rounds)} round(s)")
     out[-1].seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, al = encode_budget(model, folder / "rows.hhtld", target="rows", policy=pol, log=log)
@@ -437,8 +439,10 @@ def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candida
     ckpt = runner.checkpoint
     mats = matrices(ckpt)
     n_weights = sum(math.prod(ckpt.tensors[n].shape) for n in mats)
-    texts = heldout_passages()[:n_texts]
-    calib = calibration_passages()[:n_calib]
+    kinds = [k for k in USE_KINDS["heldout"] for _ in passages("heldout", k)[:n_texts]]
+    texts = [render(p, runner.tokenizer) for k in USE_KINDS["heldout"] for p in passages("heldout", k)[:n_texts]]
+    by_kind = [[render(p, runner.tokenizer) for p in passages("calibration", k)] for k in USE_KINDS["calibration"]]
+    calib = [t for row in zip(*by_kind) for t in row][:n_calib]  # one passage of each kind in turn
     cands: list[Candidate] = []
     for key in methods:
         t0 = time.perf_counter()
@@ -455,7 +459,7 @@ def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candida
     cands += list(candidates)
     t0 = time.perf_counter()
     res = compare_causal_many(runner, texts, None, {c.key: c.source for c in cands},
-                              logits_budget=LOGITS_BUDGET, desc="held-out")
+                              logits_budget=LOGITS_BUDGET, desc="held-out", kinds=kinds)
     t_eval = time.perf_counter() - t0
     first = next(iter(res.values()))
     rows = []
@@ -464,10 +468,13 @@ def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candida
         rows.append({"key": c.key, "method": c.label, "bits_per_weight": c.bits / n_weights, "ppl": r["ppl_b"],
                      "ppl_ratio": r["ppl_ratio"], "kl_mean": r["kl_mean"], "kl_p50": r["kl_p50"],
                      "kl_p99": r["kl_p99"], "kl_max": r["kl_max"], "top1": r["top1"], "note": c.note,
-                     "quantise_seconds": c.seconds})
+                     "quantise_seconds": c.seconds, "worst_kind": r["worst_kind"],
+                     "kinds": {k: {x: v[x] for x in ("kl_mean", "kl_p99", "ppl_ratio", "top1", "positions")}
+                               for k, v in r["kinds"].items()}})
     return {
         "model": str(model_dir), "matrices": len(mats), "matrix_weights": n_weights,
-        "texts": len(texts), "positions": first["positions"], "tokens_per_text": runner.max_tokens,
+        "texts": len(texts), "texts_per_kind": n_texts, "kinds": list(dict.fromkeys(kinds)),
+        "positions": first["positions"], "tokens_per_text": runner.max_tokens,
         "calibration_passages": len(calib), "calibration_tokens": CALIB_TOKENS,
         "original_ppl": first["ppl_a"], "rows": rows,
         "seconds": {"evaluate": t_eval, "total": time.perf_counter() - t_all},
@@ -477,7 +484,8 @@ def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candida
 
 def to_markdown(r: dict[str, Any], command: str) -> str:
     out = [f"`{command}`", "",
-           f"SmolLM2-135M-Instruct, {r['texts']} held-out passages x {r['tokens_per_text']} tokens "
+           f"SmolLM2-135M-Instruct, {r['texts']} held-out passages ({r['texts_per_kind']} of each kind: "
+           f"{', '.join(r['kinds'])}) x {r['tokens_per_text']} tokens "
            f"({r['positions']} positions); original perplexity {r['original_ppl']:.3f}. Bits per weight over all "
            f"{r['matrices']} 2-D matrices ({r['matrix_weights']:,} weights). GPTQ calibration: "
            f"{r['calibration_passages']} passages x {r['calibration_tokens']} tokens (disjoint from the held-out set).",
@@ -491,6 +499,17 @@ def to_markdown(r: dict[str, Any], command: str) -> str:
     for x in sorted(r["rows"], key=lambda x: x["bits_per_weight"]):
         out.append(f"| {x['method']} | {x['bits_per_weight']:.3f} | {x['ppl']:.3f} | {x['ppl_ratio']:.4f} | "
                    f"{x['kl_mean']:.4f} | {x['kl_p99']:.4f} | {100 * x['top1']:.1f} % | {x['note']} |")
+    kinds = r["kinds"]
+    out += ["", "Per kind of held-out text: mean next-token KL / perplexity ratio (the gates hold on the worst kind, "
+                "marked *; targets KL <= 0.02, ratio <= 1.02):", "",
+            "| method | bits/weight | " + " | ".join(kinds) + " | worst KL | worst ratio |",
+            "|---|---|" + "---|" * (len(kinds) + 2)]
+    for x in sorted(r["rows"], key=lambda x: x["bits_per_weight"]):
+        k = x["kinds"]
+        worst_ratio = max(v["ppl_ratio"] for v in k.values())
+        cells = [f"{k[n]['kl_mean']:.4f}{'*' if n == x['worst_kind'] else ''} / {k[n]['ppl_ratio']:.4f}" for n in kinds]
+        out.append(f"| {x['method']} | {x['bits_per_weight']:.3f} | " + " | ".join(cells)
+                   + f" | {k[x['worst_kind']]['kl_mean']:.4f} | {worst_ratio:.4f} |")
     out += ["", f"Evaluation {r['seconds']['evaluate']:.0f} s, total {r['seconds']['total']:.0f} s "
                 f"({r['cpu_count']} CPUs; batch {r['batch_size']}, {r['weight_switches']} weight switches)."]
     return "\n".join(out) + "\n"
@@ -499,8 +518,9 @@ def to_markdown(r: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"smoke subset: 32 passages, 16 calibration, {', '.join(QUICK)}")
-    ap.add_argument("--texts", type=int, default=None, help="held-out passages (default 256; --quick 32)")
-    ap.add_argument("--calibration", type=int, default=None, help="GPTQ calibration passages (default 128; --quick 16)")
+    ap.add_argument("--texts", type=int, default=None, help="held-out passages of each kind (default 64; --quick 8)")
+    ap.add_argument("--calibration", type=int, default=None,
+                    help="GPTQ calibration passages, the kinds in turn (default 32, as hhtld's; --quick 16)")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(list(METHODS) + list(GPTQ))}")
     ap.add_argument("--pack", action="append", default=[], metavar="LABEL=PATH", help="also evaluate an .hhtld pack")
     ap.add_argument("--hhtld", action="store_true",
@@ -522,8 +542,8 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
     unknown = [m for m in methods if m not in METHODS and m not in GPTQ]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(METHODS) + list(GPTQ))}")
-    n_texts = args.texts or (32 if args.quick else 256)
-    n_calib = args.calibration or (16 if args.quick else 128)
+    n_texts = args.texts or (8 if args.quick else 64)
+    n_calib = args.calibration or (16 if args.quick else 32)
     from hhtld.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model)

@@ -38,6 +38,10 @@ document (or, for dialogue, a chat), and:
 * check: those three and reference (a kind calibration never sees);
 * held-out: all five, notes being a kind neither calibration nor the check sees.
 
+For embedding models it also writes ``heldout-utterances.jsonl``: 128 single
+turns of 6 to 40 words from the held-out conversations, a second kind of short
+text next to the docstring sentences of ``scripts/make_texts.py``.
+
 Prose only, for ``prose``: a paragraph is kept when it is plain running text —
 no indented/literal block, no doctest (``>>>``), grammar (``::=``), table
 (``+--``, ``|``) or braces; it starts with a capital letter or a quote and
@@ -83,6 +87,7 @@ MIN_CHARS = {
     "heldout": {"prose": 720, "code": 680, "dialogue": 420, "reference": 720, "notes": 720},
 }
 MIN_WORDS = 8
+UTTERANCES = 128
 
 
 def count(use: str, kind: str) -> int:
@@ -319,6 +324,24 @@ def chats(files: list[list[list[str]]], use: str, min_chars: int) -> list[list[s
     return out
 
 
+def utterances(files: list[list[list[str]]]) -> list[str]:
+    """UTTERANCES single turns of 6 to 40 words from the held-out conversations, each once
+    and none that another use's conversations hold, spread evenly: the second kind of
+    held-out text for embedding models."""
+    # a turn that also occurs in a conversation of another use is left out
+    seen = {t for convs in files for j, conv in enumerate(convs) if CHAT_DEAL[j % len(CHAT_DEAL)] != "heldout"
+            for t in conv}
+    out = []
+    for convs in files:
+        for j, conv in enumerate(convs):
+            if CHAT_DEAL[j % len(CHAT_DEAL)] == "heldout":
+                for t in conv:
+                    if 6 <= len(t.split()) <= 40 and t not in seen:
+                        seen.add(t)
+                        out.append(t)
+    return spread(out, UTTERANCES)
+
+
 def build(cache: Path) -> tuple[dict[tuple[str, str], list], dict]:
     """{(use, kind): passages} and a summary."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -345,6 +368,7 @@ def build(cache: Path) -> tuple[dict[tuple[str, str], list], dict]:
     for use in MIN_CHARS:  # conversations dealt to the uses, joined into chats of the use's length
         found[(use, "dialogue")] = chats(files, use, MIN_CHARS[use]["dialogue"])
     out = {key: spread(items, count(*key)) for key, items in found.items()}
+    out[("heldout", "utterances")] = utterances(files)
     summary = {f"{u}-{k}": f"{len(out[(u, k)])} of {len(v)}" for (u, k), v in found.items()}
     return out, summary
 
@@ -354,7 +378,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / ".cache", help="where the dialogue wheel is kept")
     args = ap.parse_args()
     lists, summary = build(args.cache)
-    short = {k: len(v) for k, v in lists.items() if len(v) < count(*k)}
+    short = {k: len(v) for k, v in lists.items() if len(v) < (UTTERANCES if k[1] == "utterances" else count(*k))}
     if short:
         raise SystemExit(f"too few passages: {short}")
     DATA.mkdir(parents=True, exist_ok=True)

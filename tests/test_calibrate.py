@@ -158,20 +158,51 @@ def test_a_missed_target_writes_the_pack_and_exits_3(llama, tmp_path, capsys):
     assert report["allocation"]["met"] is False and len(report["allocation"]["calibration"]["rounds"]) == 2
 
 
+def test_a_target_met_on_some_kinds_of_check_text_but_not_on_all_is_missed(llama, tmp_path):
+    """The same allocation (the same aim, share x max_kl) checked against two targets: met
+    when every kind is within it; missed when one kind is not, though the others are."""
+    from hhtld.calibrate.pipeline import Target, encode_calibrated
+    from hhtld.gates.texts import USE_KINDS
+
+    kw = dict(policy=ALL, texts=8, seq_len=32, check_texts=3, max_rounds=1)
+    _, loose = encode_calibrated(llama, tmp_path / "a.hhtld", target=Target(1.0, 1e6, share=0.05), **kw)
+    kinds = loose.check["kinds"]
+    assert list(kinds) == list(USE_KINDS["check"]) and loose.met is True
+    kl = sorted(v["kl_mean"] for v in kinds.values())
+    assert kl[-1] > kl[-2]  # one kind is the worst
+    between = (kl[-1] + kl[-2]) / 2
+    _, tight = encode_calibrated(llama, tmp_path / "b.hhtld", target=Target(between, 1e6, share=0.05 / between), **kw)
+    assert (tmp_path / "a.hhtld").read_bytes() == (tmp_path / "b.hhtld").read_bytes()
+    assert tight.check["kinds"] == kinds
+    assert sum(v["kl_mean"] <= between for v in kinds.values()) == len(kinds) - 1  # all the others meet it
+    assert tight.met is False and tight.check["worst_kind"] == max(kinds, key=lambda k: kinds[k]["kl_mean"])
+    assert tight.notes == ["the behaviour target was not met on every kind of check text after 1 round"]
+
+
 @pytest.mark.slow
 def test_calibrated_encode_of_the_real_smollm2(smollm2_dir, tmp_path):
-    """The whole calibrated path on SmolLM2-135M with a small calibration: the
-    predicted KL is within a factor 2 of the check's, and the pack decodes to a
-    model as close as that check says (verify's comparison on held-out text)."""
+    """The whole calibrated path on SmolLM2-135M with a small calibration: the check
+    runs on every check kind (the worst counts), the predicted KL is within a
+    factor 4 of the check's mean over kinds, and the pack decodes to a model as
+    close on held-out text of every kind (verify's comparison)."""
     from hhtld.calibrate.pipeline import encode_calibrated
     from hhtld.gates import ModelRunner, PackSource, compare_causal
-    from hhtld.gates.texts import heldout_passages
+    from hhtld.gates.texts import USE_KINDS, passages, render
 
     out = tmp_path / "smol.hhtld"
-    _, rep = encode_calibrated(smollm2_dir, out, bpw=5.0, policy=ALL, texts=8, seq_len=128, check_texts=8)
-    assert rep.family == "causal" and rep.check["positions"] == 8 * 127
-    assert 0.5 <= rep.check["kl_mean"] / rep.allocation.predicted <= 2.0
-    assert rep.check["kl_mean"] < 0.05 and rep.check["ppl_ratio"] < 1.05
+    _, rep = encode_calibrated(smollm2_dir, out, bpw=5.0, policy=ALL, texts=8, seq_len=128, check_texts=4)
+    kinds = rep.check["kinds"]
+    assert rep.family == "causal" and list(kinds) == list(USE_KINDS["check"])
+    assert all(v["positions"] == 4 * 127 for v in kinds.values()) and rep.check["positions"] == 4 * 4 * 127
+    assert rep.check["kl_mean"] == max(v["kl_mean"] for v in kinds.values())  # the worst kind is what counts
+    assert rep.check["ppl_ratio"] == max(v["ppl_ratio"] for v in kinds.values())
+    # the prediction comes from the calibration text (8 passages here); on other text the KL runs higher:
+    # measured 2.8x on the mean of the check kinds (0.056 against 0.020 predicted)
+    mean_kl = sum(v["kl_mean"] for v in kinds.values()) / len(kinds)
+    assert 0.5 <= mean_kl / rep.allocation.predicted <= 4.0, (mean_kl, rep.allocation.predicted, kinds)
+    assert rep.check["kl_mean"] < 0.1 and rep.check["ppl_ratio"] < 1.1
     runner = ModelRunner.from_model(smollm2_dir, max_tokens=128)
-    held = compare_causal(runner, heldout_passages()[:8], None, PackSource(out, runner.checkpoint))
-    assert held["kl_mean"] < 0.05 and held["ppl_ratio"] < 1.05
+    texts = [render(p, runner.tokenizer) for k in USE_KINDS["heldout"] for p in passages("heldout", k)[:2]]
+    held = compare_causal(runner, texts, None, PackSource(out, runner.checkpoint),
+                          kinds=[k for k in USE_KINDS["heldout"] for _ in range(2)])
+    assert held["kl_mean"] < 0.1 and held["ppl_ratio"] < 1.1, held["kinds"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hhtld.gates.texts import (KINDS, USE_KINDS, USES, calibration_passages, heldout_passages, passages, render,
-                               rendered)
+from hhtld.gates.texts import (EMBEDDING_KINDS, KINDS, USE_KINDS, USES, calibration_passages, heldout_passages,
+                               heldout_sentences, heldout_texts, passages, render, rendered)
 
 from .conftest import load_script
 
@@ -77,6 +77,8 @@ def test_kinds_are_what_they_say():
 @pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the lists were generated on CPython 3.11.7")
 def test_generator_reproduces_the_shipped_lists():
     lists, _ = load_script("make_passages").build(REPO / ".cache")
+    assert lists.pop(("heldout", "utterances")) == heldout_sentences("dialogue")  # embedding models' second kind
+    assert set(lists) == {(u, k) for u in USES for k in USE_KINDS[u]}
     for (use, kind), items in lists.items():
         want = [list(p) if isinstance(p, tuple) else p for p in passages(use, kind)]
         assert items == want, (use, kind)
@@ -94,3 +96,14 @@ def test_passages_are_long_enough_in_smollm2_tokens(smollm2_dir):
             assert len(tok(text).input_ids) >= need, (use, kind, text[:80])
     chat = render(passages("heldout", "dialogue")[0], tok)
     assert chat.count("<|im_start|>user") >= 1 and chat.count("<|im_start|>assistant") >= 1
+
+
+def test_embedding_models_have_two_kinds_of_short_text():
+    assert EMBEDDING_KINDS == ("prose", "dialogue")
+    prose, chat = heldout_sentences("prose"), heldout_sentences("dialogue")
+    assert prose == heldout_texts() and len(chat) == 128 and len(set(chat)) == 128
+    assert all(6 <= len(t.split()) <= 40 for t in chat)
+    held_turns = {t for d in passages("heldout", "dialogue") for t in d}
+    other = {t for u in ("calibration", "check") for d in passages(u, "dialogue") for t in d}
+    assert not set(chat) & other  # no turn of a calibration or check conversation
+    assert len(set(chat) & held_turns) > 64  # turns of held-out conversations (the rest did not fit a chat)

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from hhtld import EncodablePolicy, GateError, encode_checkpoint, open_checkpoint, verify  # noqa: E402
 from hhtld.cli import main  # noqa: E402
+from hhtld.gates.texts import KINDS, passages, render  # noqa: E402
 from hhtld.gates import (  # noqa: E402
     CheckpointSource,
     FunctionSource,
@@ -127,7 +128,7 @@ def test_runner_refuses_bad_replacements(runner):
 
 
 def test_verify_causal_pack(llama, pack, runner, tmp_path):
-    rep = verify(llama, pack, texts=16, greedy_tokens=8, greedy_texts=4, runner=runner)
+    rep = verify(llama, pack, texts=3, greedy_tokens=8, greedy_texts=4, runner=runner)
     assert rep.family == "causal"
     assert [g.gate for g in rep.gates] == [1, 2, 3, 4]
     g1, g2, g3, g4 = rep.gates
@@ -138,11 +139,20 @@ def test_verify_causal_pack(llama, pack, runner, tmp_path):
     assert rep.rows["regimes"]["index"]["n"] > 0 and rep.rows["regimes"]["argmax"]["n"] > 0
     assert 0.0 <= rep.behaviour["top1"] <= 1.0 and rep.behaviour["kl_mean"] >= 0.0
     assert "greedy_identical" in rep.behaviour and rep.behaviour["greedy_texts"] == 4
-    assert g4.measured["kl_mean"] == rep.behaviour["kl_mean"] and g4.passed == (rep.behaviour["kl_mean"] <= 0.02)
+    # every kind of held-out text on its own; gates 2 and 4 hold on the worst kind
+    kinds = rep.behaviour["kinds"]
+    assert list(kinds) == list(KINDS) and all(v["texts"] == 3 for v in kinds.values())
+    assert sum(v["positions"] for v in kinds.values()) == rep.behaviour["positions"]
+    worst_kl = max(v["kl_mean"] for v in kinds.values())
+    assert g4.measured["worst_kl_mean"] == worst_kl >= rep.behaviour["kl_mean"] and g4.passed == (worst_kl <= 0.02)
+    worst_ratio = max(v["ppl_ratio"] for v in kinds.values())
+    assert g2.measured["worst_ppl_ratio"] == worst_ratio and g2.passed == (worst_ratio <= 1.02)
+    assert rep.to_json()["behaviour"]["kinds"].keys() == set(KINDS)
     assert g3.measured["ratio"] == pytest.approx(rep.storage["source_bf16_bytes"] / rep.storage["counted_bytes"])
     assert rep.passed == all(g.passed for g in rep.gates)
     text = rep.format()
     assert "1 row fidelity" in text and "4 output agreement" in text and "KL mean" in text
+    assert "per kind of held-out text" in text and all(f"\n{k} " in text for k in KINDS)
     json.dumps(rep.to_json())
 
 
@@ -179,10 +189,12 @@ def test_verify_gpt2_conv1d_pack_matches_the_decoded_folder(tmp_path):
 
     assert any(Pack(out).info(n).get("transposed") for n in Pack(out).encoded_names())
     r = ModelRunner.from_model(folder)
-    rep = verify(folder, out, texts=8, greedy_tokens=0, runner=r)
+    rep = verify(folder, out, texts=2, greedy_tokens=0, runner=r)
     dec = CheckpointSource(decode_pack(out, tmp_path / "dec").out_dir, r.checkpoint)
     assert sorted(dec.names()) == sorted(Pack(out).encoded_names())  # passthrough tensors came back byte for byte
-    cmp = compare_causal(r, heldout_passages()[:8], None, dec)
+    texts = [render(p, r.tokenizer) for k in KINDS for p in passages("heldout", k)[:2]]
+    cmp = compare_causal(r, texts, None, dec, kinds=[k for k in KINDS for _ in range(2)])
+    assert rep.behaviour["kinds"] == cmp["kinds"]
     for k in ("top1", "kl_mean", "kl_max", "ppl_a", "ppl_b", "positions"):
         assert rep.behaviour[k] == cmp[k], k
     assert rep.behaviour["kl_mean"] > 0  # the codec did change this model
@@ -274,7 +286,7 @@ def test_compare_causal_bad_input(runner, minilm_dir):
 # -- CLI -------------------------------------------------------------------------------
 def test_cli_verify_writes_json_and_plots(llama, pack, tmp_path, capsys):
     js, plots = tmp_path / "v.json", tmp_path / "plots"
-    rc = main(["verify", str(llama), str(pack), "--texts", "8", "--greedy-tokens", "0", "-q",
+    rc = main(["verify", str(llama), str(pack), "--texts", "2", "--greedy-tokens", "0", "-q",
                "--json", str(js), "--plots", str(plots), "--max-kl", "100", "--max-ppl-ratio", "1000"])
     out = capsys.readouterr().out
     data = json.loads(js.read_text())
@@ -282,7 +294,10 @@ def test_cli_verify_writes_json_and_plots(llama, pack, tmp_path, capsys):
     assert data["thresholds"]["max_kl"] == 100 and data["thresholds"]["max_ppl_ratio"] == 1000
     assert data["gates"][1]["passed"] and data["gates"][3]["passed"]  # loosened targets
     assert rc == (0 if data["passed"] else 2)
-    assert sorted(p.name for p in plots.iterdir()) == ["bytes_per_group.png", "row_cosine_argmax.png", "row_cosine_index.png"]
+    assert sorted(p.name for p in plots.iterdir()) == ["bytes_per_group.png", "kl_per_kind.png", "row_cosine_argmax.png",
+                                                      "row_cosine_index.png"]
+    assert list(data["behaviour"]["kinds"]) == list(KINDS)  # one row per kind
+    assert data["gates"][3]["measured"]["worst_kind"] in KINDS
     for line in ("1 row fidelity", "2 behaviour parity", "3 storage", "4 output agreement"):
         assert line in out
     # exit status: a failing gate is 2, --no-fail makes it 0
@@ -341,9 +356,10 @@ def test_cli_verify_bare_safetensors_needs_config(llama, pack, tmp_path, capsys)
 
 
 def test_cli_verify_bad_texts_option(llama, pack, capsys):
-    rc = main(["verify", str(llama), str(pack), "--texts", "1"])
+    rc = main(["verify", str(llama), str(pack), "--texts", "65"])
     assert rc == 1
-    assert capsys.readouterr().err == "hhtld: error: --texts must be between 2 and 256 (the held-out passages), got 1\n"
+    assert capsys.readouterr().err == ("hhtld: error: --texts must be between 1 and 64 (held-out passages of each "
+                                       "kind), got 65\n")
 
 
 def test_runner_without_tokenizer_says_so(llama, tmp_path):

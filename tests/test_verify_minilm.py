@@ -17,6 +17,7 @@ from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, open_checkpoi
 from hhtld.cli import main  # noqa: E402
 from hhtld.gates import ModelRunner, compare_outputs, heldout_texts, row_cosines  # noqa: E402
 from hhtld.gates.runner import retrieval_neighbours  # noqa: E402
+from hhtld.gates.texts import heldout_sentences  # noqa: E402
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,11 +93,19 @@ def test_verify_minilm_hhtl_f32_pack_is_measured_honestly(runner, pack, tmp_path
     # the hhtl-f32 codec (1 byte a row) cannot carry these rows: honest FAILs
     assert not rep.gate(1).passed and rep.rows["regimes"]["argmax"]["median"] < 0.95
     # gates 2 and 4, recomputed independently from a decoded folder loaded by transformers
+    # (per kind of held-out text: retrieval among the sentences of each kind; the gates hold on the worst)
     out = decode_pack(pack, tmp_path / "decoded").out_dir
-    a, b = st_embed(MODEL, TEXTS), st_embed(out, TEXTS)
-    n_ref, n_new = retrieval_neighbours(a, 10), retrieval_neighbours(b, 10)
-    assert rep.behaviour["top1"] == pytest.approx(np.mean(n_ref[:, 0] == n_new[:, 0]), abs=1 / 64 + 1e-9)
-    assert rep.behaviour["cos_mean"] == pytest.approx(float(np.mean(np.sum(a * b, axis=1))), abs=1e-4)
+    kinds = rep.behaviour["kinds"]
+    assert list(kinds) == ["prose", "dialogue"] and all(v["texts"] == 64 for v in kinds.values())
+    for kind in kinds:
+        texts = heldout_sentences(kind)[:64]
+        assert kind != "prose" or texts == TEXTS[:64]
+        a, b = st_embed(MODEL, texts), st_embed(out, texts)
+        n_ref, n_new = retrieval_neighbours(a, 10), retrieval_neighbours(b, 10)
+        assert kinds[kind]["top1"] == pytest.approx(np.mean(n_ref[:, 0] == n_new[:, 0]), abs=1 / 64 + 1e-9)
+        assert kinds[kind]["cos_mean"] == pytest.approx(float(np.mean(np.sum(a * b, axis=1))), abs=1e-4)
+    assert rep.gate(2).measured["worst_top1"] == min(v["top1"] for v in kinds.values())
+    assert rep.gate(4).measured["worst_cos_mean"] == min(v["cos_mean"] for v in kinds.values())
     assert not rep.gate(2).passed and not rep.gate(4).passed
     # gate 3: every byte of the file except the verbatim side files, against bf16
     assert rep.gate(3).passed and rep.storage["ratio"] == pytest.approx(p.storage_ratio())
@@ -113,6 +122,7 @@ def test_cli_verify_minilm_json_plots_and_exit_status(pack, tmp_path, capsys):
     data = json.loads(js.read_text())
     assert data["family"] == "embedding" and not data["passed"]
     assert [x["status"] for x in data["gates"]][2] == "PASS"
-    assert data["behaviour"]["n_texts"] == 32 and "docstrings" in data["behaviour"]["texts_source"]
+    assert data["behaviour"]["n_texts"] == 2 * 32 and "docstrings" in data["behaviour"]["texts_source"]
+    assert {k: v["texts"] for k, v in data["behaviour"]["kinds"].items()} == {"prose": 32, "dialogue": 32}
     assert sorted(p.name for p in plots.iterdir()) == ["bytes_per_group.png", "row_cosine_argmax.png", "row_cosine_index.png"]
     assert all(p.stat().st_size > 10_000 for p in plots.iterdir())

@@ -89,7 +89,7 @@ def write_plots(report: VerifyReport, out_dir: str | os.PathLike) -> list[Path]:
     written.append(path)
 
     kinds = report.behaviour.get("kinds")
-    if kinds:  # causal LMs: mean and p99 next-token KL of every kind of held-out text, against the target
+    if kinds and report.family == "causal":  # causal LMs: mean and p99 next-token KL of every kind of held-out text, against the target
         names = list(kinds)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 2.2))
         y = np.arange(len(names))

@@ -96,7 +96,12 @@ class VerifyReport:
             if self.storage.get("aux_bytes"):
                 out.append(self.storage["aux_note"])
         kinds = self.behaviour.get("kinds")
-        if kinds:
+        if kinds and self.family == "embedding":
+            rows = [[k, v["texts"], f"{100 * v['top1']:.1f}%", f"{100 * v['top10']:.1f}%", f"{v['cos_mean']:.4f}",
+                     f"{v['cos_min']:.4f}"] for k, v in kinds.items()]
+            out += ["", "per kind of held-out text (gates 2 and 4 hold on the worst):",
+                    format_table(rows, ["kind", "texts", "top-1", "top-10", "cos mean", "cos min"], {1, 2, 3, 4, 5})]
+        elif kinds:
             rows = [[k, v["texts"], v["positions"], f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['ppl_ratio']:.4f}",
                      f"{100 * v['top1']:.1f}%"] for k, v in kinds.items()]
             out += ["", "per kind of held-out text (gates 2 and 4 hold on the worst):",

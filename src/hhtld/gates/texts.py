@@ -81,6 +81,22 @@ def _calibration() -> tuple[str, ...]:
     return _read("calibration.txt")
 
 
+# Kinds of short held-out text for embedding models: the docstring sentences above, and single
+# turns of the held-out conversations (data/passages/heldout-utterances.jsonl).
+EMBEDDING_KINDS: tuple[str, ...] = ("prose", "dialogue")
+
+
+def heldout_sentences(kind: str) -> list[str]:
+    """The held-out short texts of one :data:`EMBEDDING_KINDS` kind for embedding
+    models: ``prose`` (:func:`heldout_texts`, 256) or ``dialogue`` (128 turns of
+    6 to 40 words). A new list each call."""
+    if kind == "prose":
+        return heldout_texts()
+    if kind == "dialogue":
+        return list(_passages("heldout", "utterances"))
+    raise ValueError(f"no {kind!r} sentences (kinds: {', '.join(EMBEDDING_KINDS)})")
+
+
 def heldout_texts() -> list[str]:
     """The 256 held-out sentences ``verify`` runs models on (gates 2 and 4).
     A new list each call. Never use them for encoder calibration."""

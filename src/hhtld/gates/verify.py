@@ -16,11 +16,11 @@ from .behaviour import gate_behaviour, gate_output
 from .causal import compare_causal
 from .report import VerifyReport
 from .rows import gate_row_fidelity, measure_rows
-from .runner import ModelRunner, _load_config_json, compare_outputs, family_of_config, find_config
+from .runner import ModelRunner, RunOutputs, _load_config_json, compare_outputs, family_of_config, find_config
 from .sources import PackSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
-from .texts import HELDOUT_MODULES, USE_KINDS, heldout_texts, passages, render
+from .texts import EMBEDDING_KINDS, HELDOUT_MODULES, USE_KINDS, heldout_sentences, passages, render
 
 DEFAULT_GREEDY_TOKENS = 32
 DEFAULT_GREEDY_TEXTS = 32
@@ -56,18 +56,16 @@ def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list, l
         source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.gates.texts, "
                   "scripts/make_passages.py)")
         return chosen, kinds, source
-    if family == "causal":
-        every, what = [], "passages"
-        source = ""
-    else:
-        every, what = heldout_texts(), "sentences"
-        source = f"docstrings of Python standard-library modules ({', '.join(HELDOUT_MODULES)})"
-    if texts is None:
-        return every, source
-    if isinstance(texts, (int, np.integer)) and not isinstance(texts, bool):
-        if not 2 <= texts <= len(every):
-            raise OptionsError(f"--texts must be between 2 and {len(every)} (the held-out {what}), got {texts}")
-        return every[:texts], None, source
+    if family != "causal" and not (texts is not None and not isinstance(texts, (int, np.integer))):
+        per_kind = {k: heldout_sentences(k) for k in EMBEDDING_KINDS}
+        most = min(len(v) for v in per_kind.values())
+        if texts is not None:
+            if isinstance(texts, bool) or not 2 <= texts <= most:
+                raise OptionsError(f"--texts must be between 2 and {most} (held-out sentences of each kind), got {texts}")
+            per_kind = {k: v[:texts] for k, v in per_kind.items()}
+        source = (f"held-out sentences of {len(per_kind)} kinds: docstrings of Python standard-library modules "
+                  f"({', '.join(HELDOUT_MODULES)}) and turns of held-out conversations (hhtld.gates.texts)")
+        return [t for v in per_kind.values() for t in v], [k for k, v in per_kind.items() for _ in v], source
     out = [str(t) for t in texts]
     if len(out) < 2:
         raise OptionsError("verify needs at least 2 texts")
@@ -147,9 +145,17 @@ def verify(
         ref = runner.run(chosen, None, desc="original")
         new = runner.run(chosen, decoded, desc="decoded")
         cmp = compare_outputs(ref, new)
+        if kinds is not None:  # retrieval among the texts of each kind, and the cosine of each kind
+            cmp["kinds"] = {}
+            for k in dict.fromkeys(kinds):
+                sel = np.array([x == k for x in kinds])
+                part = [RunOutputs("embedding", int(sel.sum()), embeddings=r.embeddings[sel]) for r in (ref, new)]
+                cmp["kinds"][k] = {"texts": int(sel.sum()), **compare_outputs(*part)}
     runner.set_weights(None)
     timings["behaviour"] = time.perf_counter() - t
-    if not all(np.isfinite(v) for v in cmp.values()):
+    figures = [v for v in cmp.values() if isinstance(v, (int, float, np.number))]
+    figures += [x for kind in (cmp.get("kinds") or {}).values() for x in kind.values() if isinstance(x, (int, float))]
+    if not all(np.isfinite(v) for v in figures):
         raise GateError(f"{p.path}: the decoded model produces non-finite outputs")
     g2 = gate_behaviour(cmp, runner.family, thresholds)
     g4 = gate_output(cmp, runner.family, thresholds)
