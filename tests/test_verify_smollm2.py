@@ -48,5 +48,6 @@ def test_verify_a_passthrough_pack_of_smollm2_is_exact(smollm2_dir, runner, tmp_
     rep = verify(smollm2_dir, out, texts=2, greedy_tokens=4, greedy_texts=1, runner=runner)
     b = rep.behaviour
     assert b["ppl_ratio"] == 1.0 and b["kl_mean"] == 0.0 and b["top1"] == 1.0 and b["greedy_identical"] == 1.0
-    assert b["positions"] == 2 * 127 and b["n_texts"] == 2 and "passages" in b["texts_source"]
+    assert b["positions"] == 5 * 2 * 127 and b["n_texts"] == 5 * 2 and "passages of 5 kinds" in b["texts_source"]
+    assert all(v["kl_mean"] == 0.0 and v["ppl_ratio"] == 1.0 and v["positions"] == 2 * 127 for v in b["kinds"].values())
     assert rep.gate(2).passed and rep.gate(4).passed and rep.gate(2).target == "ratio<=1.02"
