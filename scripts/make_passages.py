@@ -38,9 +38,11 @@ document (or, for dialogue, a chat), and:
 * check: those three and reference (a kind calibration never sees);
 * held-out: all five, notes being a kind neither calibration nor the check sees.
 
-For embedding models it also writes ``heldout-utterances.jsonl``: 128 single
-turns of 6 to 40 words from the held-out conversations, a second kind of short
-text next to the docstring sentences of ``scripts/make_texts.py``.
+For embedding models it also writes ``heldout-utterances.jsonl`` and
+``calibration-utterances.jsonl``: 128 single turns of 6 to 40 words each, from
+the held-out conversations and from the calibration and check ones (no turn
+on both sides), a second kind of short text next to the docstring sentences
+of ``scripts/make_texts.py``.
 
 Prose only, for ``prose``: a paragraph is kept when it is plain running text —
 no indented/literal block, no doctest (``>>>``), grammar (``::=``), table
@@ -324,17 +326,20 @@ def chats(files: list[list[list[str]]], use: str, min_chars: int) -> list[list[s
     return out
 
 
-def utterances(files: list[list[list[str]]]) -> list[str]:
-    """UTTERANCES single turns of 6 to 40 words from the held-out conversations, each once
-    and none that another use's conversations hold, spread evenly: the second kind of
-    held-out text for embedding models."""
-    # a turn that also occurs in a conversation of another use is left out
-    seen = {t for convs in files for j, conv in enumerate(convs) if CHAT_DEAL[j % len(CHAT_DEAL)] != "heldout"
-            for t in conv}
+def utterances(files: list[list[list[str]]], heldout: bool) -> list[str]:
+    """UTTERANCES single turns of 6 to 40 words, each once, spread evenly: from the
+    held-out conversations (``heldout``), or from the calibration and check ones, and
+    none that a conversation of the other side holds. The second kind of short text
+    for embedding models (verify; calibration)."""
+    def mine(j: int) -> bool:
+        return (CHAT_DEAL[j % len(CHAT_DEAL)] == "heldout") == heldout
+
+    # a turn that also occurs in a conversation of the other side is left out
+    seen = {t for convs in files for j, conv in enumerate(convs) if not mine(j) for t in conv}
     out = []
     for convs in files:
         for j, conv in enumerate(convs):
-            if CHAT_DEAL[j % len(CHAT_DEAL)] == "heldout":
+            if mine(j):
                 for t in conv:
                     if 6 <= len(t.split()) <= 40 and t not in seen:
                         seen.add(t)
@@ -368,7 +373,8 @@ def build(cache: Path) -> tuple[dict[tuple[str, str], list], dict]:
     for use in MIN_CHARS:  # conversations dealt to the uses, joined into chats of the use's length
         found[(use, "dialogue")] = chats(files, use, MIN_CHARS[use]["dialogue"])
     out = {key: spread(items, count(*key)) for key, items in found.items()}
-    out[("heldout", "utterances")] = utterances(files)
+    out[("heldout", "utterances")] = utterances(files, heldout=True)
+    out[("calibration", "utterances")] = utterances(files, heldout=False)
     summary = {f"{u}-{k}": f"{len(out[(u, k)])} of {len(v)}" for (u, k), v in found.items()}
     return out, summary
 

@@ -171,8 +171,9 @@ def _target_line(allocation) -> str:
         if cal.family == "causal":
             return (f"mean KL {c['kl_mean']:.4f} (target <= {t['max_kl']:g}), perplexity ratio {c['ppl_ratio']:.4f} "
                     f"(target <= {t['max_ppl_ratio']:g}) on calibration text")
+        where = (f"the worst of {len(c['kinds'])} kinds of calibration text" if "kinds" in c else "calibration text")
         return (f"top-1 retrieval {100 * c['top1']:.1f}% (target >= {100 * t['min_top1']:g}%), cosine "
-                f"{c['cos_mean']:.4f} (target >= {t['min_cosine']:g}) on calibration text")
+                f"{c['cos_mean']:.4f} (target >= {t['min_cosine']:g}) on {where}")
     c = allocation.checks[-1] if allocation.checks else {}
     failing = ", ".join(c.get("failing", [])) or "none"
     return f"gate 1 on every decoded row (groups failing: {failing})"

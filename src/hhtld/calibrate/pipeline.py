@@ -92,10 +92,12 @@ class CalibrationReport:
 
 
 # -- calibration data ------------------------------------------------------------------------
-def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int = BATCH):
+def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int = BATCH, with_kinds: bool = False):
     """Token batches for the calibration: ``n_texts`` calibration passages cut to
-    ``seq_len`` tokens (causal LMs), or calibration sentences padded per batch
-    (embedding models). Never the held-out texts of ``verify``."""
+    ``seq_len`` tokens, one of each calibration kind in turn (causal LMs), or
+    ``n_texts`` calibration sentences and half as many dialogue turns, padded per
+    batch (embedding models; ``with_kinds``: also the kind of each batch). Never
+    the held-out texts of ``verify``."""
     import torch
 
     from .layerwise import Batch
@@ -117,12 +119,17 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
             t = torch.tensor(ids[s : s + batch], dtype=torch.long)
             out.append(Batch(t, torch.ones_like(t)))
         return out
-    from ..gates.texts import calibration_texts
+    from ..gates.texts import EMBEDDING_KINDS, calibration_sentences
 
-    texts = calibration_texts()[:n_texts]
-    for s in range(0, len(texts), batch):
-        enc = tok(texts[s : s + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        out.append(Batch(enc["input_ids"], enc["attention_mask"]))
+    kinds = []
+    for kind in EMBEDDING_KINDS:  # n_texts sentences of prose, half as many turns of dialogue
+        texts = calibration_sentences(kind)[: n_texts if kind == "prose" else max(2, n_texts // 2)]
+        for s in range(0, len(texts), batch):
+            enc = tok(texts[s : s + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            out.append(Batch(enc["input_ids"], enc["attention_mask"]))
+            kinds.append(kind)
+    if with_kinds:
+        return out, kinds
     return out
 
 
@@ -344,7 +351,19 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str,
 
         ea, eb = pooled(hid_a), pooled(hid_b)
         lw.release(outside)
-        return compare_outputs(RunOutputs("embedding", len(ea), embeddings=ea), RunOutputs("embedding", len(eb), embeddings=eb))
+        if kinds is None:
+            return compare_outputs(RunOutputs("embedding", len(ea), embeddings=ea),
+                                   RunOutputs("embedding", len(eb), embeddings=eb))
+        rows = np.concatenate([[k] * b.input_ids.shape[0] for b, k in zip(batches, kinds)])
+        per = {}
+        for k in dict.fromkeys(kinds):  # retrieval among the texts of each kind
+            sel = rows == k
+            per[k] = compare_outputs(RunOutputs("embedding", int(sel.sum()), embeddings=ea[sel]),
+                                     RunOutputs("embedding", int(sel.sum()), embeddings=eb[sel]))
+        worst = min(per, key=lambda k: per[k]["top1"])
+        return {"top1": per[worst]["top1"], "top10": min(v["top10"] for v in per.values()),
+                "cos_mean": min(v["cos_mean"] for v in per.values()), "cos_min": min(v["cos_min"] for v in per.values()),
+                "worst_kind": worst, "kinds": per}
     norm = lw.final_norm()
     head = lw.model.get_output_embeddings()
     hn = head_name(lw)
@@ -480,9 +499,9 @@ class Calibration:
         n_check = check_texts or CHECK_TEXTS[self.family]
         if self.family == "causal":  # other passages of the calibration kinds, and a kind it never sees
             self.check_batches, self.check_kinds = check_batches(tok, n_check)
-        else:
-            self.check_batches = batches[: max(1, -(-min(n_check, self.n_texts) // BATCH))]
-            self.check_kinds = None
+        else:  # the calibration sentences of each kind, retrieval ranked within each
+            self.check_batches, self.check_kinds = calibration_batches(tok, self.family, min(n_check, self.n_texts),
+                                                                       seq_len, with_kinds=True)
         self.total_weights = sum(g.n_weights for g in self.plan.groups) or 1
         target = Path(target)
         self._work = make_temp_dir(target / "calibration" if target.is_dir() else target, ".calibration")
@@ -629,7 +648,8 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()))
                     for kind, v in (check.get("kinds") or {}).items():
                         log(f"  {kind}: KL {v['kl_mean']:.4g}, perplexity ratio {v['ppl_ratio']:.4f}, "
-                            f"top-1 {100 * v['top1']:.1f}%")
+                            f"top-1 {100 * v['top1']:.1f}%" if fam == "causal" else
+                            f"  {kind}: top-1 retrieval {100 * v['top1']:.1f}%, cosine {v['cos_mean']:.4f}")
                 if met is None or met or rnd + 1 == max_rounds:
                     break
                 measured = change_of(fam, check)

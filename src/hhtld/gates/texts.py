@@ -97,6 +97,17 @@ def heldout_sentences(kind: str) -> list[str]:
     raise ValueError(f"no {kind!r} sentences (kinds: {', '.join(EMBEDDING_KINDS)})")
 
 
+def calibration_sentences(kind: str) -> list[str]:
+    """The calibration short texts of one :data:`EMBEDDING_KINDS` kind for embedding
+    models: ``prose`` (:func:`calibration_texts`, 256) or ``dialogue`` (128 turns of
+    calibration and check conversations, none of a held-out one). A new list each call."""
+    if kind == "prose":
+        return calibration_texts()
+    if kind == "dialogue":
+        return list(_passages("calibration", "utterances"))
+    raise ValueError(f"no {kind!r} sentences (kinds: {', '.join(EMBEDDING_KINDS)})")
+
+
 def heldout_texts() -> list[str]:
     """The 256 held-out sentences ``verify`` runs models on (gates 2 and 4).
     A new list each call. Never use them for encoder calibration."""
