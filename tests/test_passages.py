@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hhtld.gates.texts import (EMBEDDING_KINDS, KINDS, USE_KINDS, USES, calibration_passages, heldout_passages,
+from hhtld.gates.texts import (EMBEDDING_KINDS, KINDS, USE_KINDS, USES, calibration_passages, calibration_sentences,
+                               heldout_passages,
                                heldout_sentences, heldout_texts, passages, render, rendered)
 
 from .conftest import load_script
@@ -78,6 +79,7 @@ def test_kinds_are_what_they_say():
 def test_generator_reproduces_the_shipped_lists():
     lists, _ = load_script("make_passages").build(REPO / ".cache")
     assert lists.pop(("heldout", "utterances")) == heldout_sentences("dialogue")  # embedding models' second kind
+    assert lists.pop(("calibration", "utterances")) == calibration_sentences("dialogue")
     assert set(lists) == {(u, k) for u in USES for k in USE_KINDS[u]}
     for (use, kind), items in lists.items():
         want = [list(p) if isinstance(p, tuple) else p for p in passages(use, kind)]
@@ -106,4 +108,6 @@ def test_embedding_models_have_two_kinds_of_short_text():
     held_turns = {t for d in passages("heldout", "dialogue") for t in d}
     other = {t for u in ("calibration", "check") for d in passages(u, "dialogue") for t in d}
     assert not set(chat) & other  # no turn of a calibration or check conversation
+    cal = calibration_sentences("dialogue")
+    assert len(cal) == 128 and not set(cal) & held_turns and not set(cal) & set(chat)
     assert len(set(chat) & held_turns) > 64  # turns of held-out conversations (the rest did not fit a chat)
