@@ -143,15 +143,24 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def _rlimit_room(which: str, used_key: str) -> int | None:
+def _rlimit(which: str) -> int | None:
+    """The soft resource limit ``which`` (e.g. ``"RLIMIT_AS"``) in bytes; None when unlimited or unknown."""
     try:
         import resource  # noqa: PLC0415 - not on every system
     except ImportError:  # pragma: no cover - not POSIX
         return None
     soft, _ = resource.getrlimit(getattr(resource, which))
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return max(0, soft - _status_bytes(used_key))
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _rlimit_room(which: str, used_key: str) -> int | None:
+    soft = _rlimit(which)
+    return None if soft is None else max(0, soft - _status_bytes(used_key))
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (``RLIMIT_FSIZE``, ``ulimit -f``; None: no limit)."""
+    return _rlimit("RLIMIT_FSIZE")
 
 
 def address_space_room() -> int | None:
@@ -194,5 +203,5 @@ def threads_that_fit(wanted: int, keep: int = 0, per_thread: int = 0) -> int:
     return int(max(1, min(wanted, (room - MARGIN_MIN - keep) // (THREAD_ADDRESS_SPACE + per_thread))))
 
 
-__all__ = ["ENV_LIMIT", "Room", "format_bytes", "memory_room", "parse_size", "set_memory_limit", "system_room",
-           "threads_that_fit", "address_space_room"]
+__all__ = ["ENV_LIMIT", "Room", "address_space_room", "file_size_limit", "format_bytes", "memory_room", "parse_size",
+           "set_memory_limit", "system_room", "threads_that_fit"]

@@ -354,12 +354,10 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str,
         if kinds is None:
             return compare_outputs(RunOutputs("embedding", len(ea), embeddings=ea),
                                    RunOutputs("embedding", len(eb), embeddings=eb))
-        rows = np.concatenate([[k] * b.input_ids.shape[0] for b, k in zip(batches, kinds)])
-        per = {}
-        for k in dict.fromkeys(kinds):  # retrieval among the texts of each kind
-            sel = rows == k
-            per[k] = compare_outputs(RunOutputs("embedding", int(sel.sum()), embeddings=ea[sel]),
-                                     RunOutputs("embedding", int(sel.sum()), embeddings=eb[sel]))
+        from ..gates.runner import compare_embeddings_by_kind
+
+        rows = [k for b, k in zip(batches, kinds) for _ in range(b.input_ids.shape[0])]
+        per = compare_embeddings_by_kind(ea, eb, rows)  # retrieval among the texts of each kind
         worst = min(per, key=lambda k: per[k]["top1"])
         return {"top1": per[worst]["top1"], "top10": min(v["top10"] for v in per.values()),
                 "cos_mean": min(v["cos_mean"] for v in per.values()), "cos_min": min(v["cos_min"] for v in per.values()),

@@ -39,13 +39,18 @@ def per_kind(cmp: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: {x: v[x] for x in KIND_KEYS if x in v} for k, v in (cmp.get("kinds") or {}).items()}
 
 
+def worst_of(kinds: dict[str, dict[str, Any]], key: str, larger_is_worse: bool) -> tuple[str, float]:
+    """(kind, value) of the kind whose figure ``key`` is worst."""
+    kind = (max if larger_is_worse else min)(kinds, key=lambda k: kinds[k][key])
+    return kind, kinds[kind][key]
+
+
 def gate_behaviour(cmp: dict[str, Any], family: str, th: Thresholds) -> GateResult:
     if family == "embedding":
         kinds = cmp.get("kinds") or {}
         measured = {k: v for k, v in cmp.items() if k != "kinds"}
         if kinds:
-            worst = min(kinds, key=lambda k: kinds[k]["top1"])
-            top1 = kinds[worst]["top1"]
+            worst, top1 = worst_of(kinds, "top1", larger_is_worse=False)
             value = (f"top-1 retrieval {100 * top1:.1f}% on {worst}, the worst of {len(kinds)} kinds (all kinds "
                      f"{100 * cmp['top1']:.1f}%, top-10 overlap {100 * cmp['top10']:.1f}%)")
             measured.update(worst_kind=worst, worst_top1=top1, kinds=kinds)
@@ -55,9 +60,8 @@ def gate_behaviour(cmp: dict[str, Any], family: str, th: Thresholds) -> GateResu
         return GateResult(2, value, f">={100 * th.min_top1:g}%", top1 >= th.min_top1, measured)
     kinds = per_kind(cmp)
     if kinds:
-        worst = max(kinds, key=lambda k: kinds[k]["ppl_ratio"])
+        worst, ratio = worst_of(kinds, "ppl_ratio", larger_is_worse=True)
         w = kinds[worst]
-        ratio = w["ppl_ratio"]
         value = (f"perplexity ratio {ratio:.4f} on {worst}, the worst of {len(kinds)} kinds ({w['ppl_a']:.2f} -> "
                  f"{w['ppl_b']:.2f}; all kinds {cmp['ppl_ratio']:.4f}); top-1 next token {100 * cmp['top1']:.1f}%")
     else:
@@ -77,8 +81,7 @@ def gate_output(cmp: dict[str, Any], family: str, th: Thresholds) -> GateResult:
         kinds = cmp.get("kinds") or {}
         measured = {"cos_mean": cmp["cos_mean"], "cos_min": cmp["cos_min"]}
         if kinds:
-            worst = min(kinds, key=lambda k: kinds[k]["cos_mean"])
-            cos = kinds[worst]["cos_mean"]
+            worst, cos = worst_of(kinds, "cos_mean", larger_is_worse=False)
             value = (f"cosine mean {cos:.4f} on {worst}, the worst of {len(kinds)} kinds (min {cmp['cos_min']:.4f}; "
                      f"all kinds {cmp['cos_mean']:.4f})")
             measured.update(worst_kind=worst, worst_cos_mean=cos, kinds=kinds)
@@ -88,7 +91,7 @@ def gate_output(cmp: dict[str, Any], family: str, th: Thresholds) -> GateResult:
     kinds = per_kind(cmp)
     measured = {k: cmp[k] for k in CAUSAL_GATE4_KEYS if k in cmp}
     if kinds:
-        worst = max(kinds, key=lambda k: kinds[k]["kl_mean"])
+        worst, _ = worst_of(kinds, "kl_mean", larger_is_worse=True)
         w = kinds[worst]
         value = (f"KL mean {w['kl_mean']:.4f} nats on {worst}, the worst of {len(kinds)} kinds (p99 {w['kl_p99']:.4f}; "
                  f"all kinds {cmp['kl_mean']:.4f})")

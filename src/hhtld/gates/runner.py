@@ -417,6 +417,20 @@ def retrieval_neighbours(emb: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
+def compare_embeddings_by_kind(ref: np.ndarray, new: np.ndarray, kinds) -> dict[str, dict[str, float]]:
+    """:func:`compare_outputs` of two embedding runs ``(n_texts, hidden)`` for each kind
+    of text on its own (``kinds``: one label per text), retrieval ranked among the
+    texts of that kind: ``{kind: {"texts", "top1", "top10", "cos_mean", "cos_min"}}``."""
+    labels = np.asarray(kinds)
+    out = {}
+    for k in dict.fromkeys(kinds):
+        sel = labels == k
+        n = int(sel.sum())
+        out[k] = {"texts": n, **compare_outputs(RunOutputs("embedding", n, embeddings=ref[sel]),
+                                                RunOutputs("embedding", n, embeddings=new[sel]))}
+    return out
+
+
 def compare_outputs(ref: RunOutputs, new: RunOutputs) -> dict[str, float]:
     """Agreement of ``new`` with ``ref`` (same texts, same family).
 

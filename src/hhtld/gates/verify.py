@@ -16,7 +16,8 @@ from .behaviour import gate_behaviour, gate_output
 from .causal import compare_causal
 from .report import VerifyReport
 from .rows import gate_row_fidelity, measure_rows
-from .runner import ModelRunner, RunOutputs, _load_config_json, compare_outputs, family_of_config, find_config
+from .runner import (ModelRunner, _load_config_json, compare_embeddings_by_kind, compare_outputs, family_of_config,
+                     find_config)
 from .sources import PackSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
@@ -44,27 +45,21 @@ def check_match(ckpt: Checkpoint, pack: Pack) -> None:
 
 def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list, list[str] | None, str]:
     """(texts or passages, their kinds or None, where they come from)."""
-    if family == "causal" and not (texts is not None and not isinstance(texts, (int, np.integer))):
-        per_kind = {k: passages("heldout", k) for k in USE_KINDS["heldout"]}
-        most = min(len(v) for v in per_kind.values())
+    if texts is None or isinstance(texts, (int, np.integer)):
+        if family == "causal":  # passages; retrieval (embedding models) needs two texts of a kind
+            per_kind, least, what = {k: passages("heldout", k) for k in USE_KINDS["heldout"]}, 1, "passages"
+            source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.gates.texts, "
+                      "scripts/make_passages.py)")
+        else:
+            per_kind, least, what = {k: heldout_sentences(k) for k in EMBEDDING_KINDS}, 2, "sentences"
+            source = (f"held-out sentences of {len(per_kind)} kinds: docstrings of Python standard-library modules "
+                      f"({', '.join(HELDOUT_MODULES)}) and turns of held-out conversations (hhtld.gates.texts)")
         if texts is not None:
-            if isinstance(texts, bool) or not 1 <= texts <= most:
-                raise OptionsError(f"--texts must be between 1 and {most} (held-out passages of each kind), got {texts}")
+            most = min(len(v) for v in per_kind.values())
+            if isinstance(texts, bool) or not least <= texts <= most:
+                raise OptionsError(f"--texts must be between {least} and {most} (held-out {what} of each kind), "
+                                   f"got {texts}")
             per_kind = {k: v[:texts] for k, v in per_kind.items()}
-        chosen = [p for v in per_kind.values() for p in v]
-        kinds = [k for k, v in per_kind.items() for _ in v]
-        source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.gates.texts, "
-                  "scripts/make_passages.py)")
-        return chosen, kinds, source
-    if family != "causal" and not (texts is not None and not isinstance(texts, (int, np.integer))):
-        per_kind = {k: heldout_sentences(k) for k in EMBEDDING_KINDS}
-        most = min(len(v) for v in per_kind.values())
-        if texts is not None:
-            if isinstance(texts, bool) or not 2 <= texts <= most:
-                raise OptionsError(f"--texts must be between 2 and {most} (held-out sentences of each kind), got {texts}")
-            per_kind = {k: v[:texts] for k, v in per_kind.items()}
-        source = (f"held-out sentences of {len(per_kind)} kinds: docstrings of Python standard-library modules "
-                  f"({', '.join(HELDOUT_MODULES)}) and turns of held-out conversations (hhtld.gates.texts)")
         return [t for v in per_kind.values() for t in v], [k for k, v in per_kind.items() for _ in v], source
     out = [str(t) for t in texts]
     if len(out) < 2:
@@ -146,11 +141,7 @@ def verify(
         new = runner.run(chosen, decoded, desc="decoded")
         cmp = compare_outputs(ref, new)
         if kinds is not None:  # retrieval among the texts of each kind, and the cosine of each kind
-            cmp["kinds"] = {}
-            for k in dict.fromkeys(kinds):
-                sel = np.array([x == k for x in kinds])
-                part = [RunOutputs("embedding", int(sel.sum()), embeddings=r.embeddings[sel]) for r in (ref, new)]
-                cmp["kinds"][k] = {"texts": int(sel.sum()), **compare_outputs(*part)}
+            cmp["kinds"] = compare_embeddings_by_kind(ref.embeddings, new.embeddings, kinds)
     runner.set_weights(None)
     timings["behaviour"] = time.perf_counter() - t
     figures = [v for v in cmp.values() if isinstance(v, (int, float, np.number))]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import OptionsError, PackError
 from ..format import DTYPE_BYTES, aux_array_name
-from ..memory import format_bytes
+from ..memory import file_size_limit, format_bytes
 from ..outputs import atomic_write_bytes, check_output_file, sweep_stale
 from ..stfile import FormatProblem, SafetensorsWriter, as_bytes
 from .reader import Pack
@@ -130,10 +130,11 @@ def _check_disk(p: Pack, out: Path, by_file: dict[str, list[str]]) -> None:
     space against every weight file (written once to a spill file, then copied
     after its header: the largest file counts twice) and the side files."""
     sizes = [sum(_tensor_bytes(p.tensors[n]) for n in names) for names in by_file.values()]
-    aux = sum(p.header.tensors[aux_array_name(rel)].nbytes for rel in p.aux_files())
-    largest = max(sizes + [p.header.tensors[aux_array_name(rel)].nbytes for rel in p.aux_files()], default=0)
+    aux_sizes = [p.header.tensors[aux_array_name(rel)].nbytes for rel in p.aux_files()]
+    aux = sum(aux_sizes)
+    largest = max(sizes + aux_sizes, default=0)
     writes = f"{p.path}: decoding it writes {format_bytes(sum(sizes) + aux)}"
-    fsize = _file_size_limit()
+    fsize = file_size_limit()
     if fsize is not None and largest > fsize:
         raise PackError(f"{writes}; its largest file would be {format_bytes(largest)}, but the file-size limit "
                         f"(ulimit -f) is {format_bytes(fsize)}; raise the limit or decode elsewhere")
@@ -146,15 +147,6 @@ def _check_disk(p: Pack, out: Path, by_file: dict[str, list[str]]) -> None:
         raise PackError(f"{writes} (and needs {format_bytes(need)} while its largest file is copied after its "
                         f"header); {out} has {format_bytes(free)} free; free some space or decode into a folder on a "
                         "larger disk")
-
-
-def _file_size_limit() -> int | None:
-    try:
-        import resource  # noqa: PLC0415 - POSIX only
-    except ImportError:  # pragma: no cover
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _write_blocks(p: Pack, name: str, w: SafetensorsWriter) -> int:

@@ -336,15 +336,18 @@ class Pack:
         in_flight = 2 * pool.width if pool is not None else 1
         return in_flight * self._block_work(name, rows)
 
-    def _block_work(self, name: str, rows: int) -> int:
+    def _block_work(self, name: str, rows: int | None = None) -> int:
+        """Bytes one block (or ``rows`` rows, if fewer) holds while it is decoded."""
         n_cols = self._shape2(name)[1]
-        return min(rows, block_rows(n_cols)) * n_cols * 4 * DECODE_WORK
+        step = block_rows(n_cols)
+        return (step if rows is None else min(rows, step)) * n_cols * 4 * DECODE_WORK
 
     def _pool_for(self, name: str, n_blocks: int, keep: int) -> ThreadPoolExecutor | None:
         """The decode pool for a tensor of ``n_blocks`` blocks whose output takes ``keep`` bytes."""
         if n_blocks <= 1:
             return None
-        return _decode_pool(keep + self._block_work(name, 1 << 62), 2 * self._block_work(name, 1 << 62))
+        block = self._block_work(name)
+        return _decode_pool(keep + block, 2 * block)
 
     def _shape2(self, name: str) -> tuple[int, int]:
         t = self.info(name)
