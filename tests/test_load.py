@@ -48,6 +48,13 @@ from .test_verify_causal import TEXTS, make_tiny_llama, tiny_tokenizer  # noqa: 
 ALL = EncodablePolicy(encode_all=True)
 VQ = {"codec": "hhtl-vq", "codec_options": {"stages": "2+4"}}
 TOL = 1e-5
+# keep_compressed runs its hhtl-vq linears in the codec's space (tables for a few rows, decode-then-GEMM in
+# the rotated space for many): with float32 tables the same product summed in another order (measured up to
+# 2.1e-5 on these logits of magnitude up to 4); with the default int16 tables (12-bit entries) the tiny random
+# models move by up to 1.8e-2 (measured) — their bound is checked on the real SmolLM2 as a KL
+# (tests/test_load_smollm2.py), here only that they stay near the dense model.
+TOL_CODEC_SPACE = 1e-4
+TOL_INT16 = 0.1
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
 
 
@@ -162,8 +169,12 @@ def test_checkpoint_dtype_is_kept_and_dtype_overrides(tmp_path):
     assert {p.dtype for p in m32.parameters()} == {torch.float32}
     ref32 = _from_pretrained(decoded, "llama", dtype=torch.float32)
     assert (_out(m32, "llama") - _out(ref32, "llama")).abs().max().item() <= TOL
-    c32 = hhtld.load(pack, dtype=torch.float32, keep_compressed=True)
+    c32 = hhtld.load(pack, dtype=torch.float32, keep_compressed=True, codec_space=False)
     assert (_out(c32, "llama") - _out(m32, "llama")).abs().max().item() <= TOL
+    # in the codec's space the weights are the codec's float32 rows, not rounded to bfloat16 first
+    # (the difference is the bfloat16 rounding of the weights: measured 0.076 on logits up to 3.5)
+    f32 = hhtld.load(pack, dtype=torch.float32, keep_compressed=True, tables="float32")
+    assert (_out(f32, "llama") - _out(m32, "llama")).abs().max().item() <= 0.15
 
 
 # -- compressed in memory ---------------------------------------------------------------------
@@ -171,8 +182,10 @@ def test_checkpoint_dtype_is_kept_and_dtype_overrides(tmp_path):
 def test_keep_compressed_equals_dense(built, kind):
     _, pack, _ = built[kind]
     dense = hhtld.load(pack)
-    comp = hhtld.load(pack, keep_compressed=True)
-    assert (_out(comp, kind) - _out(dense, kind)).abs().max().item() <= TOL
+    comp = hhtld.load(pack, keep_compressed=True, tables="float32")
+    assert (_out(comp, kind) - _out(dense, kind)).abs().max().item() <= TOL_CODEC_SPACE
+    fast = hhtld.load(pack, keep_compressed=True)
+    assert (_out(fast, kind) - _out(dense, kind)).abs().max().item() <= TOL_INT16
     p = Pack(pack)
     kept = set(comp.hhtld_info.compressed)
     assert kept and kept <= set(p.encoded_names())
@@ -193,17 +206,18 @@ def test_codec_space_product_and_the_exact_decode(built):
     last bits, the BLAS product of its rotation summing in another order)."""
     _, pack, _ = built["llama"]
     ids = tiny_tokenizer()("the module defines", return_tensors="pt")["input_ids"][:, :1]
-    dense, fast = hhtld.load(pack), hhtld.load(pack, keep_compressed=True)
+    dense, fast = hhtld.load(pack), hhtld.load(pack, keep_compressed=True, tables="float32")
     exact = hhtld.load(pack, keep_compressed=True, codec_space=False)
     x = torch.zeros(1, 1, 64)
     assert fast.model.layers[0].mlp.up_proj.source.codec_space_ok(x)
+    assert fast.model.layers[0].mlp.up_proj.source.codec_space_ok(torch.zeros(500, 64))  # any rows on the CPU
     assert not exact.model.layers[0].mlp.up_proj.source.codec_space_ok(x)
     with torch.no_grad():
         ref = dense(input_ids=ids).logits
         assert (exact(input_ids=ids).logits - ref).abs().max().item() <= TOL
     for name in ("lm_head", "model.layers.1.mlp.down_proj"):
         assert torch.equal(exact.get_submodule(name).weight, dense.get_submodule(name).weight)
-        assert (fast(input_ids=ids).logits - ref).abs().max().item() <= TOL
+        assert (fast(input_ids=ids).logits - ref).abs().max().item() <= TOL_CODEC_SPACE
 
 
 def test_compressed_embedding_decodes_only_the_looked_up_rows(built):
@@ -249,12 +263,19 @@ def test_keep_compressed_with_a_numpy_codec(tmp_path):
 
 def test_compressed_model_follows_dtype_casts(built):
     _, pack, _ = built["llama"]
-    comp = hhtld.load(pack, keep_compressed=True).to(torch.bfloat16)
+    comp = hhtld.load(pack, keep_compressed=True, codec_space=False).to(torch.bfloat16)
     src = comp.model.layers[0].mlp.up_proj.source
     assert src.dtype == torch.bfloat16 and src.tensor["twig.0"].dtype == torch.uint8
     assert src.group["palette.0.0"].dtype == torch.bfloat16
     dense = hhtld.load(pack).to(torch.bfloat16)
     assert (_out(comp, "llama").float() - _out(dense, "llama").float()).abs().max().item() == 0.0
+    # in the codec's space: bfloat16 inputs, float32 kernels, bfloat16 outputs
+    fast = hhtld.load(pack, keep_compressed=True, tables="float32").to(torch.bfloat16)
+    assert fast.model.layers[0].mlp.up_proj.source.codec_space_ok(torch.zeros(1, 64, dtype=torch.bfloat16))
+    out = _out(fast, "llama")
+    assert out.dtype == torch.bfloat16
+    ref = _out(hhtld.load(pack), "llama")  # float32: both bfloat16 runs are as far from it
+    assert (out.float() - ref).abs().max().item() <= 2 * (_out(dense, "llama").float() - ref).abs().max().item()
 
 
 # -- the torch decode of hhtl-vq -------------------------------------------------------------------
@@ -285,9 +306,16 @@ def test_torch_decode_and_codec_space_product_match_numpy(opts):
     assert np.array_equal(w.rows(torch.from_numpy(idx)).numpy(), HhtlVqCodec.decode_rows(g, t, idx))
     # and x @ W.T in the codec's space equals the product with the decoded weight
     x = torch.from_numpy(rng.standard_normal((5, c)).astype(np.float32))
-    assert w.codec_space_ok(x) and not w.codec_space_ok(torch.zeros(n, c))
+    assert w.codec_space_ok(x) and w.codec_space_ok(torch.zeros(n, c))  # on the CPU any number of rows
     ref = x @ torch.from_numpy(want).t()
-    assert (w.matmul_t(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    bound = max(1.0, ref.abs().max().item())
+    w.tables = "float32"
+    assert (w.matmul_t(x) - ref).abs().max().item() <= 1e-5 * bound
+    w.tables = "int16"  # 12-bit tables: measured at most 1.6e-3 of the largest output here
+    assert (w.matmul_t(x) - ref).abs().max().item() <= 5e-3 * bound
+    many = torch.from_numpy(rng.standard_normal((40, c)).astype(np.float32))  # decode then GEMM: float32
+    ref = many @ torch.from_numpy(want).t()
+    assert (w.matmul_t(many) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 # -- sentence-transformers and embed -----------------------------------------------------------------

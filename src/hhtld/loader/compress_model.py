@@ -9,8 +9,10 @@ embedding that scales its output) keep a dense weight.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from ..codecs.vq.codec import HhtlVqCodec
 from ..pack.reader import DECODE_WORK, Pack
 from .compressed import CompressedEmbedding, CompressedLinear, CompressedWeight, DecodeCache, StoredParts
 from .tensors import torch_dtype
@@ -39,12 +41,14 @@ def module_kind(mod: nn.Module) -> str | None:
 class CompressPlan:
     """Collects the compressed weights while ``load`` fills the model, then swaps the modules."""
 
-    def __init__(self, pack: Pack, model: nn.Module, dtype, cache_layers: int, device, codec_space: bool = True):
+    def __init__(self, pack: Pack, model: nn.Module, dtype, cache_layers: int, device, codec_space: bool = True,
+                 tables: str = "int16"):
         self.pack = pack
         self.model = model
         self.dtype = dtype
         self.device = device
         self.codec_space = codec_space
+        self.tables = tables
         self.cache = DecodeCache(cache_layers)
         self.groups: dict[int, StoredParts] = {}
         self.swaps: dict[int, tuple[nn.Module, str, CompressedWeight]] = {}  # id(old module) -> (old, kind, weight)
@@ -85,8 +89,11 @@ class CompressPlan:
         if self.device is not None:
             tensor = tensor.to(self.device)
         stored = torch_dtype(t["dtype"])
-        weight = CompressedWeight(slot.source, self.pack.codec_of(slot.source), self._group(t["group"]), tensor,
-                                  (n_rows, n_cols), stored, self.dtype or stored, self.cache, self.codec_space)
+        codec = self.pack.codec_of(slot.source)
+        if codec is HhtlVqCodec and self.codec_space and (self.device is None or torch.device(self.device).type == "cpu"):
+            tensor.tile_twigs()  # the CPU kernels' layout, the only copy of the twigs kept
+        weight = CompressedWeight(slot.source, codec, self._group(t["group"]), tensor, (n_rows, n_cols), stored,
+                                  self.dtype or stored, self.cache, self.codec_space, self.tables)
         for mod, kind in owners:
             self.swaps[id(mod)] = (mod, kind, weight)
         return True

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codecs.vq.codec import HhtlVqCodec
-from ..codecs.vq.quantiser import decode_rows as vq_decode_rows, parse_stages
+from ..codecs.vq.codec import HhtlVqCodec, rotation_block
+from ..kernels import TiledTwig, VqKernel, stage_palettes, sync_threads, tile_twigs, vq_kernel
 from .tensors import to_numpy, to_torch
-from ..codecs.vq.codec import rotation_block
 from .torch_vq import decode_rows_vq, gather_stages, rotate_inputs
 
 
@@ -44,6 +43,8 @@ class StoredParts(nn.Module):
     def __init__(self, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
         super().__init__()
         self.params = dict(params)
+        self.kernel_palettes = None  # the CPU kernels' float32 palettes, made on first use
+        self.tiled: dict[str, int] = {}  # twig parts held tiled -> their row count
         self._part_buffer: dict[str, str] = {}
         for part, a in arrays.items():
             bname = part.replace(".", "_")
@@ -53,6 +54,22 @@ class StoredParts(nn.Module):
     def __getitem__(self, part: str) -> torch.Tensor:
         return self._buffers[self._part_buffer[part]]
 
+    def tile_twigs(self) -> None:
+        """Hold the twig arrays in the kernels' tiled layout (:func:`hhtld.kernels.tile_twigs`)
+        instead of rows: the only copy kept, read back as rows by :class:`_NumpyParts`.
+        CPU only (a move to another device puts them back in rows)."""
+        for part, bname in self._part_buffer.items():
+            if part.startswith("twig.") and part not in self.tiled:
+                b = self._buffers[bname]
+                self.tiled[part] = int(b.shape[0])
+                self._buffers[bname] = to_torch(tile_twigs(to_numpy(b)), copy=False)
+
+    def _untile(self) -> None:
+        for part, n in list(self.tiled.items()):
+            bname = self._part_buffer[part]
+            self._buffers[bname] = to_torch(TiledTwig(to_numpy(self._buffers[bname]), n)[:], copy=False)
+        self.tiled.clear()
+
     def __contains__(self, part: str) -> bool:
         return part in self._part_buffer
 
@@ -60,6 +77,9 @@ class StoredParts(nn.Module):
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def _apply(self, fn, recurse=True):
+        if self.tiled and fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
+            self._untile()
+        self.kernel_palettes = None
         for k, b in self._buffers.items():
             nb = fn(b)
             if nb.dtype != b.dtype:  # keep the stored dtype, follow the device
@@ -80,7 +100,9 @@ class _NumpyParts:
         self.params = stored.params
 
     def __getitem__(self, part: str) -> np.ndarray:
-        return to_numpy(self.stored[part])
+        a = to_numpy(self.stored[part])
+        n = self.stored.tiled.get(part)
+        return a if n is None else TiledTwig(a, n)
 
     def __contains__(self, part: str) -> bool:
         return part in self.stored
@@ -124,7 +146,8 @@ class CompressedWeight(nn.Module):
     the checkpoint's dtype, exactly as a dense load rounds it)."""
 
     def __init__(self, pack_name: str, codec, group: StoredParts, tensor: StoredParts, row_shape,
-                 stored_dtype: torch.dtype, dtype: torch.dtype, cache: DecodeCache, codec_space: bool = True):
+                 stored_dtype: torch.dtype, dtype: torch.dtype, cache: DecodeCache, codec_space: bool = True,
+                 tables: str = "int16"):
         super().__init__()
         self.pack_name = pack_name
         self.codec = codec
@@ -135,7 +158,9 @@ class CompressedWeight(nn.Module):
         self.dtype = dtype
         self.cache = cache
         self.codec_space = codec_space  # may apply the weight without decoding it (matmul_t)
+        self.tables = tables  # the kernels' lookup tables: "int16" or "float32"
         self.rows_decoded = 0  # rows decoded so far (a full decode counts n_rows)
+        self._kernel: VqKernel | None = None  # made on first use on the CPU
 
     @property
     def device(self) -> torch.device:
@@ -153,28 +178,45 @@ class CompressedWeight(nn.Module):
 
     def codec_space_ok(self, x: torch.Tensor) -> bool:
         """Whether ``x @ W.T`` may be computed without decoding ``W``: allowed
-        (``codec_space``), an hhtl-vq
-        float32 weight, float32 inputs, and fewer input rows than weight rows
-        (rotating the inputs then costs less than un-rotating the weight)."""
-        return (self.codec_space and self.codec is HhtlVqCodec and self.dtype == torch.float32
-                and self.stored_dtype == torch.float32 and x.dtype == torch.float32
+        (``codec_space``), an hhtl-vq weight and inputs in the weight's dtype.
+        On the CPU any number of input rows (the kernels choose lookup tables
+        or decode-then-GEMM block by block; float32 inside, the result cast to
+        the inputs' dtype); on other devices float32 only and fewer input rows
+        than weight rows. The weight used is the codec's float32
+        reconstruction, not rounded to the checkpoint's dtype as a dense load
+        of a bfloat16 checkpoint rounds it (``codec_space=False`` for that)."""
+        if not (self.codec_space and self.codec is HhtlVqCodec and x.dtype == self.dtype):
+            return False
+        if self.device.type == "cpu":
+            return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return (x.dtype == torch.float32 and self.stored_dtype == torch.float32
                 and x.numel() // max(1, self.n_cols) < self.n_rows)
 
+    def kernel(self) -> VqKernel:
+        """The weight prepared for the CPU kernels (views of the stored buffers; the
+        group's float32 palettes made once and shared by its weights)."""
+        if self._kernel is None:
+            g = self.group
+            if getattr(g, "kernel_palettes", None) is None:
+                g.kernel_palettes = stage_palettes(g.params, _NumpyParts(g))
+            self._kernel = vq_kernel(g.params, _NumpyParts(g), _NumpyParts(self.tensor), g.kernel_palettes)
+        return self._kernel
+
     def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for float32 ``x`` (t, n_cols) in the codec's space: the
+        """``x @ W.T`` for ``x`` (t, n_cols) in the codec's space: the
         inputs rotated (``H`` is symmetric and orthonormal, so ``x @ (Q H S).T =
-        (x S H) @ Q.T``), times the gathered rows ``Q``, times the gains, plus
-        the leaf as ``(x @ basis.T) @ (leaf * scale).T``. Equals the product
-        with the decoded weight up to float32 rounding; no weight is rotated."""
+        (x S H) @ Q.T``), then the rows ``Q`` applied — on the CPU by the kernels
+        of :mod:`hhtld.kernels` (lookup tables for few rows, decode-then-GEMM
+        block by block for many), elsewhere by gathering ``Q`` in torch — times
+        the gains, plus the leaf as ``(x @ basis.T) @ (leaf * scale).T``. Equals
+        the product with the decoded weight up to float32 rounding."""
         g, t = self.group, self.tensor
         self.rows_decoded += self.n_rows
         if self.device.type == "cpu":
-            pals = [[to_numpy(g[f"palette.{si}.{j}"]).astype(np.float32) for j in range(len(st.widths))]
-                    for si, st in enumerate(parse_stages(g.params["stages"]))]
-            twigs = [to_numpy(t[f"twig.{si}"]) for si in range(len(pals))]
-            q = torch.from_numpy(vq_decode_rows(pals, twigs, self.n_cols, None, None))
-        else:
-            q = gather_stages(g.params, g, t)
+            sync_threads(torch.get_num_threads())
+            xn = x.detach().to(torch.float32).contiguous().numpy()
+            return torch.from_numpy(self.kernel().matmul_t(xn, self.tables)).to(x.dtype)
+        q = gather_stages(g.params, g, t)
         xr = rotate_inputs(x, g["rotation"], rotation_block(self.group.params)) if "rotation" in g else x
         y = xr @ q.t()
         if "gain" in t:
@@ -206,6 +248,7 @@ class CompressedWeight(nn.Module):
         if probe.is_floating_point():
             self.dtype = probe.dtype
         self.cache.drop(id(self))
+        self._kernel = None  # the buffers may move: views of them are made again on use
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ArchitectureError, LoadError, NoConfigError, PackError, TensorMismatchError
 from ..gates.runner import FAMILIES, family_of_config
 from ..names import state_dict_candidates
+from ..kernels.vq import TABLES
 from ..pack.reader import DECODE_WORK, Pack
 from .deps import require, torch_and_transformers
 from .sidefiles import carried_config, has_file, open_pack_arg, read_json, side_files
@@ -288,7 +289,7 @@ def _check_materialised(model, where: Path) -> None:
 def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = None, auto_class=None,
          dtype=None, device=None, keep_compressed: bool = False, cache_layers: int = 0, codec_space: bool = True,
          strict: bool = True, trust_remote_code: bool = False, attn_implementation: str | None = None,
-         memory_limit: int | str | None = None):
+         memory_limit: int | str | None = None, tables: str = "int16"):
     """A ready ``transformers`` model (eval mode) from a ``.hhtld`` pack.
 
     ``pack``: a path or an open :class:`Pack`. ``config``: the architecture
@@ -305,10 +306,13 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
     and decodes them on use (see :mod:`hhtld.loader.compressed`):
     embeddings decode only the rows they look up; ``cache_layers=N`` keeps
     the N most recently decoded weights; with ``codec_space`` (default) a
-    float32 hhtl-vq linear given fewer input rows than it has output rows
-    rotates its inputs instead of decoding its weight (much faster for
-    generation; equal to the decoded product up to float32 rounding), and
-    ``codec_space=False`` decodes every weight exactly as the dense load.
+    float32 hhtl-vq linear is applied in the codec's space by the kernels of
+    :mod:`hhtld.kernels` (its inputs rotated, never its weight decoded: on the
+    CPU lookup tables for a few input rows, decode-then-GEMM block by block
+    for many; ``tables="int16"``, the default, sums 12-bit tables with the
+    vector extension, ``tables="float32"`` equals the decoded product up to
+    float32 rounding), and ``codec_space=False`` decodes every weight exactly
+    as the dense load.
 
     Raises :class:`NoConfigError` (no config), :class:`ArchitectureError`
     (transformers cannot build it), :class:`TensorMismatchError` (parameters
@@ -326,14 +330,16 @@ def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = No
         dtype = getattr(torch, dtype)
     if not isinstance(cache_layers, int) or isinstance(cache_layers, bool) or cache_layers < 0:
         raise LoadError(f"cache_layers must be an integer >= 0, got {cache_layers!r}")
+    if tables not in TABLES:
+        raise LoadError(f"tables must be one of {', '.join(TABLES)}, got {tables!r}")
     p = open_pack_arg(pack)
     with p.limited(memory_limit):
         return _load(p, torch, transformers, config, family, auto_class, dtype, device, keep_compressed, cache_layers,
-                     codec_space, strict, trust_remote_code, attn_implementation)
+                     codec_space, strict, trust_remote_code, attn_implementation, tables)
 
 
 def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, device, keep_compressed, cache_layers,
-          codec_space, strict, trust_remote_code, attn_implementation):
+          codec_space, strict, trust_remote_code, attn_implementation, tables="int16"):
     cfg, cfg_dict = resolve_config(p, config, trust_remote_code)
     auto, fam = resolve_auto_class(cfg_dict, family, auto_class)
     build_dtype = dtype or _dominant_float_dtype(p)
@@ -344,7 +350,7 @@ def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, devic
     if keep_compressed:
         from .compress_model import CompressPlan
 
-        comp = CompressPlan(p, net, dtype, cache_layers, device, codec_space)
+        comp = CompressPlan(p, net, dtype, cache_layers, device, codec_space, tables)
     with torch.no_grad():
         for slot in slots:
             if comp is not None and comp.take(slot):

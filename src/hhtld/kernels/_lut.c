@@ -1,0 +1,148 @@
+/* Lookup-table sums for hhtl-vq weights in the codec's space (docs/design.md §7).
+ *
+ * One call sums, for a range of 64-row tiles of one residual stage,
+ *     y[o] = Σ_g scale[g] · Σ_{s in group g} table[s][twig[o][s]]
+ * where the twigs are one byte (k <= 256) in the tiled layout
+ *     twig[tile][s][64]  (row o = tile * 64 + lane)
+ * and the table holds int16 entries (|entry| <= 2047: 12-bit, so 16 of them sum
+ * in int16 without overflow), 256 per segment, one float scale per group of
+ * GROUP segments. With AVX-512BW one segment of 32 rows is eight table
+ * registers, one zero-extended index load, four two-register permutes and three
+ * blends; without it the same sums run in plain C.
+ *
+ * The module is loaded by ctypes (its functions take raw pointers the Python
+ * side has checked); the CPython init below only makes it a valid extension
+ * module for setuptools to build.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 64
+#define GROUP 16
+#define K 256
+
+static void tiles_scalar(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
+                         const float *scales, float *y)
+{
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tt = tw + t * n_seg * TILE;
+        float acc[TILE];
+        for (int i = 0; i < TILE; i++) acc[i] = 0.0f;
+        for (int64_t g0 = 0; g0 < n_seg; g0 += GROUP) {
+            int64_t g1 = g0 + GROUP < n_seg ? g0 + GROUP : n_seg;
+            int32_t part[TILE];
+            for (int i = 0; i < TILE; i++) part[i] = 0;
+            for (int64_t s = g0; s < g1; s++) {
+                const uint8_t *idx = tt + s * TILE;
+                const int16_t *ts = tab + s * K;
+                for (int i = 0; i < TILE; i++) part[i] += ts[idx[i]];
+            }
+            float sc = scales[g0 / GROUP];
+            for (int i = 0; i < TILE; i++) acc[i] += sc * (float)part[i];
+        }
+        memcpy(y + t * TILE, acc, sizeof(acc));
+    }
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_X86 1
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i lookup32(const __m512i *tr, __m256i idx8)
+{
+    __m512i idx = _mm512_cvtepu8_epi16(idx8);
+    __m512i r0 = _mm512_permutex2var_epi16(tr[0], idx, tr[1]);
+    __m512i r1 = _mm512_permutex2var_epi16(tr[2], idx, tr[3]);
+    __m512i r2 = _mm512_permutex2var_epi16(tr[4], idx, tr[5]);
+    __m512i r3 = _mm512_permutex2var_epi16(tr[6], idx, tr[7]);
+    __mmask32 m6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+    __mmask32 m7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+    __m512i lo = _mm512_mask_blend_epi16(m6, r0, r1);
+    __m512i hi = _mm512_mask_blend_epi16(m6, r2, r3);
+    return _mm512_mask_blend_epi16(m7, lo, hi);
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 widen_lo(__m512i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))); }
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 widen_hi(__m512i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))); }
+
+__attribute__((target("avx512f,avx512bw")))
+static void tiles_avx512(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
+                         const float *scales, float *y)
+{
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tt = tw + t * n_seg * TILE;
+        __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
+        for (int64_t g0 = 0; g0 < n_seg; g0 += GROUP) {
+            int64_t g1 = g0 + GROUP < n_seg ? g0 + GROUP : n_seg;
+            __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+            for (int64_t s = g0; s < g1; s++) {
+                const __m512i *ts = (const __m512i *)(tab + s * K);
+                __m512i tr[8];
+                for (int j = 0; j < 8; j++) tr[j] = _mm512_loadu_si512(ts + j);
+                const uint8_t *idx = tt + s * TILE;
+                a = _mm512_add_epi16(a, lookup32(tr, _mm256_loadu_si256((const __m256i *)idx)));
+                b = _mm512_add_epi16(b, lookup32(tr, _mm256_loadu_si256((const __m256i *)(idx + 32))));
+            }
+            __m512 sc = _mm512_set1_ps(scales[g0 / GROUP]);
+            f0 = _mm512_fmadd_ps(sc, widen_lo(a), f0);
+            f1 = _mm512_fmadd_ps(sc, widen_hi(a), f1);
+            f2 = _mm512_fmadd_ps(sc, widen_lo(b), f2);
+            f3 = _mm512_fmadd_ps(sc, widen_hi(b), f3);
+        }
+        float *yt = y + t * TILE;
+        _mm512_storeu_ps(yt, f0);
+        _mm512_storeu_ps(yt + 16, f1);
+        _mm512_storeu_ps(yt + 32, f2);
+        _mm512_storeu_ps(yt + 48, f3);
+    }
+}
+#endif
+
+static int use_avx512 = -1;
+
+/* 1 when the AVX-512 path runs, 0 for plain C. */
+int hhtld_lut_simd(void)
+{
+    if (use_avx512 < 0) {
+#ifdef HAVE_X86
+        __builtin_cpu_init();
+        use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+        use_avx512 = 0;
+#endif
+    }
+    return use_avx512;
+}
+
+/* Force the plain C path (simd = 0) or the detected one (simd = 1); returns the path in use. */
+int hhtld_lut_set_simd(int simd)
+{
+    use_avx512 = -1;
+    int have = hhtld_lut_simd();
+    use_avx512 = simd ? have : 0;
+    return use_avx512;
+}
+
+/* y[t*64 .. t1*64) for tiles [t0, t1): see the header. */
+void hhtld_lut_tiles(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
+                     const float *scales, float *y)
+{
+#ifdef HAVE_X86
+    if (hhtld_lut_simd()) {
+        tiles_avx512(tw, t0, t1, n_seg, tab, scales, y);
+        return;
+    }
+#endif
+    tiles_scalar(tw, t0, t1, n_seg, tab, scales, y);
+}
+
+static struct PyModuleDef lut_module = {PyModuleDef_HEAD_INIT, "_lut", "hhtld lookup-table kernels (loaded by ctypes)",
+                                        -1, NULL};
+
+PyMODINIT_FUNC PyInit__lut(void) { return PyModule_Create(&lut_module); }

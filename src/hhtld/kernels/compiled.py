@@ -1,0 +1,270 @@
+"""The compiled kernels (numba, plus the small C extension ``_lut`` for the
+table sums): ``y = x @ W.T`` from an hhtl-vq weight's stored parts, and the
+gather that decodes its rows in the rotated space.
+
+Importing this module imports numba; :mod:`.backend` decides whether it may.
+Every function takes plain numpy arrays (float32, the stored integer dtypes)
+and writes into arrays the caller owns. Compiled code is cached on disk by
+numba (``cache=True``) the first time each signature runs, except the one
+small loop that calls into the C extension (numba cannot cache a function
+that holds a foreign function's address; it compiles in well under a second).
+
+Twigs are in the **tiled layout** ``(tiles, segments, 64)``: row ``o`` is lane
+``o % 64`` of tile ``o // 64`` (rows past ``n`` are zero twigs), so that one
+segment of 64 rows is 64 consecutive bytes — what a vector register takes.
+
+Stage arrays (:class:`hhtld.kernels.vq.StageArrays`): ``palt`` (positions, max
+width, k) float32 — the palettes of the pattern's positions, transposed and
+zero-padded; ``offs`` / ``widths`` (positions,) int64 — where each position's
+segment starts in its period and how wide it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .native import lut_function
+
+_JIT = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+TILE = 64
+GROUP = 16  # segments that share one int16-table scale (the C extension's GROUP)
+TABLE_MAX = 2047  # int16 table entries are 12-bit: 16 of them sum in int16 without overflow
+K_INT16 = 256  # entries per segment of an int16 table (one-byte twigs)
+
+
+@njit(**_JIT)
+def rotate_rows(x, signs, block, out):
+    """out[:, :c] = (x * signs) @ blockdiag(H_block) for every row (orthonormal
+    Sylvester H, applied as a fast Walsh-Hadamard transform); out[:, c:] = 0.
+    Without signs (an empty array) out[:, :c] = x."""
+    t, c = x.shape
+    scale = np.float32(1.0 / np.sqrt(block))
+    rot = signs.shape[0] > 0
+    for r in range(t):
+        for i in range(c):
+            out[r, i] = x[r, i] * np.float32(signs[i]) if rot else x[r, i]
+        for i in range(c, out.shape[1]):
+            out[r, i] = np.float32(0.0)
+        if not rot:
+            continue
+        for b0 in range(0, c, block):
+            h = 1
+            while h < block:
+                for i in range(b0, b0 + block, 2 * h):
+                    for j in range(i, i + h):
+                        a = out[r, j]
+                        b = out[r, j + h]
+                        out[r, j] = a + b
+                        out[r, j + h] = a - b
+                h *= 2
+            for i in range(b0, b0 + block):
+                out[r, i] *= scale
+
+
+@njit(inline="always", **_JIT)
+def _segment_table(xrow, palt, offs, widths, period, s, out):
+    """out (k,) = dot products of segment ``s`` of the rotated row with every palette row."""
+    npos = offs.shape[0]
+    p = s // npos
+    j = s - p * npos
+    col = p * period + offs[j]
+    k = palt.shape[2]
+    for kk in range(k):
+        out[kk] = np.float32(0.0)
+    for i in range(widths[j]):
+        v = xrow[col + i]
+        pi = palt[j, i]
+        for kk in range(k):
+            out[kk] += v * pi[kk]
+
+
+@njit(**_JIT)
+def tables_f32(xr, palt, offs, widths, n_seg, tab):
+    """tab (t, n_seg, k) float32 = every segment of every rotated input row · every palette row."""
+    period = 0
+    for j in range(offs.shape[0]):
+        period += widths[j]
+    for r in range(xr.shape[0]):
+        for s in range(n_seg):
+            _segment_table(xr[r], palt, offs, widths, period, s, tab[r, s])
+
+
+@njit(parallel=True, **_JIT)
+def lookup_f32(twt, tab, n, y, accumulate):
+    """y (t, n) (+)= Σ_s tab[r, s, twig[o, s]] over the segments of one stage, float32
+    tables ``tab`` (t, n_seg, k), tiled twigs ``twt`` (tiles, n_seg, 64). Parallel over tiles."""
+    n_tiles, n_seg, _ = twt.shape
+    t = tab.shape[0]
+    for ti in prange(n_tiles):
+        o0 = ti * TILE
+        lanes = min(TILE, n - o0)
+        acc = np.zeros(TILE, dtype=np.float32)
+        for r in range(t):
+            tr = tab[r]
+            for i in range(TILE):
+                acc[i] = np.float32(0.0)
+            for s in range(n_seg):
+                idx = twt[ti, s]
+                trs = tr[s]
+                for i in range(TILE):
+                    acc[i] += trs[idx[i]]
+            for i in range(lanes):
+                if accumulate:
+                    y[r, o0 + i] += acc[i]
+                else:
+                    y[r, o0 + i] = acc[i]
+
+
+_lut_tiles = lut_function()
+if _lut_tiles is not None:
+    @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
+    def _matvec_i16(xrow, p0, o0, w0, t0, p1, o1, w1, t1, n_stages, gain, c, leaf, n,
+                    tab, scales, work, acc, part, chunks, y):
+        # tables of both stages (one parallel region over their groups of segments)
+        s0 = t0.shape[1]
+        s1 = t1.shape[1] if n_stages > 1 else 0
+        g0n = (s0 + GROUP - 1) // GROUP
+        g1n = (s1 + GROUP - 1) // GROUP
+        per0 = p0.shape[0]
+        per1 = p1.shape[0]
+        period0 = 0
+        for j in range(per0):
+            period0 += w0[j]
+        period1 = 0
+        for j in range(per1):
+            period1 += w1[j]
+        for g in prange(g0n + g1n):
+            if g < g0n:
+                _group_i16(xrow, p0, o0, w0, period0, g * GROUP, min(s0, g * GROUP + GROUP), tab, scales, g,
+                           work, 0)
+            else:
+                h = g - g0n
+                _group_i16(xrow, p1, o1, w1, period1, h * GROUP, min(s1, h * GROUP + GROUP), tab, scales, g,
+                           work, s0)
+        # the sums, and gain and leaf, tile range by tile range (one parallel region)
+        n_tiles = t0.shape[0]
+        per = (n_tiles + chunks - 1) // chunks
+        lanes = leaf.shape[1]
+        has_gain = gain.shape[0] > 0
+        for ch in prange(chunks):
+            a = ch * per
+            b = min(n_tiles, a + per)
+            if a < b:
+                _lut_tiles(t0.ctypes.data, a, b, s0, tab.ctypes.data, scales.ctypes.data, acc.ctypes.data)
+                if n_stages > 1:
+                    _lut_tiles(t1.ctypes.data, a, b, s1, tab[s0:].ctypes.data, scales[g0n:].ctypes.data,
+                               part.ctypes.data)
+                for o in range(a * TILE, min(n, b * TILE)):
+                    v = acc[o]
+                    if n_stages > 1:
+                        v += part[o]
+                    if has_gain:
+                        v *= gain[o]
+                    if lanes > 0:
+                        lf = np.float32(0.0)
+                        for la in range(lanes):
+                            lf += c[la] * np.float32(leaf[o, la])
+                        v += lf
+                    y[o] = v
+
+
+@njit(inline="always", fastmath=True, **_JIT)
+def _group_i16(xrow, palt, offs, widths, period, g0, g1, tab, scales, g, work, row0):
+    """One group of segments g0..g1 of a stage into int16 rows row0 + g0 .. of ``tab``
+    (scale ``scales[g]``); ``work`` (rows, k) float32 scratch at the same rows."""
+    k = palt.shape[2]
+    for s in range(g0, g1):
+        _segment_table(xrow, palt, offs, widths, period, s, work[row0 + s])
+    mag = np.zeros(k, dtype=np.float32)
+    for s in range(g0, g1):
+        w = work[row0 + s]
+        for kk in range(k):
+            a = abs(w[kk])
+            mag[kk] = a if a > mag[kk] else mag[kk]
+    m = np.float32(0.0)
+    for kk in range(k):
+        m = mag[kk] if mag[kk] > m else m
+    sc = m / np.float32(TABLE_MAX) if m > 0 else np.float32(1.0)
+    inv = np.float32(1.0) / sc
+    scales[g] = sc
+    for s in range(g0, g1):
+        w = work[row0 + s]
+        row = tab[row0 + s]
+        for kk in range(k):
+            row[kk] = np.int16(np.rint(w[kk] * inv))
+        for kk in range(k, K_INT16):
+            row[kk] = np.int16(0)
+
+
+def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, work, acc, part, chunks, y):
+    """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
+    (``st0`` / ``st1``: (palt, offs, widths, tiled twigs)) with int16 tables, times the gains,
+    plus the leaf (``c`` (lanes,) its coefficients for this row): the whole product in two
+    parallel regions. Scratch: ``tab`` (segments of both stages, 256) int16, ``scales``
+    (their groups,), ``work`` (segments, k) float32, ``acc`` / ``part`` (tiles × 64,)."""
+    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, work, acc, part, chunks, y)
+
+
+@njit(parallel=True, **_JIT)
+def finish(acc, gain, c, leaf, y):
+    """y (t, n) = acc (t, n) × gain[o] (when ``gain`` has rows) + Σ_l c[r, l] leaf[o, l]
+    (when ``leaf`` has lanes)."""
+    t, n = y.shape
+    lanes = leaf.shape[1]
+    has_gain = gain.shape[0] > 0
+    for o in prange(n):
+        for r in range(t):
+            v = acc[r, o]
+            if has_gain:
+                v *= gain[o]
+            if lanes > 0:
+                lf = np.float32(0.0)
+                for la in range(lanes):
+                    lf += c[r, la] * np.float32(leaf[o, la])
+                v += lf
+            y[r, o] = v
+
+
+@njit(**_JIT)
+def leaf_coefficients(x, basis, scale, c):
+    """c (t, lanes) = (x @ basis.T) * scale."""
+    t, d = x.shape
+    for r in range(t):
+        for la in range(basis.shape[0]):
+            s = np.float32(0.0)
+            for i in range(d):
+                s += x[r, i] * basis[la, i]
+            c[r, la] = s * scale
+
+
+@njit(parallel=True, **_JIT)
+def gather(twt, palt, offs, widths, start, out, accumulate):
+    """out (m, n_cols) (+)= the palette rows that the twigs of rows ``start .. start + m``
+    of one stage select (the unit-gain rows in the rotated space), columns past n_cols dropped."""
+    m, n_cols = out.shape
+    npos = offs.shape[0]
+    period = 0
+    for j in range(npos):
+        period += widths[j]
+    n_seg = twt.shape[1]
+    for q in prange(m):
+        o = start + q
+        ti = o // TILE
+        lane = o - ti * TILE
+        row = out[q]
+        if not accumulate:
+            for i in range(n_cols):
+                row[i] = np.float32(0.0)
+        for s in range(n_seg):
+            p = s // npos
+            j = s - p * npos
+            col = p * period + offs[j]
+            kk = twt[ti, s, lane]
+            for i in range(widths[j]):
+                if col + i < n_cols:
+                    row[col + i] += palt[j, i, kk]
+
+
+__all__ = ["GROUP", "K_INT16", "TABLE_MAX", "TILE", "finish", "gather", "leaf_coefficients", "lookup_f32",
+           "matvec_i16", "rotate_rows", "tables_f32"]

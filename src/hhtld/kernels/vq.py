@@ -1,0 +1,358 @@
+"""``y = x @ W.T`` for an hhtl-vq weight straight from its stored parts (docs/design.md §7).
+
+The weight is ``W = (gain ⊙ Q) H S + c B`` (rows: Σ over stages of the palette
+rows the twigs select, times the row gain, un-rotated, plus the leaf on the
+basis), so ``x @ W.T = ((x S H) @ Q.T) ⊙ gain + (x @ B.T · scale) @ leaf.T``
+and the weight is never materialised:
+
+* **lookup tables** (few input rows: token-by-token generation, small
+  batches): rotate each input row once, then per stage and segment the table
+  of its dot products with every palette row of the segment's pattern
+  position (k entries); an output is ``gain × Σ table[segment, twig]`` plus
+  the leaf term. Per output row the work is one twig byte and one table
+  read per segment — the pack's bytes, not the dense weight's. Tables are
+  ``int16`` by default (12-bit entries, one scale per 16 segments, summed 64
+  rows at a time by the C extension's vector path) or ``float32``
+  (``tables="float32"``: the product with the decoded weight up to float32
+  rounding).
+* **decode then GEMM** (many input rows: prompts, batched embedding): the
+  rotated unit-gain rows ``Q`` are gathered block by block of output rows (at
+  most :data:`GEMM_BLOCK_BYTES` at a time, never the whole weight) and
+  multiplied by BLAS: float32 throughout.
+
+:func:`rows_for_tables` is the crossover between the two, measured
+(``bench/generate.py``). Twigs are kept in the tiled layout of
+:mod:`.compiled` (:func:`tile_twigs`; :class:`TiledTwig` reads rows back).
+
+Shapes: ``x`` (t, n_cols) float32 → (t, n_rows) float32.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..codecs.vq.quantiser import Layout, parse_stages, rotate
+from .backend import backend, compiled_kernels, int16_tables, threads
+
+TILE = 64
+MAX_TABLE_ROWS = 8  # at most this many input rows go through tables; more are decoded and multiplied
+GEMM_BLOCK_BYTES = 8 << 20  # decoded rows held at once by the decode-then-GEMM path
+TABLES = ("int16", "float32")
+
+
+def rows_for_tables(t: int) -> bool:
+    """Whether ``t`` input rows go through lookup tables (else decode then GEMM).
+
+    Tables cost t × (the twig reads of the whole weight); decoding costs one
+    write of the weight plus a GEMM that BLAS runs far faster per
+    multiply-add than table reads, so tables win for a few rows only
+    (measured crossover: bench/generate.py ``--kernels``)."""
+    return t <= MAX_TABLE_ROWS
+
+
+# --- the tiled twig layout ----------------------------------------------------------------
+def tile_twigs(tw: np.ndarray) -> np.ndarray:
+    """(n, n_seg) twigs → (ceil(n / 64), n_seg, 64): row o is lane o % 64 of tile o // 64
+    (rows past n are zero)."""
+    tw = np.asarray(tw)
+    n, s = tw.shape
+    n_tiles = max(1, -(-n // TILE))
+    out = np.zeros((n_tiles, s, TILE), dtype=tw.dtype)
+    full = n // TILE
+    if full:
+        out[:full] = tw[:full * TILE].reshape(full, TILE, s).transpose(0, 2, 1)
+    if n % TILE:
+        out[full, :, :n % TILE] = tw[full * TILE:].T
+    return out
+
+
+class TiledTwig:
+    """Row access to tiled twigs as if they were the stored (n, n_seg) array:
+    ``tw[sel]`` (a slice or integer indices) and ``np.asarray(tw)`` give rows."""
+
+    def __init__(self, tiled: np.ndarray, n_rows: int):
+        self.tiled = tiled
+        self.shape = (int(n_rows), int(tiled.shape[1]))
+        self.dtype = tiled.dtype
+        self.ndim = 2
+
+    def _rows(self) -> np.ndarray:
+        return self.tiled.transpose(0, 2, 1).reshape(-1, self.shape[1])[:self.shape[0]]
+
+    def __getitem__(self, sel) -> np.ndarray:
+        if isinstance(sel, slice) and sel == slice(None):
+            return np.ascontiguousarray(self._rows())
+        idx = np.arange(self.shape[0])[sel] if isinstance(sel, slice) else np.asarray(sel, dtype=np.int64)
+        if idx.size and (idx.min() < -self.shape[0] or idx.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        return self.tiled[idx // TILE, :, idx % TILE]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+# --- prepared weights ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageArrays:
+    """One residual stage ready for the kernels: ``palt`` (positions, max width, k)
+    float32 (palettes transposed, zero-padded), ``offs`` / ``widths`` (positions,)
+    int64, ``twt`` tiled twigs (tiles, segments, 64) uint8/uint16."""
+
+    palt: np.ndarray
+    offs: np.ndarray
+    widths: np.ndarray
+    twt: np.ndarray
+
+    @property
+    def n_seg(self) -> int:
+        return int(self.twt.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.palt.shape[2])
+
+    @property
+    def n_pad(self) -> int:
+        """Columns of the zero-padded row the stage's segments cover."""
+        npos = self.offs.shape[0]
+        return (self.n_seg // npos) * int(self.widths.sum())
+
+
+def stage_palettes(params: Mapping, group: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per stage ``(palt, offs, widths)`` from a group's stored palettes (bf16 → float32);
+    shared by every weight of the group."""
+    out = []
+    n_cols = int(params["n_cols"])
+    for si, st in enumerate(parse_stages(params["stages"])):
+        pals = [np.asarray(group[f"palette.{si}.{j}"], dtype=np.float32) for j in range(len(st.widths))]
+        k = max(1, max(p.shape[0] for p in pals))
+        palt = np.zeros((len(pals), max(st.widths), k), dtype=np.float32)
+        for j, p in enumerate(pals):
+            palt[j, :p.shape[1], :p.shape[0]] = p.T
+        offs = np.asarray(Layout(st, n_cols).offsets(), dtype=np.int64)
+        out.append((palt, offs, np.asarray(st.widths, dtype=np.int64)))
+    return out
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers (tables, rotated inputs, sums): a token's
+    products allocate nothing large."""
+
+    def __init__(self):
+        self.bufs: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, shape, dtype=np.float32) -> np.ndarray:
+        n = math.prod(shape)
+        key = (name, np.dtype(dtype).str)
+        b = self.bufs.get(key)
+        if b is None or b.shape[0] < n:
+            b = np.empty(max(n, 1), dtype=dtype)
+            self.bufs[key] = b
+        return b[:n].reshape(shape)
+
+
+_scratch = _Scratch()
+_EMPTY_F32 = np.zeros(0, dtype=np.float32)
+_EMPTY_I8 = np.zeros(0, dtype=np.int8)
+_EMPTY_F32_2D = np.zeros((0, 0), dtype=np.float32)
+_EMPTY_I8_2D = np.zeros((1, 0), dtype=np.int8)
+
+
+class VqKernel:
+    """One hhtl-vq weight ``(n_rows, n_cols)`` prepared for :meth:`matmul_t`.
+
+    ``stages``: :class:`StageArrays` per residual stage; ``gain`` (n,) float32 or
+    None; ``signs`` (n_cols,) int8 and ``block`` (the rotation) or None; ``leaf``
+    (n, lanes) int8, ``basis`` (lanes, n_cols) float32 and ``leaf_scale`` or None.
+    Holds the tiled twigs (no other copy of them); the gains and the leaf basis
+    as float32."""
+
+    def __init__(self, n_rows: int, n_cols: int, stages: list[StageArrays], gain: np.ndarray | None,
+                 signs: np.ndarray | None, block: int, leaf: np.ndarray | None, basis: np.ndarray | None,
+                 leaf_scale: float):
+        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
+        self.stages = stages
+        self.gain = _EMPTY_F32 if gain is None else np.ascontiguousarray(gain, dtype=np.float32)
+        self.signs = _EMPTY_I8 if signs is None else np.ascontiguousarray(signs, dtype=np.int8)
+        self.block = int(block)
+        self.leaf = _EMPTY_I8_2D if leaf is None else np.ascontiguousarray(leaf)
+        self.basis = None if basis is None else np.ascontiguousarray(basis, dtype=np.float32)
+        self.leaf_scale = np.float32(leaf_scale)
+        self.n_pad = max([self.n_cols] + [s.n_pad for s in stages])
+        self.n_tiles = stages[0].twt.shape[0] if stages else max(1, -(-self.n_rows // TILE))
+        # int16 tables: stages taken two at a time (one-byte twigs only)
+        self._pairs = None
+        if stages and all(s.twt.dtype == np.uint8 for s in stages):
+            self._pairs = []
+            for i in range(0, len(stages), 2):
+                p = stages[i:i + 2]
+                st = [(s.palt, s.offs, s.widths, s.twt) for s in p]
+                self._pairs.append((st[0], st[-1], len(p), sum(s.n_seg for s in p)))
+            self._pair_segments = (max(p[3] for p in self._pairs), max(s.k for s in stages))
+
+    @property
+    def has_leaf(self) -> bool:
+        return self.basis is not None
+
+    # --- the product ------------------------------------------------------------------
+    def matmul_t(self, x: np.ndarray, tables: str = "int16") -> np.ndarray:
+        """``x @ W.T``: x (t, n_cols) float32 → (t, n_rows) float32. ``tables``:
+        ``int16`` or ``float32`` (see the module); many rows are decoded and multiplied."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_cols:
+            raise ValueError(f"x must be (t, {self.n_cols}), got {x.shape}")
+        t = x.shape[0]
+        y = np.empty((t, self.n_rows), dtype=np.float32)
+        if t == 0:
+            return y
+        if backend() != "numba":
+            return self._gemm(x, y, compiled=False)
+        if not rows_for_tables(t):
+            return self._gemm(x, y, compiled=True)
+        return self._tables(x, y, tables == "int16" and int16_tables())
+
+    def _rotated(self, x: np.ndarray) -> np.ndarray:
+        xr = _scratch.get("xr", (x.shape[0], self.n_pad))
+        compiled_kernels().rotate_rows(x, self.signs, self.block, xr)
+        return xr
+
+    def _leaf_c(self, x: np.ndarray, compiled: bool) -> np.ndarray:
+        if not self.has_leaf:
+            return _EMPTY_F32_2D
+        if compiled:
+            c = _scratch.get("leafc", (x.shape[0], self.basis.shape[0]))
+            compiled_kernels().leaf_coefficients(x, self.basis, self.leaf_scale, c)
+            return c
+        return (x @ self.basis.T) * self.leaf_scale
+
+    def _tables(self, x: np.ndarray, y: np.ndarray, int16: bool) -> np.ndarray:
+        ck = compiled_kernels()
+        t = x.shape[0]
+        xr = self._rotated(x)
+        c = self._leaf_c(x, True)
+        if int16 and self._pairs is not None:
+            # one-byte twigs: the vector sums, one or two stages per call
+            pairs = self._pairs
+            one = len(pairs) == 1
+            seg, kmax = self._pair_segments
+            n_pad = self.n_tiles * TILE
+            tab = _scratch.get("tab16", (seg, 256), np.int16)
+            scales = _scratch.get("scales", (seg // 16 + 2,))
+            work = _scratch.get("work", (seg, kmax))
+            acc = _scratch.get("acc", (n_pad,))
+            part = _scratch.get("part", (n_pad,))
+            chunks = min(self.n_tiles, 4 * threads())
+            out = y if one else _scratch.get("pairs", (len(pairs), t, self.n_rows))
+            gain = self.gain if one else _EMPTY_F32
+            leaf = self.leaf if one else _EMPTY_I8_2D
+            for pi, (st0, st1, n_st, n_seg) in enumerate(pairs):
+                for r in range(t):
+                    ck.matvec_i16(xr[r], st0, st1, n_st, gain, c[r] if one and self.has_leaf else _EMPTY_F32, leaf,
+                                  self.n_rows, tab, scales, work[:n_seg], acc, part, chunks,
+                                  out[r] if one else out[pi, r])
+            if not one:
+                ck.finish(out.sum(axis=0), self.gain, c, self.leaf, y)
+            return y
+        acc = _scratch.get("acc", (t, self.n_tiles * TILE))
+        for i, s in enumerate(self.stages):
+            tab = _scratch.get("tab32", (t, s.n_seg, s.k))
+            ck.tables_f32(xr, s.palt, s.offs, s.widths, s.n_seg, tab)
+            ck.lookup_f32(s.twt, tab, self.n_tiles * TILE, acc, i > 0)
+        ck.finish(acc[:, :self.n_rows], self.gain, c, self.leaf, y)
+        return y
+
+    # --- decode then GEMM -------------------------------------------------------------
+    def decode_rotated(self, start: int = 0, stop: int | None = None, compiled: bool | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``Q`` (the unit-gain rows in the rotated space), float32."""
+        stop = self.n_rows if stop is None else stop
+        if compiled is None:
+            compiled = backend() == "numba"
+        q = np.empty((stop - start, self.n_cols), dtype=np.float32)
+        if compiled:
+            ck = compiled_kernels()
+            for i, s in enumerate(self.stages):
+                ck.gather(s.twt, s.palt, s.offs, s.widths, start, q, i > 0)
+            return q
+        q[:] = 0.0
+        for s in self.stages:
+            q += _gather_numpy(s, start, stop, self.n_cols)
+        return q
+
+    def _gemm(self, x: np.ndarray, y: np.ndarray, compiled: bool) -> np.ndarray:
+        if compiled:
+            xr = self._rotated(x)[:, :self.n_cols]
+        else:
+            xr = rotate(x, self.signs, block=self.block) if self.signs.shape[0] else x
+        c = self._leaf_c(x, compiled)
+        step = max(1, GEMM_BLOCK_BYTES // (4 * self.n_cols))
+        for o0 in range(0, self.n_rows, step):
+            o1 = min(self.n_rows, o0 + step)
+            q = self.decode_rotated(o0, o1, compiled)
+            yb = y[:, o0:o1]
+            np.matmul(xr, q.T, out=yb)
+            if self.gain.shape[0]:
+                yb *= self.gain[o0:o1]
+            if self.has_leaf:
+                yb += c @ self.leaf[o0:o1].astype(np.float32).T
+        return y
+
+
+def _gather_numpy(s: StageArrays, start: int, stop: int, n_cols: int) -> np.ndarray:
+    tw = TiledTwig(s.twt, stop)[start:stop].astype(np.int64)
+    m = tw.shape[0]
+    npos = s.offs.shape[0]
+    period = int(s.widths.sum())
+    n_periods = tw.shape[1] // npos
+    q = np.zeros((m, n_periods * period), dtype=np.float32)
+    q3 = q.reshape(m, n_periods, period)
+    for j in range(npos):
+        w = int(s.widths[j])
+        off = int(s.offs[j])
+        q3[:, :, off:off + w] = s.palt[j, :w].T[tw[:, j::npos]]
+    return q[:, :n_cols]
+
+
+def vq_kernel(params: Mapping, group: Mapping[str, np.ndarray], tensor: Mapping[str, np.ndarray],
+              palettes: list | None = None) -> VqKernel:
+    """A :class:`VqKernel` from an hhtl-vq group's params and parts and one tensor's
+    parts (numpy arrays, or :class:`TiledTwig` twigs, whose tiles are used as they
+    are; plain twigs are tiled, a copy). ``palettes``: the group's
+    :func:`stage_palettes`, when already made for another tensor of the group."""
+    from ..codecs.vq.codec import rotation_block
+
+    if palettes is None:
+        palettes = stage_palettes(params, group)
+    n_cols = int(params["n_cols"])
+    stages = []
+    n_rows = None
+    for si, (palt, offs, widths) in enumerate(palettes):
+        tw = tensor[f"twig.{si}"]
+        if isinstance(tw, TiledTwig):
+            twt = tw.tiled
+        else:
+            twt = tile_twigs(tw)
+        n_rows = tw.shape[0]
+        stages.append(StageArrays(palt, offs, widths, np.ascontiguousarray(twt)))
+    if n_rows is None:
+        n_rows = int(np.asarray(tensor["gain"]).shape[0])
+    gain = np.asarray(tensor["gain"], dtype=np.float32) if "gain" in tensor else None
+    signs = np.asarray(group["rotation"]) if "rotation" in group else None
+    has_leaf = "leaf" in tensor
+    return VqKernel(n_rows, n_cols, stages, gain, signs, rotation_block(params) if signs is not None else n_cols,
+                    np.asarray(tensor["leaf"]) if has_leaf else None,
+                    np.asarray(group["basis"], dtype=np.float32) if has_leaf else None,
+                    float(np.asarray(tensor["leaf_scale"])[0]) if has_leaf else 0.0)
+
+
+__all__ = ["GEMM_BLOCK_BYTES", "MAX_TABLE_ROWS", "TABLES", "TILE", "StageArrays", "TiledTwig", "VqKernel",
+           "rows_for_tables", "stage_palettes", "tile_twigs", "vq_kernel"]
