@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: demo demo-llm test install clean bench bench-causal llm fuzz
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/hhtld/kernels/_lut.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a local file here), so transformers does not pull a CUDA build

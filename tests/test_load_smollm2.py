@@ -90,7 +90,7 @@ def test_tied_embedding_stays_one_tensor(packs, dense):
 
 def test_keep_compressed_continues_a_prompt_as_the_dense_load(packs, dense, tok):
     pack, _ = packs
-    comp = hhtld.load(pack, keep_compressed=True)
+    comp = hhtld.load(pack, keep_compressed=True, tables="float32")
     batch = tok(PROMPTS[0], return_tensors="pt")
     diff = (logits(comp, batch) - logits(dense, batch)).abs().max().item()
     assert 0 < diff <= TOL_CODEC_SPACE, diff  # measured 6.7e-05: float32 rounding of the codec-space product
@@ -110,3 +110,51 @@ def test_keep_compressed_continues_a_prompt_as_the_dense_load(packs, dense, tok)
     bd = Pack(pack).byte_breakdown()
     assert mem["total"] <= 1.2 * (bd["file_bytes"] - bd["total"]["aux_files"])
     assert mem["total"] < hhtld.weight_memory(dense)["total"] / 7
+
+
+EXACT_PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):",
+                 "User: What is a prime number?\nAssistant:", "The three primary colours are"]
+EXACT_TOKENS = 64
+# int16 tables (12-bit entries) against the decoded pack, per token over two held-out passages run through the
+# tables: measured 4.8e-5 on this pack (bench/generate.py measures the default pack); the issue's budget is 1e-3
+KL_INT16 = 1e-3
+
+
+def test_float_tables_generate_the_decoded_packs_tokens(packs, dense, tok):
+    """64 greedy tokens on 5 prompts (one left-padded batch, 5 rows a step: the tables path) with float32
+    tables equal the decoded pack's, and every step's logits agree within TOL_CODEC_SPACE."""
+    comp = hhtld.load(packs[0], keep_compressed=True, tables="float32")
+    tok.padding_side = "left"
+    batch = tok(EXACT_PROMPTS, return_tensors="pt", padding=True)
+
+    def run(m):
+        with torch.no_grad():
+            return m.generate(**batch, max_new_tokens=EXACT_TOKENS, min_new_tokens=EXACT_TOKENS, do_sample=False,
+                              pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+
+    ref, got = run(dense), run(comp)
+    assert torch.equal(got.sequences, ref.sequences)
+    worst = max((a - b).abs().max().item() for a, b in zip(got.logits, ref.logits))
+    assert worst <= TOL_CODEC_SPACE, worst
+
+
+def test_int16_tables_stay_within_their_kl_budget(packs, dense, tok):
+    from hhtld.gates.texts import rendered
+    from hhtld.kernels import vq
+
+    comp = hhtld.load(packs[0], keep_compressed=True)  # int16 tables, the default
+    texts = [t for k, t in rendered("heldout", tok) if k in ("prose", "code")][::64][:2]
+    saved = vq.MAX_TABLE_ROWS
+    vq.MAX_TABLE_ROWS = 1 << 30  # every row through the tables, as token-by-token generation runs them
+    try:
+        kls = []
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"][:, :96]
+            with torch.no_grad():
+                p = torch.log_softmax(dense(input_ids=ids).logits[0].double(), -1)
+                q = torch.log_softmax(comp(input_ids=ids).logits[0].double(), -1)
+            kls.append((p.exp() * (p - q)).sum(-1))
+    finally:
+        vq.MAX_TABLE_ROWS = saved
+    kl = torch.cat(kls).mean().item()
+    assert 0 < kl <= KL_INT16, kl

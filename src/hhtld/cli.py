@@ -246,8 +246,10 @@ def _load_options(args) -> dict:
         raise OptionsError(f"--cache-layers must be >= 0, got {args.cache_layers}")
     if args.cache_layers and not args.keep_compressed:
         raise OptionsError("--cache-layers applies to --keep-compressed")
+    if args.tables != "int16" and not args.keep_compressed:
+        raise OptionsError("--tables applies to --keep-compressed")
     return {"config": args.config, "dtype": None if args.dtype == "auto" else args.dtype,
-            "keep_compressed": args.keep_compressed, "cache_layers": args.cache_layers}
+            "keep_compressed": args.keep_compressed, "cache_layers": args.cache_layers, "tables": args.tables}
 
 
 def cmd_embed(args) -> int:
@@ -283,15 +285,25 @@ def cmd_embed(args) -> int:
 def cmd_generate(args) -> int:
     from .loader import generate
 
-    g = generate(args.pack, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **_load_options(args))
+    live = not args.json
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    g = generate(args.pack, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                 stream=show if live else None, **_load_options(args))
     if args.json:
         _emit_json({"pack": str(args.pack), "prompt": g.prompt, "chat": g.chat, "text": g.text, "tokens": g.tokens,
                     "prompt_tokens": g.prompt_tokens, "new_tokens": len(g.tokens), "seconds": g.seconds,
-                    "tokens_per_second": g.tokens_per_second}, args.json)
+                    "tokens_per_second": g.tokens_per_second, "peak_memory_bytes": g.peak_memory,
+                    "memory_before_load_bytes": g.base_memory,
+                    "keep_compressed": args.keep_compressed, "tables": args.tables}, args.json)
         if args.json not in (True, "-"):
             print(f"wrote {args.json}")
+        print(g.summary(), file=sys.stderr)
         return 0
-    print(g.text)
+    print()
+    print(g.summary(), file=sys.stderr)
     return 0
 
 
@@ -312,6 +324,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="keep encoded Linear/Embedding weights compressed in memory, decoded on use")
     g.add_argument("--cache-layers", type=int, default=0, metavar="N",
                    help="with --keep-compressed: keep the N most recently decoded weights (default 0)")
+    g.add_argument("--tables", default="int16", choices=["int16", "float32"],
+                   help="with --keep-compressed: the kernels' lookup tables, int16 (12-bit entries, the fast "
+                        "vector sums) or float32 (the decoded product up to float32 rounding); default int16")
 
 
 def _rules_only(args):

@@ -143,6 +143,16 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
+def resident_bytes() -> int:
+    """The process's resident memory now (``VmRSS``; 0 where it cannot be read)."""
+    return _status_bytes("VmRSS")
+
+
+def peak_resident_bytes() -> int:
+    """The process's peak resident memory so far (``VmHWM``; 0 where it cannot be read)."""
+    return _status_bytes("VmHWM")
+
+
 def _rlimit(which: str) -> int | None:
     """The soft resource limit ``which`` (e.g. ``"RLIMIT_AS"``) in bytes; None when unlimited or unknown."""
     try:

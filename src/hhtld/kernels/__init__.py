@@ -6,9 +6,10 @@ backend runs them (numba, or numpy when numba is unavailable) and
 :func:`int16_tables` whether the C extension's table sums can run.
 """
 
-from .backend import BACKENDS, ENV, backend, int16_tables, sync_threads
+from .runtime import BACKENDS, ENV, backend, int16_tables, sync_threads, warm_up
 from .vq import (MAX_TABLE_ROWS, TABLES, StageArrays, TiledTwig, VqKernel, rows_for_tables, stage_palettes,
                  tile_twigs, vq_kernel)
 
 __all__ = ["BACKENDS", "ENV", "MAX_TABLE_ROWS", "TABLES", "StageArrays", "TiledTwig", "VqKernel", "backend",
-           "int16_tables", "rows_for_tables", "stage_palettes", "sync_threads", "tile_twigs", "vq_kernel"]
+           "int16_tables", "rows_for_tables", "stage_palettes", "sync_threads", "tile_twigs", "vq_kernel",
+           "warm_up"]

@@ -2,7 +2,7 @@
 table sums): ``y = x @ W.T`` from an hhtl-vq weight's stored parts, and the
 gather that decodes its rows in the rotated space.
 
-Importing this module imports numba; :mod:`.backend` decides whether it may.
+Importing this module imports numba; :mod:`.runtime` decides whether it may.
 Every function takes plain numpy arrays (float32, the stored integer dtypes)
 and writes into arrays the caller owns. Compiled code is cached on disk by
 numba (``cache=True``) the first time each signature runs, except the one

@@ -37,7 +37,7 @@ from typing import Mapping
 import numpy as np
 
 from ..codecs.vq.quantiser import Layout, parse_stages, rotate
-from .backend import backend, compiled_kernels, int16_tables, threads
+from .runtime import backend, compiled_kernels, int16_tables, threads
 
 TILE = 64
 MAX_TABLE_ROWS = 8  # at most this many input rows go through tables; more are decoded and multiplied

@@ -29,10 +29,10 @@ def _transformer_base():
 
 
 def load_sentence_transformer(pack: str | os.PathLike | Pack, *, config=None, dtype=None, device=None,
-                              keep_compressed: bool = False, cache_layers: int = 0, **kwargs):
+                              keep_compressed: bool = False, cache_layers: int = 0, tables: str = "int16", **kwargs):
     """A ``sentence_transformers.SentenceTransformer`` whose transformer is
     :func:`hhtld.load` of ``pack`` (``config``, ``dtype``, ``keep_compressed``,
-    ``cache_layers`` as there); the other modules (pooling, normalisation)
+    ``cache_layers``, ``tables`` as there); the other modules (pooling, normalisation)
     come from the pack's carried files. ``device`` and ``kwargs`` go to
     ``SentenceTransformer``. ``model.encode(texts)`` then works as usual.
 
@@ -59,7 +59,7 @@ def load_sentence_transformer(pack: str | os.PathLike | Pack, *, config=None, dt
         raise LoadError(f"{p.path}: the carried modules.json is not a list of sentence-transformers modules")
     base = _transformer_base()
     net = load(p, config=config, family="embedding", dtype=dtype, keep_compressed=keep_compressed,
-               cache_layers=cache_layers)
+               cache_layers=cache_layers, tables=tables)
 
     class PackTransformer(base):
         """sentence-transformers' Transformer module with the model built from the pack."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ArchitectureError, LoadError
+from ..memory import peak_resident_bytes, resident_bytes
 from ..pack.reader import Pack
 from .deps import require
 from .model import _first_line, family_of, load, load_tokenizer
@@ -35,7 +36,7 @@ def embedding_pooling(pack: str | os.PathLike | Pack) -> str:
 
 
 def embed(pack: str | os.PathLike | Pack, texts: list[str], *, batch_size: int = 32, config=None, dtype=None,
-          keep_compressed: bool = False, cache_layers: int = 0) -> np.ndarray:
+          keep_compressed: bool = False, cache_layers: int = 0, tables: str = "int16") -> np.ndarray:
     """Sentence embeddings float32 ``(len(texts), dim)`` of an embedding-model pack.
 
     With the pack's sentence-transformers files: exactly what its
@@ -52,12 +53,12 @@ def embed(pack: str | os.PathLike | Pack, texts: list[str], *, batch_size: int =
         from .sentence import load_sentence_transformer
 
         st = load_sentence_transformer(p, config=config, dtype=dtype, keep_compressed=keep_compressed,
-                                       cache_layers=cache_layers, device="cpu")
+                                       cache_layers=cache_layers, tables=tables, device="cpu")
         with torch.no_grad():
             out = st.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
     model = load(p, config=config, family="embedding", dtype=dtype, keep_compressed=keep_compressed,
-                 cache_layers=cache_layers)
+                 cache_layers=cache_layers, tables=tables)
     tok = load_tokenizer(p)
     chunks = []
     with torch.no_grad():
@@ -83,16 +84,33 @@ class Generation:
     prompt_tokens: int = 0
     chat: bool = False
     seconds: float = 0.0
+    base_memory: int = 0  # resident bytes before the model was loaded (after the imports)
+    peak_memory: int = 0  # the process's peak resident bytes at the end
 
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds > 0 else float("inf")
 
+    def summary(self) -> str:
+        """One line: tokens, time, tok/s and peak memory (what ``hhtld generate`` prints on stderr)."""
+        from ..memory import format_bytes
+
+        mem = ""
+        if self.peak_memory:
+            mem = (f"; peak memory {format_bytes(self.peak_memory)} "
+                   f"({format_bytes(max(0, self.peak_memory - self.base_memory))} above the process before loading)")
+        return f"{len(self.tokens)} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s){mem}"
+
 
 def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int = 32, chat: bool = False,
-             config=None, dtype=None, keep_compressed: bool = False, cache_layers: int = 0) -> Generation:
+             config=None, dtype=None, keep_compressed: bool = False, cache_layers: int = 0, tables: str = "int16",
+             stream=None) -> Generation:
     """Greedy continuation of ``prompt`` by a causal-LM pack (up to
     ``max_new_tokens`` tokens; stops early at an end-of-sequence token).
+
+    ``stream``: a callable that gets each new piece of text as it is
+    generated (``print`` with ``end=""`` and ``flush=True`` shows it live).
+    ``keep_compressed`` / ``cache_layers`` / ``tables``: as :func:`hhtld.load`.
 
     ``chat=True`` wraps the prompt as one user message in the tokenizer's chat
     template (with the generation prompt); a tokenizer without one is a
@@ -114,8 +132,13 @@ def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int
     enc.pop("token_type_ids", None)
     if enc["input_ids"].shape[1] == 0:
         raise LoadError("the prompt is empty after tokenisation; give some text")
+    if keep_compressed:
+        from ..kernels import warm_up
+
+        warm_up()  # the kernels' own code in memory before the baseline is read
+    base = resident_bytes()
     model = load(p, config=config, family="causal", dtype=dtype, keep_compressed=keep_compressed,
-                 cache_layers=cache_layers)
+                 cache_layers=cache_layers, tables=tables)
     gc = copy.deepcopy(model.generation_config)
     gc.do_sample = False
     gc.temperature = gc.top_p = gc.top_k = None
@@ -124,13 +147,44 @@ def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int
     gc.max_length = None
     if gc.pad_token_id is None:
         gc.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    streamer = None if stream is None else _Streamer(tok, stream)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            out = model.generate(**enc, generation_config=gc)
+            out = model.generate(**enc, generation_config=gc, streamer=streamer)
     except Exception as e:
         raise LoadError(f"{p.path}: generation failed ({type(e).__name__}: {_first_line(e)})") from None
     seconds = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     return Generation(prompt, tok.decode(new, skip_special_tokens=True), new, int(enc["input_ids"].shape[1]),
-                      chat, seconds)
+                      chat, seconds, base, peak_resident_bytes())
+
+
+class _Streamer:
+    """transformers' streamer protocol (``put`` token ids, ``end``): decodes the new
+    tokens so far and hands ``emit`` the text not yet given (the prompt skipped)."""
+
+    def __init__(self, tok, emit):
+        self.tok = tok
+        self.emit = emit
+        self.ids: list[int] = []
+        self.said = 0
+        self.prompt = True
+
+    def put(self, value) -> None:
+        if self.prompt:  # the first call carries the prompt
+            self.prompt = False
+            return
+        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        if len(text) > self.said:
+            self.emit(text[self.said:])
+            self.said = len(text)
+
+    def end(self) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.said:
+            self.emit(text[self.said:])
+            self.said = len(text)

@@ -108,6 +108,26 @@ def threads() -> int:
     return int(numba.get_num_threads())
 
 
+def warm_up() -> None:
+    """Import the compiled kernels and run each once on a tiny weight, so that numba's
+    compilation (or its cache load) happens now, not in the first product."""
+    if _chosen.get("warm") or backend() != "numba":
+        return
+    import numpy as np  # noqa: PLC0415
+
+    from .vq import StageArrays, VqKernel, tile_twigs  # noqa: PLC0415
+
+    palt = np.zeros((1, 2, 4), dtype=np.float32)
+    st = StageArrays(palt, np.zeros(1, dtype=np.int64), np.full(1, 2, dtype=np.int64),
+                     tile_twigs(np.zeros((3, 2), dtype=np.uint8)))
+    k = VqKernel(3, 4, [st, st], np.ones(3, dtype=np.float32), np.ones(4, dtype=np.int8), 4, None, None, 0.0)
+    x = np.ones((1, 4), dtype=np.float32)
+    for tables in ("int16", "float32"):
+        k.matmul_t(x, tables)
+    k.matmul_t(np.ones((9, 4), dtype=np.float32))
+    _chosen["warm"] = True
+
+
 def sync_threads(n: int) -> None:
     """Let the compiled kernels use ``n`` threads (at most numba's pool; e.g. torch's
     ``get_num_threads()``, so both libraries use the same cores). No-op on numpy."""
@@ -120,4 +140,4 @@ def sync_threads(n: int) -> None:
         numba.set_num_threads(n)
 
 
-__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "int16_tables", "reset", "sync_threads", "threads"]
+__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "int16_tables", "reset", "sync_threads", "threads", "warm_up"]
