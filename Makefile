@@ -7,7 +7,7 @@ OUT     := demo-out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-llm test install clean bench bench-causal llm fuzz
+.PHONY: demo demo-llm test install clean bench bench-causal bench-generate llama-cpp llm fuzz
 
 $(STAMP): pyproject.toml setup.py src/hhtld/kernels/_lut.c
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,15 @@ fuzz: $(STAMP)
 # SmolLM2-135M rate-KL baselines (RTN, gguf, GPTQ): about half an hour on 2 cores; --quick for a smoke run
 bench-causal: $(STAMP) llm
 	$(BIN)/python bench/causal.py
+
+# Optional benchmark extra: llama.cpp's llama-bench and llama-quantize built from the llama-cpp-python sdist
+# (CMake, a few minutes on 2 cores) into .cache/llama.cpp, and SmolLM2 as GGUF Q4_0 / Q4_K_M / Q8_0
+llama-cpp: $(STAMP) llm
+	$(BIN)/python scripts/llama_cpp.py --cache $(LLM_CACHE)
+
+# Running a pack: dense torch vs keep_compressed vs llama.cpp (when built) on SmolLM2; encodes the default pack first
+bench-generate: $(STAMP) llm
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -6,6 +6,7 @@ exactly those of the decode-to-disk route, kept compressed or not."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import warnings
@@ -493,13 +494,25 @@ def test_side_files_go_to_a_private_folder_that_is_removed(built):
 def test_cli_generate(built, capsys, tmp_path):
     _, pack, _ = built["llama"]
     g = hhtld.generate(pack, "the module defines", max_new_tokens=5)
+    pieces = []
+    assert hhtld.generate(pack, "the module defines", max_new_tokens=5, stream=pieces.append).tokens == g.tokens
+    assert len(pieces) >= 1 and "".join(pieces) == g.text  # the text as it came, piece by piece
+    assert g.peak_memory >= g.base_memory > 0
     assert main(["generate", str(pack), "the module defines", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out == g.text + "\n"
+    cap = capsys.readouterr()
+    assert cap.out == g.text + "\n"
+    assert re.fullmatch(r"5 tokens in \d+\.\d\d s \(\d+\.\d tok/s\); peak memory \d+\.\d [KMG]iB "
+                        r"\(\d+\.\d [KMG]iB above the process before loading\)\n", cap.err), cap.err
     assert main(["generate", str(pack), "the module defines", "--max-new-tokens", "5", "--json",
                  "--keep-compressed", "--cache-layers", "2"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
     assert data["tokens"] == g.tokens and data["new_tokens"] == len(g.tokens) and data["text"] == g.text
     assert data["chat"] is False and data["prompt_tokens"] == g.prompt_tokens
+    assert data["peak_memory_bytes"] >= data["memory_before_load_bytes"] > 0 and data["tables"] == "int16"
+    assert cap.err.startswith("5 tokens in ")
+    assert main(["generate", str(pack), "hi", "--tables", "float32"]) == 1
+    assert capsys.readouterr().err == "hhtld: error: --tables applies to --keep-compressed\n"
     assert main(["generate", str(pack), "hi", "--chat"]) == 1
     assert capsys.readouterr().err == (f"hhtld: error: {pack}: the carried tokenizer has no chat template; "
                                        f"drop --chat (chat=True)\n")

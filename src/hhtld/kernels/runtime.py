@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from functools import lru_cache
 
 ENV = "HHTLD_KERNELS"  # "numba" (default) or "numpy"
@@ -128,16 +129,19 @@ def warm_up() -> None:
     _chosen["warm"] = True
 
 
+_asked = threading.local()  # the last count each thread asked for (numba's setting is per thread)
+
+
 def sync_threads(n: int) -> None:
     """Let the compiled kernels use ``n`` threads (at most numba's pool; e.g. torch's
     ``get_num_threads()``, so both libraries use the same cores). No-op on numpy."""
-    if backend() != "numba":
+    if getattr(_asked, "n", None) == n or backend() != "numba":
         return
     import numba  # noqa: PLC0415
 
-    n = max(1, min(int(n), int(numba.config.NUMBA_NUM_THREADS)))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
+    numba.set_num_threads(max(1, min(int(n), int(numba.config.NUMBA_NUM_THREADS))))
+    _asked.n = n
 
 
-__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "int16_tables", "reset", "sync_threads", "threads", "warm_up"]
+__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "int16_tables", "reset", "sync_threads", "threads",
+           "warm_up"]

@@ -187,7 +187,7 @@ class CompressedWeight(nn.Module):
         of a bfloat16 checkpoint rounds it (``codec_space=False`` for that)."""
         if not (self.codec_space and self.codec is HhtlVqCodec and x.dtype == self.dtype):
             return False
-        if self.device.type == "cpu":
+        if self._kernel is not None or self.device.type == "cpu":
             return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         return (x.dtype == torch.float32 and self.stored_dtype == torch.float32
                 and x.numel() // max(1, self.n_cols) < self.n_rows)
@@ -212,7 +212,7 @@ class CompressedWeight(nn.Module):
         the product with the decoded weight up to float32 rounding."""
         g, t = self.group, self.tensor
         self.rows_decoded += self.n_rows
-        if self.device.type == "cpu":
+        if self._kernel is not None or self.device.type == "cpu":
             sync_threads(torch.get_num_threads())
             xn = x.detach().to(torch.float32).contiguous().numpy()
             return torch.from_numpy(self.kernel().matmul_t(xn, self.tables)).to(x.dtype)
