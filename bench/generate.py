@@ -26,8 +26,7 @@ child process (so its peak memory is its own):
   (time in the kernels, in the rest of the compressed modules, in torch).
 
 Configurations: dense float32 torch (``hhtld.load``), ``keep_compressed`` with
-int16 tables and with float32 tables, and the old decode-per-use path
-(``codec_space=False``) for scale. Writes ``bench/generate.json`` and
+int16 tables and with float32 tables. Writes ``bench/generate.json`` and
 ``bench/generate.md``.
 
     python bench/generate.py [--pack bench/out/smollm2-default.hhtld]
@@ -58,7 +57,6 @@ CONFIGS = {
     "dense float32 (torch)": {"keep_compressed": False},
     "hhtld keep_compressed, int16 tables": {"keep_compressed": True, "tables": "int16"},
     "hhtld keep_compressed, float32 tables": {"keep_compressed": True, "tables": "float32"},
-    "hhtld keep_compressed, decode per use": {"keep_compressed": True, "codec_space": False},
 }
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 
@@ -260,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--kl-passages", type=int, default=4, help="held-out passages per kind for the KL")
+    ap.add_argument("--kl-passages", type=int, default=2, help="held-out passages per kind for the KL")
     ap.add_argument("--kl-tokens", type=int, default=128)
     ap.add_argument("--json", default=str(HERE / "generate.json"))
     ap.add_argument("--md", default=str(HERE / "generate.md"))

@@ -4,6 +4,7 @@ llama-cpp-python sdist on PyPI (its ``vendor/llama.cpp``), for bench/generate.py
 An optional benchmark extra (``make llama-cpp``), never a dependency of hhtld:
 the sdist is fetched with pip, unpacked and built with CMake (CPU only, a few
 minutes on 2 cores) into ``.cache/llama.cpp`` (ignored by git). Then the
+converter's one extra need (sentencepiece) is installed when missing, and the
 SmolLM2 folder of ``make llm`` is converted with llama.cpp's own
 ``convert_hf_to_gguf.py`` (F16) and quantised to Q4_0, Q4_K_M and Q8_0.
 Returns at once when everything is there.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
         ggufs.mkdir(parents=True, exist_ok=True)
         f16 = ggufs / "smollm2-135m-f16.gguf"
         if not f16.exists():
+            if importlib.util.find_spec("sentencepiece") is None:  # convert_hf_to_gguf.py imports it for Llama
+                run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece"])
             if not model.is_dir():
                 print(f"llama_cpp: error: {model} is not a folder; run make llm first", file=sys.stderr)
                 return 1

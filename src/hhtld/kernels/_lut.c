@@ -46,9 +46,74 @@ static void tiles_scalar(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_se
     }
 }
 
+/* The int16 table rows s0 .. s1 of one stage (one group of segments) for a rotated input row:
+ * tab[s][kk] = rint(scale⁻¹ · Σ_i x[col(s) + i] · palt[j(s)][i][kk]), zero for kk >= k, where the
+ * scale is the group's bound Σ_i |x_i| · pmax[j][i] (the largest |entry| it allows) / TABLE_MAX, so
+ * no entry exceeds TABLE_MAX. palt: (npos, wmax, k) float32; pmax: (npos, wmax). */
+#define TABLE_MAX 2047.0f
+
+static float group_scale(const float *x, const int64_t *offs, const int64_t *widths, const float *pmax,
+                         int64_t npos, int64_t wmax, int64_t period, int64_t s0, int64_t s1)
+{
+    float m = 0.0f;
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t p = s / npos, j = s - p * npos, col = p * period + offs[j];
+        float b = 0.0f;
+        for (int64_t i = 0; i < widths[j]; i++) {
+            float a = x[col + i] < 0 ? -x[col + i] : x[col + i];
+            b += a * pmax[j * wmax + i];
+        }
+        if (b > m) m = b;
+    }
+    return m > 0 ? m / TABLE_MAX : 1.0f;
+}
+
+static void tables_scalar(const float *x, const float *palt, const int64_t *offs, const int64_t *widths,
+                          int64_t npos, int64_t wmax, int64_t k, int64_t period, int64_t s0, int64_t s1,
+                          float inv, int16_t *tab)
+{
+    float w[K];
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t p = s / npos, j = s - p * npos, col = p * period + offs[j];
+        for (int64_t kk = 0; kk < k; kk++) w[kk] = 0.0f;
+        for (int64_t i = 0; i < widths[j]; i++) {
+            float v = x[col + i] * inv;
+            const float *pi = palt + (j * wmax + i) * k;
+            for (int64_t kk = 0; kk < k; kk++) w[kk] += v * pi[kk];
+        }
+        int16_t *row = tab + s * K;
+        for (int64_t kk = 0; kk < k; kk++) row[kk] = (int16_t)__builtin_rintf(w[kk]);
+        for (int64_t kk = k; kk < K; kk++) row[kk] = 0;
+    }
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define HAVE_X86 1
+
+__attribute__((target("avx512f,avx512bw")))
+static void tables_avx512(const float *x, const float *palt, const int64_t *offs, const int64_t *widths,
+                          int64_t npos, int64_t wmax, int64_t k, int64_t period, int64_t s0, int64_t s1,
+                          float inv, int16_t *tab)
+{
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t p = s / npos, j = s - p * npos, col = p * period + offs[j];
+        int16_t *row = tab + s * K;
+        int64_t wj = widths[j];
+        for (int64_t kk = 0; kk < K; kk += 16) {
+            __mmask16 m = kk + 16 <= k ? (__mmask16)0xFFFF : (kk < k ? (__mmask16)((1u << (k - kk)) - 1) : 0);
+            __m512 acc = _mm512_setzero_ps();
+            if (m) {
+                for (int64_t i = 0; i < wj; i++) {
+                    __m512 pv = _mm512_maskz_loadu_ps(m, palt + (j * wmax + i) * k + kk);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(x[col + i] * inv), pv, acc);
+                }
+            }
+            /* round to nearest even (the default MXCSR mode), narrow to int16 */
+            _mm256_storeu_si256((__m256i *)(row + kk), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(acc)));
+        }
+    }
+}
 
 __attribute__((target("avx512f,avx512bw")))
 static inline __m512i lookup32(const __m512i *tr, __m256i idx8)
@@ -105,6 +170,24 @@ static void tiles_avx512(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_se
 #endif
 
 static int use_avx512 = -1;
+int hhtld_lut_simd(void);
+
+/* One group of segments [s0, s1) of a stage: its int16 table rows and its scale (see above). */
+void hhtld_lut_group(const float *x, const float *palt, const int64_t *offs, const int64_t *widths,
+                     const float *pmax, int64_t npos, int64_t wmax, int64_t k, int64_t period, int64_t s0,
+                     int64_t s1, int16_t *tab, float *scale)
+{
+    float sc = group_scale(x, offs, widths, pmax, npos, wmax, period, s0, s1);
+    *scale = sc;
+    float inv = 1.0f / sc;
+#ifdef HAVE_X86
+    if (hhtld_lut_simd()) {
+        tables_avx512(x, palt, offs, widths, npos, wmax, k, period, s0, s1, inv, tab);
+        return;
+    }
+#endif
+    tables_scalar(x, palt, offs, widths, npos, wmax, k, period, s0, s1, inv, tab);
+}
 
 /* 1 when the AVX-512 path runs, 0 for plain C. */
 int hhtld_lut_simd(void)

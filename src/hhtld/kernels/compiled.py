@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .native import lut_function
+from .native import lut_function, table_function
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 TILE = 64
@@ -117,10 +117,11 @@ def lookup_f32(twt, tab, n, y, accumulate):
 
 
 _lut_tiles = lut_function()
+_lut_group = table_function()
 if _lut_tiles is not None:
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
-    def _matvec_i16(xrow, p0, o0, w0, t0, p1, o1, w1, t1, n_stages, gain, c, leaf, n,
-                    tab, scales, work, acc, part, chunks, y):
+    def _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n,
+                    tab, scales, acc, part, chunks, y):
         # tables of both stages (one parallel region over their groups of segments)
         s0 = t0.shape[1]
         s1 = t1.shape[1] if n_stages > 1 else 0
@@ -136,12 +137,14 @@ if _lut_tiles is not None:
             period1 += w1[j]
         for g in prange(g0n + g1n):
             if g < g0n:
-                _group_i16(xrow, p0, o0, w0, period0, g * GROUP, min(s0, g * GROUP + GROUP), tab, scales, g,
-                           work, 0)
+                _lut_group(xrow.ctypes.data, p0.ctypes.data, o0.ctypes.data, w0.ctypes.data, m0.ctypes.data, per0,
+                           p0.shape[1], p0.shape[2], period0, g * GROUP, min(s0, g * GROUP + GROUP),
+                           tab.ctypes.data, scales[g:].ctypes.data)
             else:
                 h = g - g0n
-                _group_i16(xrow, p1, o1, w1, period1, h * GROUP, min(s1, h * GROUP + GROUP), tab, scales, g,
-                           work, s0)
+                _lut_group(xrow.ctypes.data, p1.ctypes.data, o1.ctypes.data, w1.ctypes.data, m1.ctypes.data, per1,
+                           p1.shape[1], p1.shape[2], period1, h * GROUP, min(s1, h * GROUP + GROUP),
+                           tab[s0:].ctypes.data, scales[g:].ctypes.data)
         # the sums, and gain and leaf, tile range by tile range (one parallel region)
         n_tiles = t0.shape[0]
         per = (n_tiles + chunks - 1) // chunks
@@ -170,40 +173,51 @@ if _lut_tiles is not None:
 
 
 @njit(inline="always", fastmath=True, **_JIT)
-def _group_i16(xrow, palt, offs, widths, period, g0, g1, tab, scales, g, work, row0):
-    """One group of segments g0..g1 of a stage into int16 rows row0 + g0 .. of ``tab``
-    (scale ``scales[g]``); ``work`` (rows, k) float32 scratch at the same rows."""
+def _group_i16(xrow, palt, offs, widths, pmax, period, g0, g1, tab, scales, g, row0):
+    """One group of segments g0..g1 of a stage into int16 rows row0 + g0 .. of ``tab``,
+    scale ``scales[g]``. The scale comes from a bound, not the largest entry: a segment's
+    entries are at most Σ_i |x_i| · max_k |palette[k, i]| (``pmax`` (positions, width)),
+    so one pass computes, scales and rounds every entry, and none exceeds ``TABLE_MAX``."""
     k = palt.shape[2]
-    for s in range(g0, g1):
-        _segment_table(xrow, palt, offs, widths, period, s, work[row0 + s])
-    mag = np.zeros(k, dtype=np.float32)
-    for s in range(g0, g1):
-        w = work[row0 + s]
-        for kk in range(k):
-            a = abs(w[kk])
-            mag[kk] = a if a > mag[kk] else mag[kk]
+    npos = offs.shape[0]
     m = np.float32(0.0)
-    for kk in range(k):
-        m = mag[kk] if mag[kk] > m else m
+    for s in range(g0, g1):
+        p = s // npos
+        j = s - p * npos
+        col = p * period + offs[j]
+        b = np.float32(0.0)
+        for i in range(widths[j]):
+            b += abs(xrow[col + i]) * pmax[j, i]
+        m = b if b > m else m
     sc = m / np.float32(TABLE_MAX) if m > 0 else np.float32(1.0)
     inv = np.float32(1.0) / sc
     scales[g] = sc
+    w = np.empty(k, dtype=np.float32)
     for s in range(g0, g1):
-        w = work[row0 + s]
+        p = s // npos
+        j = s - p * npos
+        col = p * period + offs[j]
+        for kk in range(k):
+            w[kk] = np.float32(0.0)
+        for i in range(widths[j]):
+            v = xrow[col + i] * inv
+            pi = palt[j, i]
+            for kk in range(k):
+                w[kk] += v * pi[kk]
         row = tab[row0 + s]
         for kk in range(k):
-            row[kk] = np.int16(np.rint(w[kk] * inv))
+            row[kk] = np.int16(np.rint(w[kk]))
         for kk in range(k, K_INT16):
             row[kk] = np.int16(0)
 
 
-def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, work, acc, part, chunks, y):
+def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, part, chunks, y):
     """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
-    (``st0`` / ``st1``: (palt, offs, widths, tiled twigs)) with int16 tables, times the gains,
-    plus the leaf (``c`` (lanes,) its coefficients for this row): the whole product in two
-    parallel regions. Scratch: ``tab`` (segments of both stages, 256) int16, ``scales``
-    (their groups,), ``work`` (segments, k) float32, ``acc`` / ``part`` (tiles × 64,)."""
-    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, work, acc, part, chunks, y)
+    (``st0`` / ``st1``: (palt, offs, widths, tiled twigs, pmax)) with int16 tables, times the
+    gains, plus the leaf (``c`` (lanes,) its coefficients for this row): the whole product in
+    two parallel regions. Scratch: ``tab`` (segments of both stages, 256) int16, ``scales``
+    (their groups,), ``acc`` / ``part`` (tiles × 64,)."""
+    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, acc, part, chunks, y)
 
 
 @njit(parallel=True, **_JIT)
@@ -239,31 +253,52 @@ def leaf_coefficients(x, basis, scale, c):
 
 
 @njit(parallel=True, **_JIT)
-def gather(twt, palt, offs, widths, start, out, accumulate):
+def gather(twt, palr, offs, widths, start, out, accumulate):
     """out (m, n_cols) (+)= the palette rows that the twigs of rows ``start .. start + m``
-    of one stage select (the unit-gain rows in the rotated space), columns past n_cols dropped."""
+    of one stage select (the unit-gain rows in the rotated space), columns past n_cols dropped.
+    ``palr`` (positions, k, max width) float32: the palettes row-major. Parallel over rows."""
     m, n_cols = out.shape
     npos = offs.shape[0]
     period = 0
     for j in range(npos):
         period += widths[j]
     n_seg = twt.shape[1]
+    full = n_cols // period  # periods that lie inside the row: no column check
+    k = palr.shape[1]
+    wmax = palr.shape[2]
+    flat = palr.reshape(-1)
     for q in prange(m):
         o = start + q
         ti = o // TILE
         lane = o - ti * TILE
         row = out[q]
-        if not accumulate:
-            for i in range(n_cols):
-                row[i] = np.float32(0.0)
-        for s in range(n_seg):
+        if npos == 1 and widths[0] == 2 and not accumulate:  # the ladder's first stage: two columns a twig
+            for p in range(full):
+                src = np.int64(twt[ti, p, lane]) * wmax
+                row[2 * p] = flat[src]
+                row[2 * p + 1] = flat[src + 1]
+        else:
+            for p in range(full):
+                for j in range(npos):
+                    src = (j * k + np.int64(twt[ti, p * npos + j, lane])) * wmax
+                    base = p * period + offs[j]
+                    if accumulate:
+                        for i in range(widths[j]):
+                            row[base + i] += flat[src + i]
+                    else:
+                        for i in range(widths[j]):
+                            row[base + i] = flat[src + i]
+        for s in range(full * npos, n_seg):
             p = s // npos
             j = s - p * npos
-            col = p * period + offs[j]
-            kk = twt[ti, s, lane]
+            src = (j * k + np.int64(twt[ti, s, lane])) * wmax
+            base = p * period + offs[j]
             for i in range(widths[j]):
-                if col + i < n_cols:
-                    row[col + i] += palt[j, i, kk]
+                if base + i < n_cols:
+                    if accumulate:
+                        row[base + i] += flat[src + i]
+                    else:
+                        row[base + i] = flat[src + i]
 
 
 __all__ = ["GROUP", "K_INT16", "TABLE_MAX", "TILE", "finish", "gather", "leaf_coefficients", "lookup_f32",

@@ -24,6 +24,9 @@ def library() -> ctypes.CDLL | str:
     lib.hhtld_lut_tiles.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.hhtld_lut_tiles.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.hhtld_lut_group.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
+    lib.hhtld_lut_group.restype = None
     lib.hhtld_lut_simd.argtypes = []
     lib.hhtld_lut_simd.restype = ctypes.c_int
     lib.hhtld_lut_set_simd.argtypes = [ctypes.c_int]
@@ -35,6 +38,12 @@ def lut_function():
     """``hhtld_lut_tiles`` as a ctypes function (callable from numba), or None."""
     lib = library()
     return None if isinstance(lib, str) else lib.hhtld_lut_tiles
+
+
+def table_function():
+    """``hhtld_lut_group`` (one group's int16 table rows) as a ctypes function, or None."""
+    lib = library()
+    return None if isinstance(lib, str) else lib.hhtld_lut_group
 
 
 def simd() -> str:
@@ -53,4 +62,4 @@ def set_simd(on: bool) -> str:
     return simd()
 
 
-__all__ = ["library", "lut_function", "set_simd", "simd"]
+__all__ = ["library", "lut_function", "set_simd", "simd", "table_function"]

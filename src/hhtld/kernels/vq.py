@@ -122,6 +122,15 @@ class StageArrays:
         return int(self.palt.shape[2])
 
     @property
+    def palr(self) -> np.ndarray:
+        """The palettes row-major (positions, k, max width), for the gathers (made on first use)."""
+        got = self.__dict__.get("_palr")
+        if got is None:
+            got = np.ascontiguousarray(self.palt.transpose(0, 2, 1))
+            object.__setattr__(self, "_palr", got)
+        return got
+
+    @property
     def n_pad(self) -> int:
         """Columns of the zero-padded row the stage's segments cover."""
         npos = self.offs.shape[0]
@@ -196,7 +205,7 @@ class VqKernel:
             self._pairs = []
             for i in range(0, len(stages), 2):
                 p = stages[i:i + 2]
-                st = [(s.palt, s.offs, s.widths, s.twt) for s in p]
+                st = [(s.palt, s.offs, s.widths, s.twt, np.abs(s.palt).max(axis=2)) for s in p]
                 self._pairs.append((st[0], st[-1], len(p), sum(s.n_seg for s in p)))
             self._pair_segments = (max(p[3] for p in self._pairs), max(s.k for s in stages))
 
@@ -248,7 +257,6 @@ class VqKernel:
             n_pad = self.n_tiles * TILE
             tab = _scratch.get("tab16", (seg, 256), np.int16)
             scales = _scratch.get("scales", (seg // 16 + 2,))
-            work = _scratch.get("work", (seg, kmax))
             acc = _scratch.get("acc", (n_pad,))
             part = _scratch.get("part", (n_pad,))
             chunks = min(self.n_tiles, 4 * threads())
@@ -258,7 +266,7 @@ class VqKernel:
             for pi, (st0, st1, n_st, n_seg) in enumerate(pairs):
                 for r in range(t):
                     ck.matvec_i16(xr[r], st0, st1, n_st, gain, c[r] if one and self.has_leaf else _EMPTY_F32, leaf,
-                                  self.n_rows, tab, scales, work[:n_seg], acc, part, chunks,
+                                  self.n_rows, tab, scales, acc, part, chunks,
                                   out[r] if one else out[pi, r])
             if not one:
                 ck.finish(out.sum(axis=0), self.gain, c, self.leaf, y)
@@ -281,7 +289,7 @@ class VqKernel:
         if compiled:
             ck = compiled_kernels()
             for i, s in enumerate(self.stages):
-                ck.gather(s.twt, s.palt, s.offs, s.widths, start, q, i > 0)
+                ck.gather(s.twt, s.palr, s.offs, s.widths, start, q, i > 0)
             return q
         q[:] = 0.0
         for s in self.stages:
@@ -298,13 +306,24 @@ class VqKernel:
         for o0 in range(0, self.n_rows, step):
             o1 = min(self.n_rows, o0 + step)
             q = self.decode_rotated(o0, o1, compiled)
-            yb = y[:, o0:o1]
-            np.matmul(xr, q.T, out=yb)
+            yb = _matmul_t(xr, q)
             if self.gain.shape[0]:
                 yb *= self.gain[o0:o1]
             if self.has_leaf:
                 yb += c @ self.leaf[o0:o1].astype(np.float32).T
+            y[:, o0:o1] = yb
         return y
+
+
+def _matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T float32 by torch's BLAS when torch is loaded (its threads are the ones the model
+    uses), else numpy's."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
+    return a @ b.T
 
 
 def _gather_numpy(s: StageArrays, start: int, stop: int, n_cols: int) -> np.ndarray:
