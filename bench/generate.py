@@ -13,8 +13,8 @@ child process (so its peak memory is its own):
   passage), median of ``--runs``.
 * **memory**: the child's peak resident memory (``VmHWM``) and its resident
   memory right before the model is loaded (after importing torch,
-  transformers, hhtld and warming the kernels up); "above imports" is the
-  difference. The kernels' fixed cost (numba + compiled code) is measured
+  transformers, hhtld and the Llama modelling code, loading the tokenizer
+  and warming the kernels up); "above imports" is the difference. The kernels' fixed cost (numba + compiled code) is measured
   in its own child: imports with and without ``hhtld.kernels.warm_up()``.
 * **llama.cpp** (when ``make llama-cpp`` built it): ``llama-bench -t THREADS
   -p PROMPT -n TOKENS -r RUNS`` on Q4_0, Q4_K_M and Q8_0 of the same model.
@@ -84,11 +84,12 @@ def child(args) -> dict:
         if opts["imports_only"]:
             warm_up()
         return {"peak": _status("VmHWM"), "rss": _status("VmRSS")}
-    if opts.get("keep_compressed"):
-        warm_up()
+    warm_up()  # the kernels in memory for every configuration: the baseline is the same process
+    tok = hhtld.load_tokenizer(args.pack)
+    from transformers.models.llama import modeling_llama  # noqa: F401  (what load imports lazily)
+
     base = _status("VmRSS")
     model = hhtld.load(args.pack, **opts)
-    tok = hhtld.load_tokenizer(args.pack)
     loaded = _status("VmRSS")
     enc = tok(PROMPT, return_tensors="pt")
 
