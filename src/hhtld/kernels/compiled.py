@@ -29,8 +29,8 @@ from .native import lut_function, table_function
 _JIT = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 TILE = 64
 GROUP = 16  # segments that share one int16-table scale (the C extension's GROUP)
-TABLE_MAX = 2047  # int16 table entries are 12-bit: 16 of them sum in int16 without overflow
-K_INT16 = 256  # entries per segment of an int16 table (one-byte twigs)
+TABLE_MAX = 2047  # int16 table entries are 12-bit: 16 of them sum in int16 without overflow (as in _lut.c)
+K_INT16 = 256  # entries per segment of an int16 table (one-byte twigs; _lut.c's K)
 
 
 @njit(**_JIT)
@@ -170,45 +170,6 @@ if _lut_tiles is not None:
                             lf += c[la] * np.float32(leaf[o, la])
                         v += lf
                     y[o] = v
-
-
-@njit(inline="always", fastmath=True, **_JIT)
-def _group_i16(xrow, palt, offs, widths, pmax, period, g0, g1, tab, scales, g, row0):
-    """One group of segments g0..g1 of a stage into int16 rows row0 + g0 .. of ``tab``,
-    scale ``scales[g]``. The scale comes from a bound, not the largest entry: a segment's
-    entries are at most Σ_i |x_i| · max_k |palette[k, i]| (``pmax`` (positions, width)),
-    so one pass computes, scales and rounds every entry, and none exceeds ``TABLE_MAX``."""
-    k = palt.shape[2]
-    npos = offs.shape[0]
-    m = np.float32(0.0)
-    for s in range(g0, g1):
-        p = s // npos
-        j = s - p * npos
-        col = p * period + offs[j]
-        b = np.float32(0.0)
-        for i in range(widths[j]):
-            b += abs(xrow[col + i]) * pmax[j, i]
-        m = b if b > m else m
-    sc = m / np.float32(TABLE_MAX) if m > 0 else np.float32(1.0)
-    inv = np.float32(1.0) / sc
-    scales[g] = sc
-    w = np.empty(k, dtype=np.float32)
-    for s in range(g0, g1):
-        p = s // npos
-        j = s - p * npos
-        col = p * period + offs[j]
-        for kk in range(k):
-            w[kk] = np.float32(0.0)
-        for i in range(widths[j]):
-            v = xrow[col + i] * inv
-            pi = palt[j, i]
-            for kk in range(k):
-                w[kk] += v * pi[kk]
-        row = tab[row0 + s]
-        for kk in range(k):
-            row[kk] = np.int16(np.rint(w[kk]))
-        for kk in range(k, K_INT16):
-            row[kk] = np.int16(0)
 
 
 def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, part, chunks, y):

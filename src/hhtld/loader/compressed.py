@@ -7,13 +7,17 @@ palettes, rotation signs, leaf — as torch buffers in their stored dtypes
 decodes on use:
 
 * :class:`CompressedEmbedding` decodes only the rows it looks up;
-* :class:`CompressedLinear` decodes its whole weight per forward (a shared
-  LRU of decoded weights, ``cache_layers=N``, keeps the last N), or, for
-  few input rows, applies an hhtl-vq weight without un-rotating it.
+* :class:`CompressedLinear` applies an hhtl-vq weight in the codec's space
+  with the kernels of :mod:`hhtld.kernels` (lookup tables for a few input
+  rows, decode-then-GEMM block by block for many; never the whole weight),
+  and otherwise decodes its whole weight per forward (a shared LRU of
+  decoded weights, ``cache_layers=N``, keeps the last N).
 
 On the CPU every codec decodes with its own numpy ``Codec.decode_rows`` on
-zero-copy views of the buffers (exactly the bits of a dense load); on other
-devices hhtl-vq decodes in torch (:mod:`.torch_vq`) where the buffers live.
+zero-copy views of the buffers (exactly the bits of a dense load; hhtl-vq
+twigs are held in the kernels' tiled layout and read back as rows); on
+other devices hhtl-vq decodes in torch (:mod:`.torch_vq`) where the buffers
+live.
 Group parts (palettes, signs, basis) are one :class:`StoredParts` module
 shared by every weight of the group.
 """
@@ -263,11 +267,11 @@ class CompressedLinear(nn.Module):
 
     A weight in the cache is used as is. With a cache (``cache_layers`` > 0)
     the weight is decoded (exactly as a dense load decodes it) and cached.
-    Without one, a float32 hhtl-vq weight given fewer input rows than it has
-    rows (token-by-token generation, small batches) is applied in the codec's
-    space (:meth:`CompressedWeight.matmul_t`: no weight is un-rotated, equal
-    to the decoded product up to float32 rounding); otherwise it is decoded
-    per forward. ``weight`` decodes the dense weight on access."""
+    Without one, an hhtl-vq weight is applied in the codec's space when
+    :meth:`CompressedWeight.codec_space_ok` allows it
+    (:meth:`CompressedWeight.matmul_t`: no weight is decoded whole);
+    otherwise it is decoded per forward. ``weight`` decodes the dense weight
+    on access."""
 
     def __init__(self, source: CompressedWeight, bias: nn.Parameter | None):
         super().__init__()
