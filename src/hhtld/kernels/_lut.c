@@ -225,6 +225,34 @@ void hhtld_lut_tiles(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, c
     tiles_scalar(tw, t0, t1, n_seg, tab, scales, y);
 }
 
+/* Rows [r0, r1) of Q (the unit-gain rows in the rotated space) from one stage's one-byte tiled
+ * twigs: out[(r - r0) * n_cols + c] (+)= palette row of the twig of row r, segment s, for the
+ * columns c < n_cols it covers. palr: (npos, k, wmax) float32 row-major; a period is the sum of
+ * the widths; columns past n_cols (padding) are dropped. */
+void hhtld_lut_gather(const uint8_t *twt, int64_t n_seg, const float *palr, const int64_t *offs,
+                      const int64_t *widths, int64_t npos, int64_t k, int64_t wmax, int64_t r0, int64_t r1,
+                      int64_t n_cols, int accumulate, float *out)
+{
+    int64_t period = 0;
+    for (int64_t j = 0; j < npos; j++) period += widths[j];
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *tt = twt + (r / TILE) * n_seg * TILE + (r % TILE);
+        float *row = out + (r - r0) * n_cols;
+        for (int64_t s = 0; s < n_seg; s++) {
+            int64_t p = s / npos, j = s - p * npos, col = p * period + offs[j];
+            const float *src = palr + (j * k + tt[s * TILE]) * wmax;
+            int64_t w = widths[j];
+            if (col + w > n_cols) w = n_cols - col;
+            if (w <= 0) continue;
+            if (accumulate) {
+                for (int64_t i = 0; i < w; i++) row[col + i] += src[i];
+            } else {
+                memcpy(row + col, src, (size_t)w * sizeof(float));
+            }
+        }
+    }
+}
+
 static struct PyModuleDef lut_module = {PyModuleDef_HEAD_INIT, "_lut", "hhtld lookup-table kernels (loaded by ctypes)",
                                         -1, NULL};
 

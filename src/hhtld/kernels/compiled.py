@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .native import lut_function, table_function
+from .native import gather_function, lut_function, table_function
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 TILE = 64
@@ -34,32 +34,50 @@ K_INT16 = 256  # entries per segment of an int16 table (one-byte twigs; _lut.c's
 
 
 @njit(**_JIT)
+def _rotate_row(x, signs, block, out, r):
+    c = x.shape[1]
+    scale = np.float32(1.0 / np.sqrt(block))
+    rot = signs.shape[0] > 0
+    for i in range(c):
+        out[r, i] = x[r, i] * np.float32(signs[i]) if rot else x[r, i]
+    for i in range(c, out.shape[1]):
+        out[r, i] = np.float32(0.0)
+    if not rot:
+        return
+    for b0 in range(0, c, block):
+        h = 1
+        while h < block:
+            for i in range(b0, b0 + block, 2 * h):
+                for j in range(i, i + h):
+                    a = out[r, j]
+                    b = out[r, j + h]
+                    out[r, j] = a + b
+                    out[r, j + h] = a - b
+            h *= 2
+        for i in range(b0, b0 + block):
+            out[r, i] *= scale
+
+
+@njit(**_JIT)
+def _rotate_serial(x, signs, block, out):
+    for r in range(x.shape[0]):
+        _rotate_row(x, signs, block, out, r)
+
+
+@njit(parallel=True, **_JIT)
+def _rotate_parallel(x, signs, block, out):
+    for r in prange(x.shape[0]):
+        _rotate_row(x, signs, block, out, r)
+
+
 def rotate_rows(x, signs, block, out):
     """out[:, :c] = (x * signs) @ blockdiag(H_block) for every row (orthonormal
     Sylvester H, applied as a fast Walsh-Hadamard transform); out[:, c:] = 0.
-    Without signs (an empty array) out[:, :c] = x."""
-    t, c = x.shape
-    scale = np.float32(1.0 / np.sqrt(block))
-    rot = signs.shape[0] > 0
-    for r in range(t):
-        for i in range(c):
-            out[r, i] = x[r, i] * np.float32(signs[i]) if rot else x[r, i]
-        for i in range(c, out.shape[1]):
-            out[r, i] = np.float32(0.0)
-        if not rot:
-            continue
-        for b0 in range(0, c, block):
-            h = 1
-            while h < block:
-                for i in range(b0, b0 + block, 2 * h):
-                    for j in range(i, i + h):
-                        a = out[r, j]
-                        b = out[r, j + h]
-                        out[r, j] = a + b
-                        out[r, j + h] = a - b
-                h *= 2
-            for i in range(b0, b0 + block):
-                out[r, i] *= scale
+    Without signs (an empty array) out[:, :c] = x. Rows in parallel when there are many."""
+    if x.shape[0] > 8:
+        _rotate_parallel(x, signs, block, out)
+    else:
+        _rotate_serial(x, signs, block, out)
 
 
 @njit(inline="always", **_JIT)
@@ -118,6 +136,7 @@ def lookup_f32(twt, tab, n, y, accumulate):
 
 _lut_tiles = lut_function()
 _lut_group = table_function()
+_lut_gather = gather_function()
 if _lut_tiles is not None:
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
     def _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n,
@@ -262,5 +281,25 @@ def gather(twt, palr, offs, widths, start, out, accumulate):
                         row[base + i] = flat[src + i]
 
 
-__all__ = ["GROUP", "K_INT16", "TABLE_MAX", "TILE", "finish", "gather", "leaf_coefficients", "lookup_f32",
+if _lut_gather is not None:
+    @njit(parallel=True, nogil=True, boundscheck=False)
+    def _gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks):
+        m, n_cols = out.shape
+        per = (m + chunks - 1) // chunks
+        for c in prange(chunks):
+            a = c * per
+            b = min(m, a + per)
+            if a < b:
+                _lut_gather(twt.ctypes.data, twt.shape[1], palr.ctypes.data, offs.ctypes.data, widths.ctypes.data,
+                            offs.shape[0], palr.shape[1], palr.shape[2], start + a, start + b, n_cols,
+                            1 if accumulate else 0, out[a:].ctypes.data)
+
+
+def gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks):
+    """:func:`gather` for one-byte twigs by the C extension (``out`` C-contiguous); only when
+    :func:`hhtld.kernels.native.gather_function` is not None."""
+    _gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks)
+
+
+__all__ = ["GROUP", "K_INT16", "TABLE_MAX", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
            "matvec_i16", "rotate_rows", "tables_f32"]

@@ -27,6 +27,8 @@ def library() -> ctypes.CDLL | str:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.hhtld_lut_group.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
     lib.hhtld_lut_group.restype = None
+    lib.hhtld_lut_gather.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int, ptr]
+    lib.hhtld_lut_gather.restype = None
     lib.hhtld_lut_simd.argtypes = []
     lib.hhtld_lut_simd.restype = ctypes.c_int
     lib.hhtld_lut_set_simd.argtypes = [ctypes.c_int]
@@ -46,6 +48,12 @@ def table_function():
     return None if isinstance(lib, str) else lib.hhtld_lut_group
 
 
+def gather_function():
+    """``hhtld_lut_gather`` (rows of Q from one-byte tiled twigs) as a ctypes function, or None."""
+    lib = library()
+    return None if isinstance(lib, str) else lib.hhtld_lut_gather
+
+
 def simd() -> str:
     """The table-sum path the extension runs: ``avx512`` or ``c`` (none: ``unavailable``)."""
     lib = library()
@@ -62,4 +70,4 @@ def set_simd(on: bool) -> str:
     return simd()
 
 
-__all__ = ["library", "lut_function", "set_simd", "simd", "table_function"]
+__all__ = ["gather_function", "library", "lut_function", "set_simd", "simd", "table_function"]

@@ -290,8 +290,13 @@ class VqKernel:
         q = np.empty((stop - start, self.n_cols), dtype=np.float32)
         if compiled:
             ck = compiled_kernels()
+            fast = int16_tables()  # the extension is there
+            chunks = 4 * threads()
             for i, s in enumerate(self.stages):
-                ck.gather(s.twt, s.palr, s.offs, s.widths, start, q, i > 0)
+                if fast and s.twt.dtype == np.uint8:
+                    ck.gather_u8(s.twt, s.palr, s.offs, s.widths, start, q, i > 0, chunks)
+                else:
+                    ck.gather(s.twt, s.palr, s.offs, s.widths, start, q, i > 0)
             return q
         q[:] = 0.0
         for s in self.stages:
