@@ -116,7 +116,8 @@ EXACT_PROMPTS = ["The capital of France is", "Water boils at a temperature of", 
                  "User: What is a prime number?\nAssistant:", "The three primary colours are"]
 EXACT_TOKENS = 64
 # int16 tables (12-bit entries) against the decoded pack, per token over two held-out passages run through the
-# tables: measured 4.8e-5 on this pack (bench/generate.py measures the default pack); the budget is 1e-3
+# tables: measured 4.8e-5 on this pack (bench/generate.py measures the default pack); the budget, 1e-3, is a twentieth of
+# the default encode's KL target
 KL_INT16 = 1e-3
 
 

@@ -29,8 +29,6 @@ from .native import gather_function, lut_function, table_function
 _JIT = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 TILE = 64
 GROUP = 16  # segments that share one int16-table scale (the C extension's GROUP)
-TABLE_MAX = 2047  # int16 table entries are 12-bit: 16 of them sum in int16 without overflow (as in _lut.c)
-K_INT16 = 256  # entries per segment of an int16 table (one-byte twigs; _lut.c's K)
 
 
 @njit(**_JIT)
@@ -301,5 +299,5 @@ def gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks):
     _gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks)
 
 
-__all__ = ["GROUP", "K_INT16", "TABLE_MAX", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
+__all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
            "matvec_i16", "rotate_rows", "tables_f32"]

@@ -36,7 +36,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..codecs.vq.quantiser import Layout, parse_stages, rotate
+from ..codecs.vq.quantiser import Layout, decode_rows as vq_decode_rows, parse_stages, rotate
 from .runtime import backend, compiled_kernels, int16_tables, threads
 
 TILE = 64
@@ -209,7 +209,7 @@ class VqKernel:
                 p = stages[i:i + 2]
                 st = [(s.palt, s.offs, s.widths, s.twt, np.abs(s.palt).max(axis=2)) for s in p]
                 self._pairs.append((st[0], st[-1], len(p), sum(s.n_seg for s in p)))
-            self._pair_segments = (max(p[3] for p in self._pairs), max(s.k for s in stages))
+            self._pair_segments = max(p[3] for p in self._pairs)
 
     @property
     def has_leaf(self) -> bool:
@@ -255,7 +255,7 @@ class VqKernel:
             # one-byte twigs: the vector sums, one or two stages per call
             pairs = self._pairs
             one = len(pairs) == 1
-            seg, kmax = self._pair_segments
+            seg = self._pair_segments
             n_pad = self.n_tiles * TILE
             tab = _scratch.get("tab16", (seg, 256), np.int16)
             scales = _scratch.get("scales", (seg // 16 + 2,))
@@ -287,8 +287,8 @@ class VqKernel:
         stop = self.n_rows if stop is None else stop
         if compiled is None:
             compiled = backend() == "numba"
-        q = np.empty((stop - start, self.n_cols), dtype=np.float32)
         if compiled:
+            q = np.empty((stop - start, self.n_cols), dtype=np.float32)
             ck = compiled_kernels()
             fast = int16_tables()  # the extension is there
             chunks = 4 * threads()
@@ -298,10 +298,10 @@ class VqKernel:
                 else:
                     ck.gather(s.twt, s.palr, s.offs, s.widths, start, q, i > 0)
             return q
-        q[:] = 0.0
-        for s in self.stages:
-            q += _gather_numpy(s, start, stop, self.n_cols)
-        return q
+        # numpy: the codec's own gathers (no gain, no rotation), on the twigs read back as rows
+        return vq_decode_rows([[s.palt[j, :w].T for j, w in enumerate(s.widths)] for s in self.stages],
+                              [TiledTwig(s.twt, self.n_rows)[start:stop] for s in self.stages], self.n_cols,
+                              None, None)
 
     def _gemm(self, x: np.ndarray, y: np.ndarray, compiled: bool) -> np.ndarray:
         if compiled:
@@ -331,21 +331,6 @@ def _matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if torch is not None:
         return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
     return a @ b.T
-
-
-def _gather_numpy(s: StageArrays, start: int, stop: int, n_cols: int) -> np.ndarray:
-    tw = TiledTwig(s.twt, stop)[start:stop].astype(np.int64)
-    m = tw.shape[0]
-    npos = s.offs.shape[0]
-    period = int(s.widths.sum())
-    n_periods = tw.shape[1] // npos
-    q = np.zeros((m, n_periods * period), dtype=np.float32)
-    q3 = q.reshape(m, n_periods, period)
-    for j in range(npos):
-        w = int(s.widths[j])
-        off = int(s.offs[j])
-        q3[:, :, off:off + w] = s.palt[j, :w].T[tw[:, j::npos]]
-    return q[:, :n_cols]
 
 
 def vq_kernel(params: Mapping, group: Mapping[str, np.ndarray], tensor: Mapping[str, np.ndarray],

@@ -201,7 +201,7 @@ class CompressedWeight(nn.Module):
         group's float32 palettes made once and shared by its weights)."""
         if self._kernel is None:
             g = self.group
-            if getattr(g, "kernel_palettes", None) is None:
+            if g.kernel_palettes is None:
                 g.kernel_palettes = stage_palettes(g.params, _NumpyParts(g))
             self._kernel = vq_kernel(g.params, _NumpyParts(g), _NumpyParts(self.tensor), g.kernel_palettes)
         return self._kernel

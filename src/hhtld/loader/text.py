@@ -176,15 +176,15 @@ class _Streamer:
             self.prompt = False
             return
         self.ids.extend(int(v) for v in value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        if len(text) > self.said:
-            self.emit(text[self.said:])
-            self.said = len(text)
+        self._emit_new(complete=False)
 
     def end(self) -> None:
+        self._emit_new(complete=True)
+
+    def _emit_new(self, complete: bool) -> None:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not complete and text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
         if len(text) > self.said:
             self.emit(text[self.said:])
             self.said = len(text)
