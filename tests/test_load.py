@@ -391,6 +391,55 @@ def test_generate_is_greedy_decoding_of_the_decoded_model(built, kind):
     assert hhtld.generate(pack, "the module defines", max_new_tokens=6, keep_compressed=True).tokens == g.tokens
 
 
+# the lean loop's logits against transformers' forward, both float32: the same products summed in
+# another order (and the kernels' float tables in codec space), so a few float32 ulps of the logits' scale
+LEAN_LOGITS_TOL = 2e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "qwen2"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_lean_loop_gives_transformers_greedy_tokens_and_logits(built, kind, keep):
+    from hhtld.loader.lean import LeanDecoder, lean_support
+
+    _, pack, _ = built[kind]
+    model = hhtld.load(pack, keep_compressed=keep, tables="float32")
+    assert lean_support(model) is None
+    lean = LeanDecoder(model, tables="float32")
+    enc = tiny_tokenizer()("the module defines", return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = model.generate(enc["input_ids"], max_new_tokens=12, do_sample=False, pad_token_id=1,
+                             eos_token_id=None, min_new_tokens=12)[0, len(ids):].tolist()
+    got = []
+    assert lean.generate(ids, 12, eos_ids=(), put=got.append) == ref == got
+    seq = torch.tensor([ids + ref])
+    with torch.no_grad():
+        theirs = model(seq).logits[0].numpy()
+    for stepwise in (True, False):  # token by token through the cache, and the whole sequence as one block
+        mine = lean.logits(seq[0].tolist(), stepwise=stepwise)
+        assert np.abs(mine - theirs).max() <= LEAN_LOGITS_TOL * max(1.0, np.abs(theirs).max())
+    stop = ref.index(ref[2]) + 1
+    assert lean.generate(ids, 12, eos_ids=(ref[2],)) == ref[:stop]  # stops after an end-of-sequence id
+
+
+def test_engine_choice(built):
+    _, llama, _ = built["llama"]
+    _, gpt2, _ = built["gpt2"]
+    assert hhtld.generate(llama, "the module defines", max_new_tokens=3).engine == "lean"
+    a = hhtld.generate(llama, "the module defines", max_new_tokens=3, engine="transformers")
+    assert a.engine == "transformers"
+    assert hhtld.generate(gpt2, "the module defines", max_new_tokens=3).engine == "transformers"
+    with pytest.raises(hhtld.LoadError) as e:
+        hhtld.generate(gpt2, "the module defines", max_new_tokens=3, engine="lean")
+    assert str(e.value) == (f"{gpt2}: the lean decode loop does not apply (model type 'gpt2' is not one of llama, "
+                            f"mistral, qwen2); use engine 'transformers' (--engine transformers)")
+    with pytest.raises(hhtld.LoadError, match="engine must be one of auto, lean, transformers, got 'fast'"):
+        hhtld.generate(llama, "x", engine="fast")
+    bf16 = hhtld.load(llama, dtype="bfloat16")
+    from hhtld.loader.lean import lean_support
+    assert lean_support(bf16) == "dtype bfloat16 (float32 only)"
+
+
 def test_generate_chat_uses_the_template(tmp_path):
     folder = make_model("llama", tmp_path / "m")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -502,7 +551,7 @@ def test_cli_generate(built, capsys, tmp_path):
     cap = capsys.readouterr()
     assert cap.out == g.text + "\n"
     size = r"(\d+\.\d [KMG]iB|\d+ B)"  # in a process that peaked before loading, 0 B above it
-    assert re.fullmatch(rf"5 tokens in \d+\.\d\d s \(\d+\.\d tok/s\); peak memory {size} "
+    assert re.fullmatch(rf"5 tokens in \d+\.\d\d s \(\d+\.\d tok/s, lean\); peak memory {size} "
                         rf"\({size} above the process before loading\)\n", cap.err), cap.err
     assert main(["generate", str(pack), "the module defines", "--max-new-tokens", "5", "--json",
                  "--keep-compressed", "--cache-layers", "2"]) == 0

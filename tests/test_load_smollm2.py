@@ -139,6 +139,25 @@ def test_float_tables_generate_the_decoded_packs_tokens(packs, dense, tok):
     assert worst <= TOL_CODEC_SPACE, worst
 
 
+def test_lean_loop_generates_the_decoded_packs_tokens(packs, dense, tok):
+    """The lean decode loop (batch 1, int16 tables off: float32) gives the decoded pack's 64 greedy tokens on
+    each of the 5 prompts under transformers, every step's logits within TOL_CODEC_SPACE."""
+    from hhtld.loader.lean import LeanDecoder
+
+    lean = LeanDecoder(hhtld.load(packs[0], keep_compressed=True, tables="float32"), tables="float32")
+    worst = 0.0
+    for prompt in EXACT_PROMPTS:
+        batch = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ref = dense.generate(**batch, max_new_tokens=EXACT_TOKENS, min_new_tokens=EXACT_TOKENS, do_sample=False,
+                                 pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+        seen = []
+        got = lean.generate(batch["input_ids"][0].tolist(), EXACT_TOKENS, seen=seen.append)
+        assert got == ref.sequences[0, batch["input_ids"].shape[1]:].tolist(), prompt
+        worst = max(worst, max(float(abs(a - b[0].numpy()).max()) for a, b in zip(seen, ref.logits)))
+    assert worst <= TOL_CODEC_SPACE, worst
+
+
 def test_int16_tables_stay_within_their_kl_budget(packs, dense, tok):
     from hhtld.gates.texts import rendered
     from hhtld.kernels import vq

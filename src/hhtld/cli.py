@@ -291,13 +291,13 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
 
     g = generate(args.pack, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                 stream=show if live else None, **_load_options(args))
+                 stream=show if live else None, engine=args.engine, **_load_options(args))
     if args.json:
         _emit_json({"pack": str(args.pack), "prompt": g.prompt, "chat": g.chat, "text": g.text, "tokens": g.tokens,
                     "prompt_tokens": g.prompt_tokens, "new_tokens": len(g.tokens), "seconds": g.seconds,
                     "tokens_per_second": g.tokens_per_second, "peak_memory_bytes": g.peak_memory,
                     "memory_before_load_bytes": g.base_memory,
-                    "keep_compressed": args.keep_compressed, "tables": args.tables}, args.json)
+                    "keep_compressed": args.keep_compressed, "tables": args.tables, "engine": g.engine}, args.json)
         if args.json not in (True, "-"):
             print(f"wrote {args.json}")
         print(g.summary(), file=sys.stderr)
@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("prompt", help="the prompt text")
     ge.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate at most (default %(default)s)")
     ge.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to PROMPT (a user turn)")
+    ge.add_argument("--engine", default="auto", choices=["auto", "lean", "transformers"],
+                    help="what runs the model: lean (hhtld's decode loop for float32 Llama-family models: "
+                         "transformers' greedy tokens without its per-token overhead), transformers (its generate), "
+                         "auto (default: lean where it applies)")
     ge.add_argument("--json", nargs="?", const=True, metavar="FILE",
                     help="print (or write to FILE) the text, token ids and timing as JSON")
     _add_load_args(ge)

@@ -86,6 +86,7 @@ class Generation:
     seconds: float = 0.0
     base_memory: int = 0  # resident bytes before the model was loaded (after the imports)
     peak_memory: int = 0  # the process's peak resident bytes at the end
+    engine: str = "transformers"  # what ran the model: "lean" (hhtld's decode loop) or "transformers"
 
     @property
     def tokens_per_second(self) -> float:
@@ -99,12 +100,13 @@ class Generation:
         if self.peak_memory:
             mem = (f"; peak memory {format_bytes(self.peak_memory)} "
                    f"({format_bytes(max(0, self.peak_memory - self.base_memory))} above the process before loading)")
-        return f"{len(self.tokens)} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s){mem}"
+        return (f"{len(self.tokens)} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s, "
+                f"{self.engine}){mem}")
 
 
 def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int = 32, chat: bool = False,
              config=None, dtype=None, keep_compressed: bool = False, cache_layers: int = 0, tables: str = "int16",
-             stream=None) -> Generation:
+             stream=None, engine: str = "auto") -> Generation:
     """Greedy continuation of ``prompt`` by a causal-LM pack (up to
     ``max_new_tokens`` tokens; stops early at an end-of-sequence token).
 
@@ -112,10 +114,17 @@ def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int
     generated (``print`` with ``end=""`` and ``flush=True`` shows it live).
     ``keep_compressed`` / ``cache_layers`` / ``tables``: as :func:`hhtld.load`.
 
+    ``engine``: ``"lean"`` runs hhtld's own decode loop
+    (:mod:`hhtld.loader.lean`: transformers' greedy tokens without its
+    per-token overhead; float32 Llama-family models), ``"transformers"``
+    its ``generate``, ``"auto"`` (default) the lean loop where it applies.
+
     ``chat=True`` wraps the prompt as one user message in the tokenizer's chat
     template (with the generation prompt); a tokenizer without one is a
     :class:`LoadError`. An embedding-model pack is an :class:`ArchitectureError`."""
     torch = require("torch", "hhtld.generate")
+    if engine not in ENGINES:
+        raise LoadError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise LoadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     p = open_pack_arg(pack)
@@ -148,16 +157,38 @@ def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int
     if gc.pad_token_id is None:
         gc.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     streamer = None if stream is None else _Streamer(tok, stream)
+    lean = None
+    if engine != "transformers":
+        from .lean import LeanDecoder, lean_support
+
+        why = lean_support(model)
+        if why is None:
+            lean = LeanDecoder(model, tables)
+        elif engine == "lean":
+            raise LoadError(f"{p.path}: the lean decode loop does not apply ({why}); use engine "
+                            f"'transformers' (--engine transformers)")
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            out = model.generate(**enc, generation_config=gc, streamer=streamer)
+            if lean is not None:
+                eos = gc.eos_token_id
+                eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+                prompt_ids = enc["input_ids"][0].tolist()
+                new = lean.generate(prompt_ids, max_new_tokens, eos,
+                                    None if streamer is None else streamer.add)
+                if streamer is not None:
+                    streamer.end()
+            else:
+                out = model.generate(**enc, generation_config=gc, streamer=streamer)
+                new = out[0, enc["input_ids"].shape[1]:].tolist()
     except Exception as e:
         raise LoadError(f"{p.path}: generation failed ({type(e).__name__}: {_first_line(e)})") from None
     seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1]:].tolist()
     return Generation(prompt, tok.decode(new, skip_special_tokens=True), new, int(enc["input_ids"].shape[1]),
-                      chat, seconds, base, peak_resident_bytes())
+                      chat, seconds, base, peak_resident_bytes(), "transformers" if lean is None else "lean")
+
+
+ENGINES = ("auto", "lean", "transformers")
 
 
 class _Streamer:
@@ -175,7 +206,11 @@ class _Streamer:
         if self.prompt:  # the first call carries the prompt
             self.prompt = False
             return
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        self.add(*value.reshape(-1).tolist())
+
+    def add(self, *ids: int) -> None:
+        """New token ids (the lean loop calls this directly)."""
+        self.ids.extend(int(v) for v in ids)
         self._emit_new(complete=False)
 
     def end(self) -> None:

@@ -1,0 +1,258 @@
+"""A lean greedy decode loop for Llama-family models (``engine="lean"`` of
+:func:`hhtld.generate`).
+
+transformers' ``generate`` spends tens of milliseconds a token on its own
+machinery (module calls, cache objects, masks, logits processors) before any
+weight is touched; on a 135 M model that is more than the weights cost once
+they run through the lookup-table kernels. This loop runs the same model —
+the modules :func:`hhtld.load` made, compressed or dense — with none of it:
+
+* the weights are applied by the kernels of :mod:`hhtld.kernels` (a
+  compressed linear) or by BLAS (a dense one), on numpy arrays, float32;
+* one static key/value cache ``(layers, kv heads, positions, head dim)``
+  sized for the prompt and the new tokens, allocated once;
+* rotary cos/sin for every position computed once by the model's own rotary
+  module (any rope scaling the config sets), norms and attention as the
+  Llama code computes them (eager attention, float32 softmax);
+* the prompt runs as one block (the kernels decode-then-GEMM for many rows),
+  then one token at a time.
+
+It gives transformers' greedy tokens with logits equal up to float32
+rounding (the order of additions differs; the test pins the bound). It
+applies to float32 models whose decoder layers are Llama's (RMSNorm, rotary
+attention with grouped key/value heads, SiLU gated MLP, optional biases);
+:func:`lean_support` says why another model does not qualify, and
+``engine="auto"`` then uses transformers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def lean_support(model) -> str | None:
+    """None when :class:`LeanDecoder` can run ``model``, else why not (one phrase)."""
+    import torch
+
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in LEAN_MODEL_TYPES:
+        return f"model type {mt!r} is not one of {', '.join(LEAN_MODEL_TYPES)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no Llama-style decoder stack"
+    if getattr(model, "dtype", torch.float32) != torch.float32:
+        return f"dtype {str(model.dtype).removeprefix('torch.')} (float32 only)"
+    for layer in inner.layers:
+        at = layer.self_attn
+        if any(hasattr(at, n) for n in ("q_norm", "k_norm")):
+            return "normalised queries and keys"
+        if not all(hasattr(at, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "attention without q/k/v/o projections"
+        if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "an MLP without gate/up/down projections"
+    return None
+
+
+class _Linear:
+    """``x @ W.T + b`` for one projection: the kernels for a compressed weight
+    applied in the codec's space, BLAS on the float32 weight otherwise."""
+
+    def __init__(self, module, tables: str):
+        from ..codecs.vq.codec import HhtlVqCodec
+        from .compressed import CompressedLinear
+
+        b = getattr(module, "bias", None)
+        self.bias = None if b is None else b.detach().to(getattr(module, "dtype", b.dtype)).float().numpy()
+        self.kernel = None
+        src = getattr(module, "source", None)
+        if isinstance(module, CompressedLinear) and src.cache.max_layers == 0 and src.codec_space \
+                and src.codec is HhtlVqCodec and src.device.type == "cpu":
+            self.kernel = module.source.kernel()
+            self.tables = tables
+            self.w = None
+        else:
+            import torch
+
+            w = module.weight
+            self.w = w.detach().to(torch.float32).numpy()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.kernel.matmul_t(x, self.tables) if self.kernel is not None else x @ self.w.T
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class _Layer:
+    def __init__(self, layer, tables: str):
+        at, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = (_Linear(getattr(at, n), tables) for n in ("q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj"))
+        self.gate, self.up, self.down = (_Linear(getattr(mlp, n), tables) for n in ("gate_proj", "up_proj",
+                                                                                   "down_proj"))
+        self.norm_in = _Norm(layer.input_layernorm)
+        self.norm_post = _Norm(layer.post_attention_layernorm)
+
+
+class _Norm:
+    """Llama's RMSNorm in float32: ``w * x / sqrt(mean(x²) + eps)``."""
+
+    def __init__(self, norm):
+        self.w = norm.weight.detach().float().numpy()
+        self.eps = np.float32(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+        return self.w * (x / np.sqrt(var + self.eps))
+
+
+class LeanDecoder:
+    """Greedy decoding of a Llama-family model loaded by :func:`hhtld.load`
+    (see the module). ``tables``: the kernels' lookup tables (``int16`` or
+    ``float32``) for compressed weights."""
+
+    def __init__(self, model, tables: str = "int16"):
+        why = lean_support(model)
+        if why is not None:
+            from ..errors import LoadError
+
+            raise LoadError(f"the lean decode loop does not apply: {why}")
+        cfg = model.config
+        inner = model.model
+        self.model = model
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.scaling = np.float32(self.head_dim ** -0.5)
+        self.layers = [_Layer(layer, tables) for layer in inner.layers]
+        self.norm = _Norm(inner.norm)
+        self.lm_head = _Linear(model.lm_head, tables)
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.vocab = int(cfg.vocab_size)
+        self._cos = self._sin = None
+        self.k_cache = self.v_cache = None
+
+    # --- pieces ------------------------------------------------------------------------
+    def _positions(self, n: int) -> None:
+        """cos/sin (n, head_dim) float32 by the model's rotary module (made once per length)."""
+        import torch
+
+        if self._cos is not None and self._cos.shape[0] >= n:
+            return
+        with torch.no_grad():
+            pos = torch.arange(n).unsqueeze(0)
+            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), pos)
+        self._cos = cos[0].float().numpy().copy()
+        self._sin = sin[0].float().numpy().copy()
+
+    def _rope(self, x: np.ndarray, p0: int) -> np.ndarray:
+        """x (heads, t, head_dim) rotated for positions p0 .. p0 + t."""
+        t = x.shape[1]
+        cos, sin = self._cos[p0:p0 + t], self._sin[p0:p0 + t]
+        h = self.head_dim // 2
+        rot = np.concatenate((-x[..., h:], x[..., :h]), axis=-1)
+        return x * cos + rot * sin
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.embed(torch.from_numpy(ids.astype(np.int64))).float().numpy()
+
+    def forward(self, ids: np.ndarray, p0: int) -> np.ndarray:
+        """Logits (t, vocab) float32 for token ids (t,) at positions p0 .. p0 + t, the cache
+        holding positions < p0 (and filled with these)."""
+        t = ids.shape[0]
+        h = self._embed(ids)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        grp = nh // nkv
+        p1 = p0 + t
+        mask = None
+        if t > 1:
+            mask = np.triu(np.full((t, p1), -np.inf, dtype=np.float32), k=p0 + 1)
+        for li, L in enumerate(self.layers):
+            x = L.norm_in(h)
+            q = L.q(x).reshape(t, nh, hd).transpose(1, 0, 2)
+            k = L.k(x).reshape(t, nkv, hd).transpose(1, 0, 2)
+            v = L.v(x).reshape(t, nkv, hd).transpose(1, 0, 2)
+            q = self._rope(q, p0)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[:, p0:p1] = self._rope(k, p0)
+            vc[:, p0:p1] = v
+            # (nkv, grp * t, hd) @ (nkv, hd, p1) → scores per key/value head
+            qg = q.reshape(nkv, grp * t, hd)
+            s = np.matmul(qg, kc[:, :p1].transpose(0, 2, 1)) * self.scaling
+            if mask is not None:
+                s = s.reshape(nkv, grp, t, p1) + mask
+                s = s.reshape(nkv, grp * t, p1)
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            a = np.matmul(s, vc[:, :p1])  # (nkv, grp * t, hd)
+            a = a.reshape(nh, t, hd).transpose(1, 0, 2).reshape(t, nh * hd)
+            h = h + L.o(a)
+            x = L.norm_post(h)
+            g = L.gate(x)
+            u = L.up(x)
+            h = h + L.down(g / (1.0 + np.exp(-g)) * u)
+        return self.lm_head(self.norm(h))
+
+    # --- the loop -----------------------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens: int, eos_ids=(), put=None, seen=None) -> list[int]:
+        """Greedy continuation of ``prompt_ids`` (a sequence of ints): up to
+        ``max_new_tokens`` ids, stopping after the first in ``eos_ids``.
+        ``put(id)`` is called with each new id as it is chosen, ``seen(logits)``
+        with the (vocab,) float32 logits each id was chosen from."""
+        ids = np.asarray(list(prompt_ids), dtype=np.int64)
+        n = ids.shape[0] + max_new_tokens
+        self._positions(n)
+        shape = (len(self.layers), self.n_kv, n, self.head_dim)
+        self.k_cache = np.zeros(shape, dtype=np.float32)
+        self.v_cache = np.zeros(shape, dtype=np.float32)
+        eos = set(int(e) for e in eos_ids)
+        out: list[int] = []
+        try:
+            logits = self.forward(ids, 0)[-1]
+            p = ids.shape[0]
+            while True:
+                if seen is not None:
+                    seen(logits)
+                nxt = int(np.argmax(logits))
+                out.append(nxt)
+                if put is not None:
+                    put(nxt)
+                if nxt in eos or len(out) >= max_new_tokens:
+                    break
+                logits = self.forward(np.asarray([nxt]), p)[0]
+                p += 1
+        finally:
+            self.k_cache = self.v_cache = None
+        return out
+
+    def logits(self, prompt_ids, stepwise: bool = True) -> np.ndarray:
+        """Logits (t, vocab) float32 of every position of ``prompt_ids``: one token at a time
+        through the cache (``stepwise``, the path generation takes after the prompt) or the
+        whole sequence as one block (the prompt's path)."""
+        ids = np.asarray(list(prompt_ids), dtype=np.int64)
+        n = ids.shape[0]
+        self._positions(n)
+        shape = (len(self.layers), self.n_kv, n, self.head_dim)
+        self.k_cache = np.zeros(shape, dtype=np.float32)
+        self.v_cache = np.zeros(shape, dtype=np.float32)
+        try:
+            if not stepwise:
+                return self.forward(ids, 0)
+            return np.stack([self.forward(ids[i:i + 1], i)[0] for i in range(n)])
+        finally:
+            self.k_cache = self.v_cache = None
+
+
+__all__ = ["LEAN_MODEL_TYPES", "LeanDecoder", "lean_support"]
