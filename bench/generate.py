@@ -9,8 +9,10 @@ child process (so its peak memory is its own):
   prompt; tokens per second of each of ``--runs`` passes after one warm-up
   pass, median reported; time to first token excluded by subtracting a
   one-token pass.
-* **prompt**: one forward over a ``--prompt-tokens``-token prompt (a held-out
-  passage), median of ``--runs``.
+* **prompt**: the prompt pass of generation over a ``--prompt-tokens``-token
+  prompt (a held-out passage): one forward, the last position's logits only
+  (transformers' ``logits_to_keep=1``, as its ``generate`` runs it), median of
+  ``--runs``.
 * **memory**: the child's peak resident memory (``VmHWM``) and its resident
   memory right before the model is loaded (after importing torch,
   transformers, hhtld and the Llama modelling code, loading the tokenizer
@@ -22,11 +24,15 @@ child process (so its peak memory is its own):
   the held-out passages (``--kl-passages`` per kind, ``--kl-tokens`` each),
   every row through the tables (as token-by-token generation runs them), and
   float32 tables for scale.
-* **where a token's time goes**: one profiled generation of the int16 path
-  (time in the kernels, in the rest of the compressed modules, in torch).
+* **where a token's time goes**: one timed generation of the default run path
+  (int16 tables, lean loop): time in the kernels per projection, and the rest.
 
-Configurations: dense float32 torch (``hhtld.load``), ``keep_compressed`` with
-int16 tables and with float32 tables. Writes ``bench/generate.json`` and
+Configurations: dense float32 (``hhtld.load``) under transformers' ``generate``
+and under hhtld's lean decode loop (:mod:`hhtld.loader.lean`), and
+``keep_compressed`` with int16 tables (lean loop: what ``hhtld generate
+--keep-compressed`` runs; and under transformers' ``generate``) and with
+float32 tables (lean loop). Prompt time of a lean configuration is one
+forward of the whole prompt through the lean loop. Writes ``bench/generate.json`` and
 ``bench/generate.md``.
 
     python bench/generate.py [--pack bench/out/smollm2-default.hhtld]
@@ -53,10 +59,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT = "The capital of France is"
+DENSE = "dense float32, transformers generate"
+BEST = "hhtld keep_compressed, int16 tables, lean loop"
 CONFIGS = {
-    "dense float32 (torch)": {"keep_compressed": False},
-    "hhtld keep_compressed, int16 tables": {"keep_compressed": True, "tables": "int16"},
-    "hhtld keep_compressed, float32 tables": {"keep_compressed": True, "tables": "float32"},
+    DENSE: {"keep_compressed": False, "engine": "transformers"},
+    "dense float32, lean loop": {"keep_compressed": False, "engine": "lean"},
+    BEST: {"keep_compressed": True, "tables": "int16", "engine": "lean"},
+    "hhtld keep_compressed, float32 tables, lean loop": {"keep_compressed": True, "tables": "float32",
+                                                         "engine": "lean"},
+    "hhtld keep_compressed, int16 tables, transformers generate": {"keep_compressed": True, "tables": "int16",
+                                                                    "engine": "transformers"},
 }
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 
@@ -88,17 +100,31 @@ def child(args) -> dict:
     tok = hhtld.load_tokenizer(args.pack)
     from transformers.models.llama import modeling_llama  # noqa: F401  (what load imports lazily)
 
+    from hhtld.kernels import sync_threads
+    from hhtld.loader.lean import LeanDecoder
+
+    engine = opts.pop("engine")
     base = _status("VmRSS")
     model = hhtld.load(args.pack, **opts)
     loaded = _status("VmRSS")
     enc = tok(PROMPT, return_tensors="pt")
+    lean = LeanDecoder(model, opts.get("tables", "int16")) if engine == "lean" else None
+    sync_threads(args.threads)
 
     def gen(n: int) -> float:
         with torch.no_grad():
             t0 = time.perf_counter()
-            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=tok.eos_token_id)
+            if lean is not None:
+                lean.generate(enc["input_ids"][0].tolist(), n)  # no end-of-sequence id: n tokens
+            else:
+                model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=tok.eos_token_id)
             return time.perf_counter() - t0
+
+    def prompt(ids):  # the prompt pass of generation: the next token's logits only
+        if lean is not None:
+            return lean.logits(ids[0].tolist(), stepwise=False, last_only=True)
+        return model(input_ids=ids, logits_to_keep=1)
 
     gen(4)
     rates = []
@@ -109,10 +135,10 @@ def child(args) -> dict:
     ids = tok(text, return_tensors="pt")["input_ids"][:, :args.prompt_tokens]
     prompt_s = []
     with torch.no_grad():
-        model(input_ids=ids)
+        prompt(ids)
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            model(input_ids=ids)
+            prompt(ids)
             prompt_s.append(time.perf_counter() - t0)
     return {"tok_s": rates, "prompt_s": prompt_s, "prompt_tokens": int(ids.shape[1]), "base": base,
             "loaded": loaded, "peak": _status("VmHWM"), "weights": hhtld.weight_memory(model)}
@@ -168,55 +194,57 @@ def fidelity(args) -> dict:
 
 
 def profile(args) -> dict:
-    """Where one generated token's time goes on the int16 path (wall-clock shares)."""
+    """Where one generated token's time goes on the default run path (int16 tables, the lean
+    loop): the kernels (by projection), and everything else (embedding row, norms, rotary,
+    attention, the loop)."""
+    import numpy as np
     import torch
 
     import hhtld
-    from hhtld.kernels import vq, warm_up
-    from hhtld.loader import compressed
+    from hhtld.kernels import sync_threads, warm_up
+    from hhtld.kernels.native import simd
+    from hhtld.loader import lean as lean_mod
 
     torch.set_num_threads(args.threads)
     warm_up()
     tok = hhtld.load_tokenizer(args.pack)
     model = hhtld.load(args.pack, keep_compressed=True)
-    enc = tok(PROMPT, return_tensors="pt")
-    spent = {"kernels": 0.0, "compressed modules": 0.0, "embedding rows": 0.0}
+    sync_threads(args.threads)
+    lean = lean_mod.LeanDecoder(model, "int16")
+    names = {}
+    for layer in lean.layers:
+        for key in ("q", "k", "v", "o", "gate", "up", "down"):
+            names[id(getattr(layer, key))] = key
+    names[id(lean.lm_head)] = "lm_head"
+    spent = {k: 0.0 for k in ("q", "k", "v", "o", "gate", "up", "down", "lm_head")}
+    orig = lean_mod._Linear.__call__
 
-    def wrap(cls, name, key):
-        orig = getattr(cls, name)
+    def timed(self, x):
+        t0 = time.perf_counter()
+        try:
+            return orig(self, x)
+        finally:
+            if x.shape[0] == 1:
+                spent[names[id(self)]] += time.perf_counter() - t0
 
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return orig(*a, **k)
-            finally:
-                spent[key] += time.perf_counter() - t0
-        setattr(cls, name, timed)
-        return orig
-
-    saved = [(vq.VqKernel, "matmul_t", wrap(vq.VqKernel, "matmul_t", "kernels")),
-             (compressed.CompressedLinear, "forward", wrap(compressed.CompressedLinear, "forward",
-                                                           "compressed modules")),
-             (compressed.CompressedEmbedding, "forward", wrap(compressed.CompressedEmbedding, "forward",
-                                                              "embedding rows"))]
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+    lean.generate(ids, 4)
+    lean_mod._Linear.__call__ = timed
     try:
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
-            for k in spent:
-                spent[k] = 0.0
-            t0 = time.perf_counter()
-            model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                           pad_token_id=tok.eos_token_id)
-            total = time.perf_counter() - t0
+        one = time.perf_counter()
+        lean.generate(ids, 1)  # the prompt and one token, for the time to subtract
+        one = time.perf_counter() - one
+        for k in spent:
+            spent[k] = 0.0
+        t0 = time.perf_counter()
+        lean.generate(ids, args.tokens + 1)
+        total = time.perf_counter() - t0 - one
     finally:
-        for cls, name, orig in saved:
-            setattr(cls, name, orig)
+        lean_mod._Linear.__call__ = orig
     per = 1000.0 / args.tokens
-    kern = spent["kernels"]
-    return {"ms_per_token": total * per, "kernels_ms": kern * per,
-            "compressed_module_overhead_ms": (spent["compressed modules"] - kern) * per,
-            "embedding_ms": spent["embedding rows"] * per,
-            "rest_ms": (total - spent["compressed modules"] - spent["embedding rows"]) * per}
+    kern = {k: v * per for k, v in spent.items()}
+    return {"ms_per_token": total * per, "kernels_ms": float(np.sum(list(kern.values()))), "kernels_by_projection_ms":
+            kern, "rest_ms": total * per - float(np.sum(list(kern.values()))), "simd": simd()}
 
 
 # --- llama.cpp --------------------------------------------------------------------------------
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
 
 
 def report(r: dict) -> str:
-    dense = r["configs"]["dense float32 (torch)"]
+    dense = r["configs"][DENSE]
     d_tok = statistics.median(dense["tok_s"])
     d_prompt = statistics.median(dense["prompt_s"])
     imp = r["imports"]
@@ -327,15 +355,14 @@ def report(r: dict) -> str:
               f"(the kernels' fixed cost {_mb(imp['with kernels']['peak'] - imp['plain']['peak'])})."]
     ll = r.get("llama_cpp") or {}
     if "Q4_K_M" in ll and "gen_tok_s" in ll["Q4_K_M"]:
-        best = statistics.median(r["configs"]["hhtld keep_compressed, int16 tables"]["tok_s"])
+        best = statistics.median(r["configs"][BEST]["tok_s"])
         lines.append(f"hhtld int16 vs llama.cpp Q4_K_M generation: {best / ll['Q4_K_M']['gen_tok_s']:.2f}×.")
     if "profile" in r:
         p = r["profile"]
-        lines += ["", f"Where a token's time goes (int16 tables, one generation of {r['tokens']} tokens, "
-                      f"{p['ms_per_token']:.1f} ms a token): kernels {p['kernels_ms']:.1f} ms, the compressed "
-                      f"modules around them {p['compressed_module_overhead_ms']:.1f} ms, embedding rows "
-                      f"{p['embedding_ms']:.1f} ms, everything else (attention, norms, transformers' generate) "
-                      f"{p['rest_ms']:.1f} ms."]
+        by = ", ".join(f"{k} {v:.1f}" for k, v in p["kernels_by_projection_ms"].items())
+        lines += ["", f"Where a token's time goes ({BEST}, one generation of {r['tokens']} tokens, "
+                      f"{p['ms_per_token']:.1f} ms a token): kernels {p['kernels_ms']:.1f} ms ({by}), "
+                      f"everything else (embedding row, norms, rotary, attention, the loop) {p['rest_ms']:.1f} ms."]
     if "fidelity" in r:
         lines += ["", "| run path vs the decoded pack | " + " | ".join(
             next(iter(r["fidelity"].values()))["per_kind"]) + " | worst |", "|---|" + "---|" * (

@@ -23,15 +23,15 @@
 #define GROUP 16
 #define K 256
 
-static void tiles_scalar(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
-                         const float *scales, float *y)
+static void tiles_scalar(const uint8_t *tw, int64_t n_tiles, int64_t n_seg, int64_t s_a, int64_t s_b,
+                         const int16_t *tab, const float *scales, float *y, int accumulate)
 {
-    for (int64_t t = t0; t < t1; t++) {
+    for (int64_t t = 0; t < n_tiles; t++) {
         const uint8_t *tt = tw + t * n_seg * TILE;
         float acc[TILE];
-        for (int i = 0; i < TILE; i++) acc[i] = 0.0f;
-        for (int64_t g0 = 0; g0 < n_seg; g0 += GROUP) {
-            int64_t g1 = g0 + GROUP < n_seg ? g0 + GROUP : n_seg;
+        for (int i = 0; i < TILE; i++) acc[i] = accumulate ? y[t * TILE + i] : 0.0f;
+        for (int64_t g0 = s_a; g0 < s_b; g0 += GROUP) {
+            int64_t g1 = g0 + GROUP < s_b ? g0 + GROUP : s_b;
             int32_t part[TILE];
             for (int i = 0; i < TILE; i++) part[i] = 0;
             for (int64_t s = g0; s < g1; s++) {
@@ -137,14 +137,21 @@ __attribute__((target("avx512f,avx512bw")))
 static inline __m512 widen_hi(__m512i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))); }
 
 __attribute__((target("avx512f,avx512bw")))
-static void tiles_avx512(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
-                         const float *scales, float *y)
+static void tiles_avx512(const uint8_t *tw, int64_t n_tiles, int64_t n_seg, int64_t s_a, int64_t s_b,
+                         const int16_t *tab, const float *scales, float *y, int accumulate)
 {
-    for (int64_t t = t0; t < t1; t++) {
+    for (int64_t t = 0; t < n_tiles; t++) {
         const uint8_t *tt = tw + t * n_seg * TILE;
-        __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
-        for (int64_t g0 = 0; g0 < n_seg; g0 += GROUP) {
-            int64_t g1 = g0 + GROUP < n_seg ? g0 + GROUP : n_seg;
+        float *yt = y + t * TILE;
+        __m512 f0, f1, f2, f3;
+        if (accumulate) {
+            f0 = _mm512_loadu_ps(yt); f1 = _mm512_loadu_ps(yt + 16);
+            f2 = _mm512_loadu_ps(yt + 32); f3 = _mm512_loadu_ps(yt + 48);
+        } else {
+            f0 = f1 = f2 = f3 = _mm512_setzero_ps();
+        }
+        for (int64_t g0 = s_a; g0 < s_b; g0 += GROUP) {
+            int64_t g1 = g0 + GROUP < s_b ? g0 + GROUP : s_b;
             __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
             for (int64_t s = g0; s < g1; s++) {
                 const __m512i *ts = (const __m512i *)(tab + s * K);
@@ -160,7 +167,6 @@ static void tiles_avx512(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_se
             f2 = _mm512_fmadd_ps(sc, widen_lo(b), f2);
             f3 = _mm512_fmadd_ps(sc, widen_hi(b), f3);
         }
-        float *yt = y + t * TILE;
         _mm512_storeu_ps(yt, f0);
         _mm512_storeu_ps(yt + 16, f1);
         _mm512_storeu_ps(yt + 32, f2);
@@ -212,17 +218,20 @@ int hhtld_lut_set_simd(int simd)
     return use_avx512;
 }
 
-/* y[t*64 .. t1*64) for tiles [t0, t1): see the header. */
-void hhtld_lut_tiles(const uint8_t *tw, int64_t t0, int64_t t1, int64_t n_seg, const int16_t *tab,
-                     const float *scales, float *y)
+/* y[0 .. n_tiles * 64) (+)= the sums over segments [s_a, s_b) of one stage (s_a a multiple of
+ * GROUP; n_seg the stage's segments, the tiles' stride; tab / scales from the stage's segment 0):
+ * see the header. One thread takes a range of segments for every tile, so that the table rows it
+ * built are the ones it reads. */
+void hhtld_lut_tiles(const uint8_t *tw, int64_t n_tiles, int64_t n_seg, int64_t s_a, int64_t s_b,
+                     const int16_t *tab, const float *scales, float *y, int accumulate)
 {
 #ifdef HAVE_X86
     if (hhtld_lut_simd()) {
-        tiles_avx512(tw, t0, t1, n_seg, tab, scales, y);
+        tiles_avx512(tw, n_tiles, n_seg, s_a, s_b, tab, scales, y, accumulate);
         return;
     }
 #endif
-    tiles_scalar(tw, t0, t1, n_seg, tab, scales, y);
+    tiles_scalar(tw, n_tiles, n_seg, s_a, s_b, tab, scales, y, accumulate);
 }
 
 /* Rows [r0, r1) of Q (the unit-gain rows in the rotated space) from one stage's one-byte tiled
@@ -246,8 +255,11 @@ void hhtld_lut_gather(const uint8_t *twt, int64_t n_seg, const float *palr, cons
             if (w <= 0) continue;
             if (accumulate) {
                 for (int64_t i = 0; i < w; i++) row[col + i] += src[i];
+            } else if (w == 2) {  /* the ladder's first stage */
+                row[col] = src[0];
+                row[col + 1] = src[1];
             } else {
-                memcpy(row + col, src, (size_t)w * sizeof(float));
+                for (int64_t i = 0; i < w; i++) row[col + i] = src[i];
             }
         }
     }

@@ -31,29 +31,49 @@ TILE = 64
 GROUP = 16  # segments that share one int16-table scale (the C extension's GROUP)
 
 
-@njit(**_JIT)
+@njit(fastmath=True, **_JIT)
 def _rotate_row(x, signs, block, out, r):
-    c = x.shape[1]
+    xr = x[r]
+    o = out[r]
+    c = xr.shape[0]
     scale = np.float32(1.0 / np.sqrt(block))
     rot = signs.shape[0] > 0
     for i in range(c):
-        out[r, i] = x[r, i] * np.float32(signs[i]) if rot else x[r, i]
-    for i in range(c, out.shape[1]):
-        out[r, i] = np.float32(0.0)
+        o[i] = xr[i] * np.float32(signs[i]) if rot else xr[i]
+    for i in range(c, o.shape[0]):
+        o[i] = np.float32(0.0)
     if not rot:
         return
     for b0 in range(0, c, block):
+        blk = o[b0:b0 + block]
         h = 1
+        if block >= 4:  # the first two butterfly levels four at a time
+            for i in range(0, block, 4):
+                a0 = blk[i]
+                a1 = blk[i + 1]
+                a2 = blk[i + 2]
+                a3 = blk[i + 3]
+                s0 = a0 + a1
+                d0 = a0 - a1
+                s1 = a2 + a3
+                d1 = a2 - a3
+                blk[i] = s0 + s1
+                blk[i + 1] = d0 + d1
+                blk[i + 2] = s0 - s1
+                blk[i + 3] = d0 - d1
+            h = 4
         while h < block:
-            for i in range(b0, b0 + block, 2 * h):
-                for j in range(i, i + h):
-                    a = out[r, j]
-                    b = out[r, j + h]
-                    out[r, j] = a + b
-                    out[r, j + h] = a - b
+            for i in range(0, block, 2 * h):
+                lo = blk[i:i + h]
+                hi = blk[i + h:i + 2 * h]
+                for j in range(h):
+                    a = lo[j]
+                    b = hi[j]
+                    lo[j] = a + b
+                    hi[j] = a - b
             h *= 2
-        for i in range(b0, b0 + block):
-            out[r, i] *= scale
+        for i in range(block):
+            blk[i] *= scale
 
 
 @njit(**_JIT)
@@ -136,66 +156,72 @@ _lut_tiles = lut_function()
 _lut_group = table_function()
 _lut_gather = gather_function()
 if _lut_tiles is not None:
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _stage_part(xrow, palt, offs, widths, twt, pmax, ga, gb, tab, scales, acc, accumulate):
+        # table rows of groups [ga, gb) of one stage, then their sums over every tile
+        s = twt.shape[1]
+        npos = palt.shape[0]
+        period = 0
+        for j in range(npos):
+            period += widths[j]
+        for g in range(ga, gb):
+            _lut_group(xrow.ctypes.data, palt.ctypes.data, offs.ctypes.data, widths.ctypes.data, pmax.ctypes.data,
+                       npos, palt.shape[1], palt.shape[2], period, g * GROUP, min(s, g * GROUP + GROUP),
+                       tab.ctypes.data, scales[g:].ctypes.data)
+        _lut_tiles(twt.ctypes.data, twt.shape[0], s, ga * GROUP, min(s, gb * GROUP), tab.ctypes.data,
+                   scales.ctypes.data, acc.ctypes.data, 1 if accumulate else 0)
+
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
     def _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n,
-                    tab, scales, acc, part, chunks, y):
-        # tables of both stages (one parallel region over their groups of segments)
+                    tab, scales, acc, chunks, y):
+        # one parallel region: chunk ch takes a range of the groups of segments of both stages,
+        # builds their table rows and sums them over every tile into its own acc[ch]
         s0 = t0.shape[1]
         s1 = t1.shape[1] if n_stages > 1 else 0
         g0n = (s0 + GROUP - 1) // GROUP
         g1n = (s1 + GROUP - 1) // GROUP
-        per0 = p0.shape[0]
-        per1 = p1.shape[0]
-        period0 = 0
-        for j in range(per0):
-            period0 += w0[j]
-        period1 = 0
-        for j in range(per1):
-            period1 += w1[j]
-        for g in prange(g0n + g1n):
-            if g < g0n:
-                _lut_group(xrow.ctypes.data, p0.ctypes.data, o0.ctypes.data, w0.ctypes.data, m0.ctypes.data, per0,
-                           p0.shape[1], p0.shape[2], period0, g * GROUP, min(s0, g * GROUP + GROUP),
-                           tab.ctypes.data, scales[g:].ctypes.data)
-            else:
-                h = g - g0n
-                _lut_group(xrow.ctypes.data, p1.ctypes.data, o1.ctypes.data, w1.ctypes.data, m1.ctypes.data, per1,
-                           p1.shape[1], p1.shape[2], period1, h * GROUP, min(s1, h * GROUP + GROUP),
-                           tab[s0:].ctypes.data, scales[g:].ctypes.data)
-        # the sums, and gain and leaf, tile range by tile range (one parallel region)
-        n_tiles = t0.shape[0]
-        per = (n_tiles + chunks - 1) // chunks
+        total = g0n + g1n
+        per = (total + chunks - 1) // chunks
+        tab1 = tab[s0:]
+        sc1 = scales[g0n:]
+        for ch in prange(chunks):
+            ga = min(total, ch * per)
+            gb = min(total, ga + per)
+            out = acc[ch]
+            done = False
+            if ga < min(gb, g0n):
+                _stage_part(xrow, p0, o0, w0, t0, m0, ga, min(gb, g0n), tab, scales, out, False)
+                done = True
+            if max(ga, g0n) < gb:
+                _stage_part(xrow, p1, o1, w1, t1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out, done)
+                done = True
+            if not done:
+                out[:] = 0.0
+        # the chunks' sums, times the gains, plus the leaf
         lanes = leaf.shape[1]
         has_gain = gain.shape[0] > 0
-        for ch in prange(chunks):
-            a = ch * per
-            b = min(n_tiles, a + per)
-            if a < b:
-                _lut_tiles(t0.ctypes.data, a, b, s0, tab.ctypes.data, scales.ctypes.data, acc.ctypes.data)
-                if n_stages > 1:
-                    _lut_tiles(t1.ctypes.data, a, b, s1, tab[s0:].ctypes.data, scales[g0n:].ctypes.data,
-                               part.ctypes.data)
-                for o in range(a * TILE, min(n, b * TILE)):
-                    v = acc[o]
-                    if n_stages > 1:
-                        v += part[o]
-                    if has_gain:
-                        v *= gain[o]
-                    if lanes > 0:
-                        lf = np.float32(0.0)
-                        for la in range(lanes):
-                            lf += c[la] * np.float32(leaf[o, la])
-                        v += lf
-                    y[o] = v
+        for o in range(n):
+            v = acc[0, o]
+            for ch in range(1, chunks):
+                v += acc[ch, o]
+            if has_gain:
+                v *= gain[o]
+            if lanes > 0:
+                lf = np.float32(0.0)
+                for la in range(lanes):
+                    lf += c[la] * np.float32(leaf[o, la])
+                v += lf
+            y[o] = v
 
 
-def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, part, chunks, y):
+def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
     """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
     (``st0`` / ``st1``: (palt, offs, widths, tiled twigs, pmax)) with int16 tables, times the
     gains, plus the leaf (``c`` (lanes,) its coefficients for this row): the whole product in
-    two parallel regions. Scratch: ``tab`` (segments of both stages, 256) int16, ``scales``
-    (their groups,), ``acc`` / ``part`` (tiles × 64,)."""
-    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, acc, part, chunks, y)
+    one parallel region, its ``acc.shape[0]`` chunks each taking a range of segments (tables
+    and sums; no barrier), then their sums added. Scratch: ``tab`` (segments of both stages, 256)
+    int16, ``scales`` (their groups,), ``acc`` (chunks, tiles × 64)."""
+    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, acc, acc.shape[0], y)
 
 
 @njit(parallel=True, **_JIT)
@@ -279,24 +305,33 @@ def gather(twt, palr, offs, widths, start, out, accumulate):
                         row[base + i] = flat[src + i]
 
 
+GATHER_ROWS = 32  # rows decoded through every stage before the next rows (they stay in cache)
+
 if _lut_gather is not None:
     @njit(parallel=True, nogil=True, boundscheck=False)
-    def _gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks):
+    def _gather_u8(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out, chunks):
         m, n_cols = out.shape
         per = (m + chunks - 1) // chunks
         for c in prange(chunks):
             a = c * per
             b = min(m, a + per)
-            if a < b:
-                _lut_gather(twt.ctypes.data, twt.shape[1], palr.ctypes.data, offs.ctypes.data, widths.ctypes.data,
-                            offs.shape[0], palr.shape[1], palr.shape[2], start + a, start + b, n_cols,
-                            1 if accumulate else 0, out[a:].ctypes.data)
+            for r0 in range(a, b, GATHER_ROWS):
+                r1 = min(b, r0 + GATHER_ROWS)
+                _lut_gather(tw0.ctypes.data, tw0.shape[1], pal0.ctypes.data, off0.ctypes.data, w0.ctypes.data,
+                            off0.shape[0], pal0.shape[1], pal0.shape[2], start + r0, start + r1, n_cols, 0,
+                            out[r0:].ctypes.data)
+                if n_stages > 1:
+                    _lut_gather(tw1.ctypes.data, tw1.shape[1], pal1.ctypes.data, off1.ctypes.data,
+                                w1.ctypes.data, off1.shape[0], pal1.shape[1], pal1.shape[2], start + r0,
+                                start + r1, n_cols, 1, out[r0:].ctypes.data)
 
 
-def gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks):
-    """:func:`gather` for one-byte twigs by the C extension (``out`` C-contiguous); only when
+def gather_u8(st0, st1, n_stages, start, out, chunks):
+    """out (m, n_cols) = the rows ``start .. start + m`` of Q over one or two stages of one-byte
+    twigs (``st0`` / ``st1``: (tiled twigs, palr, offs, widths)), by the C extension, GATHER_ROWS
+    rows through both stages at a time (``out`` C-contiguous); only when
     :func:`hhtld.kernels.native.gather_function` is not None."""
-    _gather_u8(twt, palr, offs, widths, start, out, accumulate, chunks)
+    _gather_u8(*st0, *st1, n_stages, start, out, chunks)
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",

@@ -21,10 +21,9 @@ def library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(spec.origin)
     except OSError as e:
         return f"cannot load {spec.origin}: {e}"
-    lib.hhtld_lut_tiles.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.hhtld_lut_tiles.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.hhtld_lut_tiles.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.hhtld_lut_tiles.restype = None
     lib.hhtld_lut_group.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
     lib.hhtld_lut_group.restype = None
     lib.hhtld_lut_gather.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int, ptr]

@@ -8,7 +8,9 @@ they run through the lookup-table kernels. This loop runs the same model —
 the modules :func:`hhtld.load` made, compressed or dense — with none of it:
 
 * the weights are applied by the kernels of :mod:`hhtld.kernels` (a
-  compressed linear) or by BLAS (a dense one), on numpy arrays, float32;
+  compressed linear) or by torch's BLAS (a dense one), on numpy arrays,
+  float32 (every matrix product in torch, whose threads the kernels' own
+  GEMMs use: one pool of BLAS threads, not two);
 * one static key/value cache ``(layers, kv heads, positions, head dim)``
   sized for the prompt and the new tokens, allocated once;
 * rotary cos/sin for every position computed once by the model's own rotary
@@ -80,14 +82,23 @@ class _Linear:
         else:
             import torch
 
-            w = module.weight
-            self.w = w.detach().to(torch.float32).numpy()
+            self.w = module.weight.detach().to(torch.float32).t()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = self.kernel.matmul_t(x, self.tables) if self.kernel is not None else x @ self.w.T
+        y = self.kernel.matmul_t(x, self.tables) if self.kernel is not None else _mm(x, self.w)
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def _mm(a, b) -> np.ndarray:
+    """a @ b (numpy arrays or torch tensors) by torch's BLAS: the threads the kernels' GEMMs use
+    too (numpy's BLAS would bring a third pool of spinning threads onto the same cores)."""
+    import torch
+
+    a = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    b = torch.from_numpy(b) if isinstance(b, np.ndarray) else b
+    return torch.matmul(a, b).numpy()
 
 
 class _Layer:
@@ -167,9 +178,10 @@ class LeanDecoder:
         with torch.no_grad():
             return self.embed(torch.from_numpy(ids.astype(np.int64))).float().numpy()
 
-    def forward(self, ids: np.ndarray, p0: int) -> np.ndarray:
+    def forward(self, ids: np.ndarray, p0: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) float32 for token ids (t,) at positions p0 .. p0 + t, the cache
-        holding positions < p0 (and filled with these)."""
+        holding positions < p0 (and filled with these); (1, vocab), the last position's only,
+        with ``last_only`` (what generation needs from a prompt)."""
         t = ids.shape[0]
         h = self._embed(ids)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
@@ -189,20 +201,22 @@ class LeanDecoder:
             vc[:, p0:p1] = v
             # (nkv, grp * t, hd) @ (nkv, hd, p1) → scores per key/value head
             qg = q.reshape(nkv, grp * t, hd)
-            s = np.matmul(qg, kc[:, :p1].transpose(0, 2, 1)) * self.scaling
+            s = _mm(qg, kc[:, :p1].transpose(0, 2, 1)) * self.scaling
             if mask is not None:
                 s = s.reshape(nkv, grp, t, p1) + mask
                 s = s.reshape(nkv, grp * t, p1)
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-            a = np.matmul(s, vc[:, :p1])  # (nkv, grp * t, hd)
+            a = _mm(s, vc[:, :p1])  # (nkv, grp * t, hd)
             a = a.reshape(nh, t, hd).transpose(1, 0, 2).reshape(t, nh * hd)
             h = h + L.o(a)
             x = L.norm_post(h)
             g = L.gate(x)
             u = L.up(x)
             h = h + L.down(g / (1.0 + np.exp(-g)) * u)
+        if last_only:
+            h = h[-1:]
         return self.lm_head(self.norm(h))
 
     # --- the loop -----------------------------------------------------------------------
@@ -220,7 +234,7 @@ class LeanDecoder:
         eos = set(int(e) for e in eos_ids)
         out: list[int] = []
         try:
-            logits = self.forward(ids, 0)[-1]
+            logits = self.forward(ids, 0, last_only=True)[0]
             p = ids.shape[0]
             while True:
                 if seen is not None:
@@ -237,10 +251,11 @@ class LeanDecoder:
             self.k_cache = self.v_cache = None
         return out
 
-    def logits(self, prompt_ids, stepwise: bool = True) -> np.ndarray:
+    def logits(self, prompt_ids, stepwise: bool = True, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) float32 of every position of ``prompt_ids``: one token at a time
         through the cache (``stepwise``, the path generation takes after the prompt) or the
-        whole sequence as one block (the prompt's path)."""
+        whole sequence as one block (the prompt's path; ``last_only``: (1, vocab), the last
+        position's)."""
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
         n = ids.shape[0]
         self._positions(n)
@@ -249,7 +264,7 @@ class LeanDecoder:
         self.v_cache = np.zeros(shape, dtype=np.float32)
         try:
             if not stepwise:
-                return self.forward(ids, 0)
+                return self.forward(ids, 0, last_only)
             return np.stack([self.forward(ids[i:i + 1], i)[0] for i in range(n)])
         finally:
             self.k_cache = self.v_cache = None

@@ -126,7 +126,7 @@ def hadamard_block(n_cols: int, max_block: int = ROTATION_MAX_BLOCK) -> int:
 
 
 @lru_cache(maxsize=16)
-def _sylvester(b: int) -> np.ndarray:
+def sylvester(b: int) -> np.ndarray:
     """(b, b) float32 Sylvester Hadamard matrix of ±1 (b a power of two)."""
     h = np.ones((1, 1), dtype=np.float32)
     while h.shape[0] < b:
@@ -166,12 +166,12 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     weights/s; at 256 even, from 512 the two-factor form wins)."""
     n, c = x.shape
     if b < KRONECKER_FROM:
-        y = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1, b) @ _sylvester(b)).reshape(n, c)
+        y = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1, b) @ sylvester(b)).reshape(n, c)
         y *= np.float32(1.0 / np.sqrt(b))
         return y
     p, q = _factors(b)
-    y = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, q) @ _sylvester(q)
-    y = np.matmul(_sylvester(p), y.reshape(-1, p, q)).reshape(n, c)
+    y = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, q) @ sylvester(q)
+    y = np.matmul(sylvester(p), y.reshape(-1, p, q)).reshape(n, c)
     y *= np.float32(1.0 / np.sqrt(b))
     return y
 
@@ -510,6 +510,6 @@ def twig_row_bytes(stages: tuple[Stage, ...], n_cols: int) -> int:
 __all__ = [
     "Layout", "Stage", "VqBlock", "VqModel", "VqResult", "assign", "decode_rows", "encode_block", "encode_rows",
     "fit_model", "hadamard_block",
-    "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "train_palette",
+    "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "sylvester", "train_palette",
     "twig_row_bytes",
 ]
