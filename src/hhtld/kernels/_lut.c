@@ -244,22 +244,41 @@ void hhtld_lut_gather(const uint8_t *twt, int64_t n_seg, const float *palr, cons
 {
     int64_t period = 0;
     for (int64_t j = 0; j < npos; j++) period += widths[j];
+    int64_t n_per = (n_seg + npos - 1) / npos;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *tt = twt + (r / TILE) * n_seg * TILE + (r % TILE);
         float *row = out + (r - r0) * n_cols;
-        for (int64_t s = 0; s < n_seg; s++) {
-            int64_t p = s / npos, j = s - p * npos, col = p * period + offs[j];
-            const float *src = palr + (j * k + tt[s * TILE]) * wmax;
-            int64_t w = widths[j];
-            if (col + w > n_cols) w = n_cols - col;
-            if (w <= 0) continue;
-            if (accumulate) {
-                for (int64_t i = 0; i < w; i++) row[col + i] += src[i];
-            } else if (w == 2) {  /* the ladder's first stage */
-                row[col] = src[0];
-                row[col + 1] = src[1];
-            } else {
-                for (int64_t i = 0; i < w; i++) row[col + i] = src[i];
+        if (npos == 1 && offs[0] == 0 && widths[0] == 2 && n_seg * 2 <= n_cols && !accumulate) {  /* the ladder's first stage */
+            for (int64_t s = 0; s < n_seg; s++) {
+                const float *src = palr + tt[s * TILE] * wmax;
+                row[2 * s] = src[0];
+                row[2 * s + 1] = src[1];
+            }
+            continue;
+        }
+        if (npos == 1 && offs[0] == 0 && widths[0] == 4 && n_seg * 4 <= n_cols && accumulate) {  /* its usual second stage */
+            for (int64_t s = 0; s < n_seg; s++) {
+                const float *src = palr + tt[s * TILE] * wmax;
+                float *d = row + 4 * s;
+                d[0] += src[0];
+                d[1] += src[1];
+                d[2] += src[2];
+                d[3] += src[3];
+            }
+            continue;
+        }
+        for (int64_t p = 0, s = 0; p < n_per; p++) {
+            for (int64_t j = 0; j < npos && s < n_seg; j++, s++) {
+                int64_t col = p * period + offs[j];
+                const float *src = palr + (j * k + tt[s * TILE]) * wmax;
+                int64_t w = widths[j];
+                if (col + w > n_cols) w = n_cols - col;
+                if (w <= 0) continue;
+                if (accumulate) {
+                    for (int64_t i = 0; i < w; i++) row[col + i] += src[i];
+                } else {
+                    for (int64_t i = 0; i < w; i++) row[col + i] = src[i];
+                }
             }
         }
     }

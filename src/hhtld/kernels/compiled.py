@@ -308,30 +308,28 @@ def gather(twt, palr, offs, widths, start, out, accumulate):
 GATHER_ROWS = 32  # rows decoded through every stage before the next rows (they stay in cache)
 
 if _lut_gather is not None:
-    @njit(parallel=True, nogil=True, boundscheck=False)
-    def _gather_u8(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out, chunks):
+    @njit(nogil=True, boundscheck=False)
+    def _gather_u8(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out):
         m, n_cols = out.shape
-        per = (m + chunks - 1) // chunks
-        for c in prange(chunks):
-            a = c * per
-            b = min(m, a + per)
-            for r0 in range(a, b, GATHER_ROWS):
-                r1 = min(b, r0 + GATHER_ROWS)
-                _lut_gather(tw0.ctypes.data, tw0.shape[1], pal0.ctypes.data, off0.ctypes.data, w0.ctypes.data,
-                            off0.shape[0], pal0.shape[1], pal0.shape[2], start + r0, start + r1, n_cols, 0,
-                            out[r0:].ctypes.data)
-                if n_stages > 1:
-                    _lut_gather(tw1.ctypes.data, tw1.shape[1], pal1.ctypes.data, off1.ctypes.data,
-                                w1.ctypes.data, off1.shape[0], pal1.shape[1], pal1.shape[2], start + r0,
-                                start + r1, n_cols, 1, out[r0:].ctypes.data)
+        for r0 in range(0, m, GATHER_ROWS):
+            r1 = min(m, r0 + GATHER_ROWS)
+            _lut_gather(tw0.ctypes.data, tw0.shape[1], pal0.ctypes.data, off0.ctypes.data, w0.ctypes.data,
+                        off0.shape[0], pal0.shape[1], pal0.shape[2], start + r0, start + r1, n_cols, 0,
+                        out[r0:].ctypes.data)
+            if n_stages > 1:
+                _lut_gather(tw1.ctypes.data, tw1.shape[1], pal1.ctypes.data, off1.ctypes.data,
+                            w1.ctypes.data, off1.shape[0], pal1.shape[1], pal1.shape[2], start + r0,
+                            start + r1, n_cols, 1, out[r0:].ctypes.data)
 
 
-def gather_u8(st0, st1, n_stages, start, out, chunks):
+def gather_u8(st0, st1, n_stages, start, out):
     """out (m, n_cols) = the rows ``start .. start + m`` of Q over one or two stages of one-byte
     twigs (``st0`` / ``st1``: (tiled twigs, palr, offs, widths)), by the C extension, GATHER_ROWS
     rows through both stages at a time (``out`` C-contiguous); only when
-    :func:`hhtld.kernels.native.gather_function` is not None."""
-    _gather_u8(*st0, *st1, n_stages, start, out, chunks)
+    :func:`hhtld.kernels.native.gather_function` is not None. One thread: the decode is bound by
+    memory (2 threads gain 10-15 %), and the GEMM after it runs on torch's threads, which a
+    second pool of numba threads spinning beside them would slow several-fold."""
+    _gather_u8(*st0, *st1, n_stages, start, out)
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",

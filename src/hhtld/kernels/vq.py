@@ -289,22 +289,23 @@ class VqKernel:
         return y
 
     # --- decode then GEMM -------------------------------------------------------------
-    def decode_rotated(self, start: int = 0, stop: int | None = None, compiled: bool | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of ``Q`` (the unit-gain rows in the rotated space), float32."""
+    def decode_rotated(self, start: int = 0, stop: int | None = None, compiled: bool | None = None,
+                       out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``Q`` (the unit-gain rows in the rotated space), float32
+        (written into ``out``, C-contiguous (stop - start, n_cols), when given, on the compiled path)."""
         stop = self.n_rows if stop is None else stop
         if compiled is None:
             compiled = backend() == "numba"
         if compiled:
-            q = np.empty((stop - start, self.n_cols), dtype=np.float32)
+            q = np.empty((stop - start, self.n_cols), dtype=np.float32) if out is None else out
             ck = compiled_kernels()
             fast = int16_tables()  # the extension is there
-            chunks = 4 * threads()
             done = 0
             if fast and self.stages[0].twt.dtype == np.uint8:  # the first one or two one-byte stages at once
                 pair = self.stages[:2] if len(self.stages) > 1 and self.stages[1].twt.dtype == np.uint8 \
                     else self.stages[:1]
                 parts = [(s.twt, s.palr, s.offs, s.widths) for s in pair]
-                ck.gather_u8(parts[0], parts[-1], len(pair), start, q, chunks)
+                ck.gather_u8(parts[0], parts[-1], len(pair), start, q)
                 done = len(pair)
             for i in range(done, len(self.stages)):
                 s = self.stages[i]
@@ -324,13 +325,20 @@ class VqKernel:
         step = max(1, GEMM_BLOCK_BYTES // (4 * self.n_cols))
         for o0 in range(0, self.n_rows, step):
             o1 = min(self.n_rows, o0 + step)
-            q = self.decode_rotated(o0, o1, compiled)
-            yb = _matmul_t(xr, q)
-            if self.gain.shape[0]:
-                yb *= self.gain[o0:o1]
+            buf = _scratch.get("q", (o1 - o0, self.n_cols)) if compiled else None  # no fresh pages per call
+            q = self.decode_rotated(o0, o1, compiled, out=buf)
+            gain = self.gain[o0:o1] if self.gain.shape[0] else None
+            if gain is not None and x.shape[0] > self.n_cols:
+                q *= gain[:, None]  # the gains where there are fewer products: on the weight's rows
+                gain = None
+            if o1 - o0 == self.n_rows:
+                _matmul_t(xr, q, out=y)  # one block: straight into the output
+            else:
+                y[:, o0:o1] = _matmul_t(xr, q)
+            if gain is not None:  # or on the outputs
+                y[:, o0:o1] *= gain
             if self.has_leaf:
-                yb += c @ self.leaf[o0:o1].astype(np.float32).T
-            y[:, o0:o1] = yb
+                y[:, o0:o1] += _matmul_t(c, self.leaf[o0:o1].astype(np.float32))
         return y
 
 
@@ -340,15 +348,18 @@ def _hadamard(block: int) -> np.ndarray:
     return sylvester(block) * np.float32(1.0 / np.sqrt(block))
 
 
-def _matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T float32 by torch's BLAS when torch is loaded (its threads are the ones the model
-    uses), else numpy's."""
+def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a @ b.T float32 (into ``out``, C-contiguous, when given) by torch's BLAS when torch is
+    loaded (its threads are the ones the model uses), else numpy's."""
     import sys
 
     torch = sys.modules.get("torch")
     if torch is not None:
-        return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
-    return a @ b.T
+        if out is None:
+            return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
+        torch.matmul(torch.from_numpy(a), torch.from_numpy(b).T, out=torch.from_numpy(out))
+        return out
+    return np.matmul(a, b.T, out=out)
 
 
 def vq_kernel(params: Mapping, group: Mapping[str, np.ndarray], tensor: Mapping[str, np.ndarray],
