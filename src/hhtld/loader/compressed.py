@@ -34,6 +34,7 @@ from torch import nn
 
 from ..codecs.vq.codec import HhtlVqCodec, rotation_block
 from ..kernels import TiledTwig, VqKernel, stage_palettes, sync_threads, tile_twigs, vq_kernel
+from ..kernels.runtime import numpy_blas_on_one_thread
 from .tensors import to_numpy, to_torch
 from .torch_vq import decode_rows_vq, gather_stages, rotate_inputs
 
@@ -144,22 +145,6 @@ class DecodeCache:
         return len(self._items)
 
 
-_BLAS = None
-
-
-def _numpy_blas_on_one_thread():
-    """A context in which numpy's BLAS runs on one thread. The codecs' numpy decodes run between
-    torch's parallel ops; numpy's own BLAS threads, left spinning after each product, would take
-    the cores torch's threads need (measured: MiniLM one sentence at a time on 2 threads, 0.20x
-    dense with them, 0.36x without)."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS = ThreadpoolController().select(user_api="blas")
-    return _BLAS.limit(limits=1)
-
-
 class CompressedWeight(nn.Module):
     """One encoded weight: the row matrix ``(n_rows, n_cols)`` of pack tensor
     ``pack_name``, decoded on demand to ``dtype`` (through ``stored_dtype``,
@@ -190,7 +175,7 @@ class CompressedWeight(nn.Module):
         self.rows_decoded += self.n_rows if idx is None else int(idx.shape[0])
         if self.device.type == "cpu" or self.codec is not HhtlVqCodec:
             sel = None if idx is None else idx.detach().cpu().numpy().astype(np.int64)
-            with _numpy_blas_on_one_thread():
+            with numpy_blas_on_one_thread():
                 rows = to_torch(self.codec.decode_rows(_NumpyParts(self.group), _NumpyParts(self.tensor), sel))
             rows = rows.to(self.device)
         else:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.runtime import numpy_blas_on_one_thread
+
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -92,13 +94,18 @@ class _Linear:
 
 
 def _mm(a, b) -> np.ndarray:
-    """a @ b (numpy arrays or torch tensors) by torch's BLAS: the threads the kernels' GEMMs use
-    too (numpy's BLAS would bring a third pool of spinning threads onto the same cores)."""
+    """a @ b (numpy arrays, or b a torch tensor) by torch's BLAS: the threads the kernels' GEMMs
+    use too (numpy's BLAS would bring a third pool of spinning threads onto the same cores)."""
     import torch
 
-    a = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
     b = torch.from_numpy(b) if isinstance(b, np.ndarray) else b
-    return torch.matmul(a, b).numpy()
+    return torch.matmul(torch.from_numpy(a), b).numpy()
+
+
+def _mm_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for one token's attention: numpy (a few microseconds where a torch call costs tens;
+    the loop holds numpy's BLAS to one thread)."""
+    return np.matmul(a, b)
 
 
 class _Layer:
@@ -120,7 +127,7 @@ class _Norm:
         self.eps = np.float32(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+        var = np.add.reduce(x * x, axis=-1, keepdims=True) * np.float32(1.0 / x.shape[-1])
         return self.w * (x / np.sqrt(var + self.eps))
 
 
@@ -201,14 +208,15 @@ class LeanDecoder:
             vc[:, p0:p1] = v
             # (nkv, grp * t, hd) @ (nkv, hd, p1) → scores per key/value head
             qg = q.reshape(nkv, grp * t, hd)
-            s = _mm(qg, kc[:, :p1].transpose(0, 2, 1)) * self.scaling
+            mm = _mm if t > 1 else _mm_small
+            s = mm(qg, kc[:, :p1].transpose(0, 2, 1)) * self.scaling
             if mask is not None:
                 s = s.reshape(nkv, grp, t, p1) + mask
                 s = s.reshape(nkv, grp * t, p1)
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-            a = _mm(s, vc[:, :p1])  # (nkv, grp * t, hd)
+            a = mm(s, vc[:, :p1])  # (nkv, grp * t, hd)
             a = a.reshape(nh, t, hd).transpose(1, 0, 2).reshape(t, nh * hd)
             h = h + L.o(a)
             x = L.norm_post(h)
@@ -234,19 +242,20 @@ class LeanDecoder:
         eos = set(int(e) for e in eos_ids)
         out: list[int] = []
         try:
-            logits = self.forward(ids, 0, last_only=True)[0]
-            p = ids.shape[0]
-            while True:
-                if seen is not None:
-                    seen(logits)
-                nxt = int(np.argmax(logits))
-                out.append(nxt)
-                if put is not None:
-                    put(nxt)
-                if nxt in eos or len(out) >= max_new_tokens:
-                    break
-                logits = self.forward(np.asarray([nxt]), p)[0]
-                p += 1
+            with numpy_blas_on_one_thread():
+                logits = self.forward(ids, 0, last_only=True)[0]
+                p = ids.shape[0]
+                while True:
+                    if seen is not None:
+                        seen(logits)
+                    nxt = int(np.argmax(logits))
+                    out.append(nxt)
+                    if put is not None:
+                        put(nxt)
+                    if nxt in eos or len(out) >= max_new_tokens:
+                        break
+                    logits = self.forward(np.asarray([nxt]), p)[0]
+                    p += 1
         finally:
             self.k_cache = self.v_cache = None
         return out
@@ -262,6 +271,10 @@ class LeanDecoder:
         shape = (len(self.layers), self.n_kv, n, self.head_dim)
         self.k_cache = np.zeros(shape, dtype=np.float32)
         self.v_cache = np.zeros(shape, dtype=np.float32)
+        with numpy_blas_on_one_thread():
+            return self._logits(ids, n, stepwise, last_only)
+
+    def _logits(self, ids, n, stepwise, last_only):
         try:
             if not stepwise:
                 return self.forward(ids, 0, last_only)
