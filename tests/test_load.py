@@ -560,6 +560,7 @@ def test_cli_generate(built, capsys, tmp_path):
     assert data["tokens"] == g.tokens and data["new_tokens"] == len(g.tokens) and data["text"] == g.text
     assert data["chat"] is False and data["prompt_tokens"] == g.prompt_tokens
     assert data["peak_memory_bytes"] >= data["memory_before_load_bytes"] > 0 and data["tables"] == "int16"
+    assert data["engine"] == "lean"
     assert cap.err.startswith("5 tokens in ")
     assert main(["generate", str(pack), "hi", "--tables", "float32"]) == 1
     assert capsys.readouterr().err == "hhtld: error: --tables applies to --keep-compressed\n"

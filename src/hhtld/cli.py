@@ -302,7 +302,7 @@ def cmd_generate(args) -> int:
             print(f"wrote {args.json}")
         print(g.summary(), file=sys.stderr)
         return 0
-    print()
+    print(flush=True)  # the text's line ends before the summary on stderr
     print(g.summary(), file=sys.stderr)
     return 0
 
