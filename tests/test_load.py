@@ -422,6 +422,29 @@ def test_lean_loop_gives_transformers_greedy_tokens_and_logits(built, kind, keep
     assert lean.generate(ids, 12, eos_ids=(ref[2],)) == ref[:stop]  # stops after an end-of-sequence id
 
 
+def test_lean_loop_without_numba_runs_its_numpy_steps(built, monkeypatch):
+    """The numpy path of the loop (no compiled ops, no kernels) gives the same tokens and logits."""
+    from hhtld.kernels import runtime
+    from hhtld.loader.lean import LeanDecoder
+
+    _, pack, _ = built["qwen2"]
+    model = hhtld.load(pack, keep_compressed=True, tables="float32")
+    ids = tiny_tokenizer()("the module defines", return_tensors="pt")["input_ids"][0].tolist()
+    compiled = LeanDecoder(model, tables="float32")
+    want, want_logits = compiled.generate(ids, 8), compiled.logits(ids)
+    monkeypatch.setenv("HHTLD_KERNELS", "numpy")
+    runtime.reset()
+    try:
+        assert runtime.decode_ops() is None
+        plain = LeanDecoder(model, tables="float32")
+        assert plain.generate(ids, 8) == want
+        got = plain.logits(ids)
+        assert np.abs(got - want_logits).max() <= LEAN_LOGITS_TOL * max(1.0, np.abs(want_logits).max())
+    finally:
+        monkeypatch.delenv("HHTLD_KERNELS")
+        runtime.reset()
+
+
 def test_engine_choice(built):
     _, llama, _ = built["llama"]
     _, gpt2, _ = built["gpt2"]

@@ -88,6 +88,11 @@ def _rotate_parallel(x, signs, block, out):
         _rotate_row(x, signs, block, out, r)
 
 
+def rotate_serial(x, signs, block, out):
+    """:func:`rotate_rows` on the calling thread (a few rows)."""
+    _rotate_serial(x, signs, block, out)
+
+
 def rotate_rows(x, signs, block, out):
     """out[:, :c] = (x * signs) @ blockdiag(H_block) for every row (orthonormal
     Sylvester H, applied as a fast Walsh-Hadamard transform); out[:, c:] = 0.
@@ -214,6 +219,13 @@ if _lut_tiles is not None:
             y[o] = v
 
 
+def matvec_i16_flat(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
+    """:func:`matvec_i16` with the stages' arrays as separate arguments (the one-row fast path
+    binds them once; see there)."""
+    _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc,
+                acc.shape[0], y)
+
+
 def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
     """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
     (``st0`` / ``st1``: (palt, offs, widths, tiled twigs, pmax)) with int16 tables, times the
@@ -333,4 +345,4 @@ def gather_u8(st0, st1, n_stages, start, out):
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
-           "matvec_i16", "rotate_rows", "tables_f32"]
+           "matvec_i16", "matvec_i16_flat", "rotate_rows", "rotate_serial", "tables_f32"]

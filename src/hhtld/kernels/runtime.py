@@ -99,6 +99,15 @@ def compiled_kernels():
     return mod
 
 
+def decode_ops():
+    """The compiled ops of one decoded token (:mod:`.decode_ops`), or None on the numpy path."""
+    if backend() != "numba":
+        return None
+    from . import decode_ops as ops  # noqa: PLC0415
+
+    return ops
+
+
 def threads() -> int:
     """Threads the compiled kernels use: numba's current setting (follows ``torch.set_num_threads``
     when the loader syncs it), 1 on the numpy path."""
@@ -126,6 +135,13 @@ def warm_up() -> None:
     for tables in ("int16", "float32"):
         k.matmul_t(x, tables)
     k.matmul_t(np.ones((9, 4), dtype=np.float32))
+    ops = decode_ops()
+    v = np.ones(4, dtype=np.float32)
+    ops.rms_norm(v, v, np.float32(1e-6), v.copy())
+    ops.add_rms_norm(v.copy(), v, v, np.float32(1e-6), v.copy())
+    ops.silu_mul(v, v, v.copy())
+    cache = np.zeros((1, 2, 4), dtype=np.float32)
+    ops.attend(v, v, v, v, v, cache, cache.copy(), 0, np.float32(0.5), np.zeros(2, dtype=np.float32), v.copy())
     _chosen["warm"] = True
 
 
@@ -164,6 +180,6 @@ def sync_threads(n: int) -> None:
     _asked.n = n
 
 
-__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "int16_tables", "numpy_blas_on_one_thread", "reset",
+__all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "decode_ops", "int16_tables", "numpy_blas_on_one_thread", "reset",
            "sync_threads", "threads",
            "warm_up"]

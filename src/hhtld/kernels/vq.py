@@ -164,6 +164,17 @@ class _Scratch(threading.local):
 
     def __init__(self):
         self.bufs: dict[tuple[str, str], np.ndarray] = {}
+        self.rows: dict[tuple[int, int, int], tuple] = {}
+
+    def row(self, n_pad: int, segments: int, n_out: int):
+        """(xr (1, n_pad), tab (segments, 256) int16, scales, acc (SUM_CHUNKS, n_out)) for one row's
+        int16 product: views made once per shape and kept."""
+        key = (n_pad, segments, n_out)
+        got = self.rows.get(key)
+        if got is None:
+            got = self.rows[key] = (self.get("xr", (1, n_pad)), self.get("tab16", (segments, 256), np.int16),
+                                    self.get("scales", (segments // 16 + 2,)), self.get("acc", (SUM_CHUNKS, n_out)))
+        return got
 
     def get(self, name: str, shape, dtype=np.float32) -> np.ndarray:
         n = math.prod(shape)
@@ -172,6 +183,7 @@ class _Scratch(threading.local):
         if b is None or b.shape[0] < n:
             b = np.empty(max(n, 1), dtype=dtype)
             self.bufs[key] = b
+            self.rows.clear()  # views of the buffer it replaces
         return b[:n].reshape(shape)
 
 
@@ -213,6 +225,12 @@ class VqKernel:
                 st = [(s.palt, s.offs, s.widths, s.twt, np.abs(s.palt).max(axis=2)) for s in p]
                 self._pairs.append((st[0], st[-1], len(p), sum(s.n_seg for s in p)))
             self._pair_segments = max(p[3] for p in self._pairs)
+        # one row through one or two one-byte stages (the ladder's usual layouts): the stages'
+        # arrays bound once for the fast path of matmul_t
+        self._row = None
+        if self._pairs is not None and len(self._pairs) == 1:
+            st0, st1, n_st, _ = self._pairs[0]
+            self._row = (*st0, *st1, n_st)
 
     @property
     def has_leaf(self) -> bool:
@@ -222,6 +240,9 @@ class VqKernel:
     def matmul_t(self, x: np.ndarray, tables: str = "int16") -> np.ndarray:
         """``x @ W.T``: x (t, n_cols) float32 → (t, n_rows) float32. ``tables``:
         ``int16`` or ``float32`` (see the module); many rows are decoded and multiplied."""
+        if (self._row is not None and tables == "int16" and type(x) is np.ndarray and x.shape == (1, self.n_cols)
+                and x.dtype == np.float32 and x.flags.c_contiguous and int16_tables()):
+            return self._row_i16(x)  # generation's one row: the same product with less Python around it
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.n_cols:
             raise ValueError(f"x must be (t, {self.n_cols}), got {x.shape}")
@@ -234,6 +255,20 @@ class VqKernel:
         if not rows_for_tables(t):
             return self._gemm(x, y, compiled=True)
         return self._tables(x, y, tables == "int16" and int16_tables())
+
+    def _row_i16(self, x: np.ndarray) -> np.ndarray:
+        """One row, int16 tables, one or two one-byte stages: what :meth:`_tables` computes."""
+        ck = compiled_kernels()
+        xr, tab, scales, acc = _scratch.row(self.n_pad, self._pair_segments, self.n_tiles * TILE)
+        ck.rotate_serial(x, self.signs, self.block, xr)
+        c = _EMPTY_F32
+        if self.basis is not None:
+            cb = _scratch.get("leafc", (1, self.basis.shape[0]))
+            ck.leaf_coefficients(x, self.basis, self.leaf_scale, cb)
+            c = cb[0]
+        y = np.empty((1, self.n_rows), dtype=np.float32)
+        ck.matvec_i16_flat(xr[0], *self._row, self.gain, c, self.leaf, self.n_rows, tab, scales, acc, y[0])
+        return y
 
     def _rotated(self, x: np.ndarray) -> np.ndarray:
         xr = _scratch.get("xr", (x.shape[0], self.n_pad))

@@ -157,6 +157,7 @@ class LeanDecoder:
         self.vocab = int(cfg.vocab_size)
         self._cos = self._sin = None
         self.k_cache = self.v_cache = None
+        self._x = self._a = self._scores = None  # one token's buffers for the compiled ops
 
     # --- pieces ------------------------------------------------------------------------
     def _positions(self, n: int) -> None:
@@ -184,6 +185,30 @@ class LeanDecoder:
 
         with torch.no_grad():
             return self.embed(torch.from_numpy(ids.astype(np.int64))).float().numpy()
+
+    def _step(self, token: int, p: int, ops) -> np.ndarray:
+        """Logits (1, vocab) of one token at position p through the cache, the work between
+        the products in the compiled ops (one call each where numpy would take a dozen)."""
+        h = self._embed(np.asarray([token]))[0]
+        xb = self._x
+        scores = self._scores[:p + 1]
+        cos, sin = self._cos[p], self._sin[p]
+        y = None
+        for li, L in enumerate(self.layers):
+            if y is None:
+                ops.rms_norm(h, L.norm_in.w, L.norm_in.eps, xb)
+            else:  # the previous layer's MLP output joins the residual here
+                ops.add_rms_norm(h, y, L.norm_in.w, L.norm_in.eps, xb)
+            x = xb.reshape(1, -1)
+            q, k, v = L.q(x)[0], L.k(x)[0], L.v(x)[0]
+            ops.attend(q, k, v, cos, sin, self.k_cache[li], self.v_cache[li], p, self.scaling, scores, self._a)
+            ops.add_rms_norm(h, L.o(self._a.reshape(1, -1))[0], L.norm_post.w, L.norm_post.eps, xb)
+            g, u = L.gate(x)[0], L.up(x)[0]
+            ops.silu_mul(g, u, g)
+            y = L.down(g.reshape(1, -1))[0]
+        h += y
+        ops.rms_norm(h, self.norm.w, self.norm.eps, xb)
+        return self.lm_head(xb.reshape(1, -1))
 
     def forward(self, ids: np.ndarray, p0: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) float32 for token ids (t,) at positions p0 .. p0 + t, the cache
@@ -227,6 +252,22 @@ class LeanDecoder:
             h = h[-1:]
         return self.lm_head(self.norm(h))
 
+    def _next(self, token: int, p: int) -> np.ndarray:
+        """Logits (1, vocab) of one token at position p through the cache: the compiled ops
+        when numba is there, else :meth:`forward`."""
+        from ..kernels.runtime import decode_ops
+
+        ops = decode_ops()
+        if ops is None:
+            return self.forward(np.asarray([token]), p)
+        if self._x is None:
+            d = self.layers[0].norm_in.w.shape[0]
+            self._x = np.empty(d, dtype=np.float32)
+            self._a = np.empty(self.n_heads * self.head_dim, dtype=np.float32)
+        if self._scores is None or self._scores.shape[0] < self.k_cache.shape[2]:
+            self._scores = np.empty(self.k_cache.shape[2], dtype=np.float32)
+        return self._step(token, p, ops)
+
     # --- the loop -----------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int, eos_ids=(), put=None, seen=None) -> list[int]:
         """Greedy continuation of ``prompt_ids`` (a sequence of ints): up to
@@ -254,7 +295,7 @@ class LeanDecoder:
                         put(nxt)
                     if nxt in eos or len(out) >= max_new_tokens:
                         break
-                    logits = self.forward(np.asarray([nxt]), p)[0]
+                    logits = self._next(nxt, p)[0]
                     p += 1
         finally:
             self.k_cache = self.v_cache = None
@@ -278,7 +319,7 @@ class LeanDecoder:
         try:
             if not stepwise:
                 return self.forward(ids, 0, last_only)
-            return np.stack([self.forward(ids[i:i + 1], i)[0] for i in range(n)])
+            return np.stack([self._next(int(ids[i]), i)[0] for i in range(n)])
         finally:
             self.k_cache = self.v_cache = None
 
