@@ -321,7 +321,7 @@ GATHER_ROWS = 32  # rows decoded through every stage before the next rows (they 
 
 if _lut_gather is not None:
     @njit(nogil=True, boundscheck=False)
-    def _gather_u8(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out):
+    def _gather_u8_rows(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out):
         m, n_cols = out.shape
         for r0 in range(0, m, GATHER_ROWS):
             r1 = min(m, r0 + GATHER_ROWS)
@@ -333,15 +333,23 @@ if _lut_gather is not None:
                             w1.ctypes.data, off1.shape[0], pal1.shape[1], pal1.shape[2], start + r0,
                             start + r1, n_cols, 1, out[r0:].ctypes.data)
 
+    @njit(parallel=True, nogil=True, boundscheck=False)
+    def _gather_u8(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start, out, chunks):
+        m = out.shape[0]
+        per = (m + chunks - 1) // chunks
+        for ch in prange(chunks):
+            a = ch * per
+            b = min(m, a + per)
+            if a < b:
+                _gather_u8_rows(tw0, pal0, off0, w0, tw1, pal1, off1, w1, n_stages, start + a, out[a:b])
 
-def gather_u8(st0, st1, n_stages, start, out):
+
+def gather_u8(st0, st1, n_stages, start, out, chunks):
     """out (m, n_cols) = the rows ``start .. start + m`` of Q over one or two stages of one-byte
     twigs (``st0`` / ``st1``: (tiled twigs, palr, offs, widths)), by the C extension, GATHER_ROWS
-    rows through both stages at a time (``out`` C-contiguous); only when
-    :func:`hhtld.kernels.native.gather_function` is not None. One thread: the decode is bound by
-    memory (2 threads gain 10-15 %), and the GEMM after it runs on torch's threads, which a
-    second pool of numba threads spinning beside them would slow several-fold."""
-    _gather_u8(*st0, *st1, n_stages, start, out)
+    rows through both stages at a time, in ``chunks`` ranges of rows in parallel (``out``
+    C-contiguous); only when :func:`hhtld.kernels.native.gather_function` is not None."""
+    _gather_u8(*st0, *st1, n_stages, start, out, chunks)
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",

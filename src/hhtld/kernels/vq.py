@@ -340,7 +340,7 @@ class VqKernel:
                 pair = self.stages[:2] if len(self.stages) > 1 and self.stages[1].twt.dtype == np.uint8 \
                     else self.stages[:1]
                 parts = [(s.twt, s.palr, s.offs, s.widths) for s in pair]
-                ck.gather_u8(parts[0], parts[-1], len(pair), start, q)
+                ck.gather_u8(parts[0], parts[-1], len(pair), start, q, threads())
                 done = len(pair)
             for i in range(done, len(self.stages)):
                 s = self.stages[i]
