@@ -418,6 +418,9 @@ def test_lean_loop_gives_transformers_greedy_tokens_and_logits(built, kind, keep
     for stepwise in (True, False):  # token by token through the cache, and the whole sequence as one block
         mine = lean.logits(seq[0].tolist(), stepwise=stepwise)
         assert np.abs(mine - theirs).max() <= LEAN_LOGITS_TOL * max(1.0, np.abs(theirs).max())
+    mine = lean.logits(seq[0].tolist(), stepwise=False, last_only=True)  # generation's prompt pass
+    assert mine.shape == (1, theirs.shape[1])
+    assert np.abs(mine[0] - theirs[-1]).max() <= LEAN_LOGITS_TOL * max(1.0, np.abs(theirs).max())
     stop = ref.index(ref[2]) + 1
     assert lean.generate(ids, 12, eos_ids=(ref[2],)) == ref[:stop]  # stops after an end-of-sequence id
 

@@ -16,8 +16,10 @@ the modules :func:`hhtld.load` made, compressed or dense — with none of it:
 * rotary cos/sin for every position computed once by the model's own rotary
   module (any rope scaling the config sets), norms and attention as the
   Llama code computes them (eager attention, float32 softmax);
-* the prompt runs as one block (the kernels decode-then-GEMM for many rows),
-  then one token at a time.
+* the prompt runs as one forward of the model itself (one call, so none of
+  ``generate``'s per-token overhead; the kernels decode-then-GEMM for many
+  rows), its keys and values copied into the static cache; then one token at
+  a time.
 
 It gives transformers' greedy tokens with logits equal up to float32
 rounding (the order of additions differs; the test pins the bound). It
@@ -252,6 +254,27 @@ class LeanDecoder:
             h = h[-1:]
         return self.lm_head(self.norm(h))
 
+    def prompt(self, ids: np.ndarray) -> np.ndarray:
+        """The next token's logits (vocab,) after the prompt ``ids`` (t,), its keys and values
+        written into the cache. A prompt of several tokens is one forward of the model itself
+        (one call: transformers' per-token overhead does not arise, and its attention over a
+        block is faster than this loop's numpy); its cache is copied into the static one."""
+        if ids.shape[0] == 1:
+            return self._next(int(ids[0]), 0)[0]
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.from_numpy(ids[None]), use_cache=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != len(self.layers):  # a cache this loop cannot read: its own block
+            return self.forward(ids, 0, last_only=True)[0]
+        t = ids.shape[0]
+        for li, layer in enumerate(layers):
+            self.k_cache[li, :, :t] = layer.keys[0].float().numpy()
+            self.v_cache[li, :, :t] = layer.values[0].float().numpy()
+        return out["logits"][0, -1].float().numpy()
+
     def _next(self, token: int, p: int) -> np.ndarray:
         """Logits (1, vocab) of one token at position p through the cache: the compiled ops
         when numba is there, else :meth:`forward`."""
@@ -284,7 +307,7 @@ class LeanDecoder:
         out: list[int] = []
         try:
             with numpy_blas_on_one_thread():
-                logits = self.forward(ids, 0, last_only=True)[0]
+                logits = self.prompt(ids)
                 p = ids.shape[0]
                 while True:
                     if seen is not None:
@@ -304,8 +327,8 @@ class LeanDecoder:
     def logits(self, prompt_ids, stepwise: bool = True, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) float32 of every position of ``prompt_ids``: one token at a time
         through the cache (``stepwise``, the path generation takes after the prompt) or the
-        whole sequence as one block (the prompt's path; ``last_only``: (1, vocab), the last
-        position's)."""
+        whole sequence as one block by this loop's numpy forward; ``last_only`` with a block:
+        (1, vocab), the last position's, by :meth:`prompt` (the path generation takes)."""
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
         n = ids.shape[0]
         self._positions(n)
@@ -317,6 +340,8 @@ class LeanDecoder:
 
     def _logits(self, ids, n, stepwise, last_only):
         try:
+            if not stepwise and last_only:
+                return self.prompt(ids)[None]
             if not stepwise:
                 return self.forward(ids, 0, last_only)
             return np.stack([self._next(int(ids[i]), i)[0] for i in range(n)])
