@@ -219,21 +219,15 @@ if _lut_tiles is not None:
             y[o] = v
 
 
-def matvec_i16_flat(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
-    """:func:`matvec_i16` with the stages' arrays as separate arguments (the one-row fast path
-    binds them once; see there)."""
+def matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
+    """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
+    (each as palt, offs, widths, tiled twigs, pmax: ``p0 o0 w0 t0 m0`` / ``p1 o1 w1 t1 m1``) with
+    int16 tables, times the gains, plus the leaf (``c`` (lanes,) its coefficients for this row):
+    the whole product in one parallel region, its ``acc.shape[0]`` chunks each taking a range of
+    segments (tables and sums; no barrier), then their sums added. Scratch: ``tab`` (segments of
+    both stages, 256) int16, ``scales`` (their groups,), ``acc`` (chunks, tiles × 64)."""
     _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc,
                 acc.shape[0], y)
-
-
-def matvec_i16(xrow, st0, st1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
-    """y (n,) = one rotated input row ``xrow`` times the weight of one or two one-byte stages
-    (``st0`` / ``st1``: (palt, offs, widths, tiled twigs, pmax)) with int16 tables, times the
-    gains, plus the leaf (``c`` (lanes,) its coefficients for this row): the whole product in
-    one parallel region, its ``acc.shape[0]`` chunks each taking a range of segments (tables
-    and sums; no barrier), then their sums added. Scratch: ``tab`` (segments of both stages, 256)
-    int16, ``scales`` (their groups,), ``acc`` (chunks, tiles × 64)."""
-    _matvec_i16(xrow, *st0, *st1, n_stages, gain, c, leaf, n, tab, scales, acc, acc.shape[0], y)
 
 
 @njit(parallel=True, **_JIT)
@@ -353,4 +347,4 @@ def gather_u8(st0, st1, n_stages, start, out, chunks):
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
-           "matvec_i16", "matvec_i16_flat", "rotate_rows", "rotate_serial", "tables_f32"]
+           "matvec_i16", "rotate_rows", "rotate_serial", "tables_f32"]

@@ -261,13 +261,9 @@ class VqKernel:
         ck = compiled_kernels()
         xr, tab, scales, acc = _scratch.row(self.n_pad, self._pair_segments, self.n_tiles * TILE)
         ck.rotate_serial(x, self.signs, self.block, xr)
-        c = _EMPTY_F32
-        if self.basis is not None:
-            cb = _scratch.get("leafc", (1, self.basis.shape[0]))
-            ck.leaf_coefficients(x, self.basis, self.leaf_scale, cb)
-            c = cb[0]
+        c = self._leaf_c(x, True)[0] if self.has_leaf else _EMPTY_F32
         y = np.empty((1, self.n_rows), dtype=np.float32)
-        ck.matvec_i16_flat(xr[0], *self._row, self.gain, c, self.leaf, self.n_rows, tab, scales, acc, y[0])
+        ck.matvec_i16(xr[0], *self._row, self.gain, c, self.leaf, self.n_rows, tab, scales, acc, y[0])
         return y
 
     def _rotated(self, x: np.ndarray) -> np.ndarray:
@@ -310,7 +306,7 @@ class VqKernel:
             leaf = self.leaf if one else _EMPTY_I8_2D
             for pi, (st0, st1, n_st, n_seg) in enumerate(pairs):
                 for r in range(t):
-                    ck.matvec_i16(xr[r], st0, st1, n_st, gain, c[r] if one and self.has_leaf else _EMPTY_F32, leaf,
+                    ck.matvec_i16(xr[r], *st0, *st1, n_st, gain, c[r] if one and self.has_leaf else _EMPTY_F32, leaf,
                                   self.n_rows, tab, scales, acc, out[r] if one else out[pi, r])
             if not one:
                 ck.finish(out.sum(axis=0), self.gain, c, self.leaf, y)

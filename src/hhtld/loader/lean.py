@@ -71,21 +71,21 @@ class _Linear:
     applied in the codec's space, BLAS on the float32 weight otherwise."""
 
     def __init__(self, module, tables: str):
-        from ..codecs.vq.codec import HhtlVqCodec
+        import torch
+
         from .compressed import CompressedLinear
 
         b = getattr(module, "bias", None)
-        self.bias = None if b is None else b.detach().to(getattr(module, "dtype", b.dtype)).float().numpy()
+        self.bias = None if b is None else b.detach().float().numpy()
         self.kernel = None
         src = getattr(module, "source", None)
-        if isinstance(module, CompressedLinear) and src.cache.max_layers == 0 and src.codec_space \
-                and src.codec is HhtlVqCodec and src.device.type == "cpu":
-            self.kernel = module.source.kernel()
+        # the module's own choice for a float32 input on the CPU (CompressedLinear.forward)
+        if isinstance(module, CompressedLinear) and src.cache.max_layers == 0 and src.device.type == "cpu" \
+                and src.codec_space_ok(torch.empty(1, src.n_cols, dtype=torch.float32)):
+            self.kernel = src.kernel()
             self.tables = tables
             self.w = None
         else:
-            import torch
-
             self.w = module.weight.detach().to(torch.float32).t()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -298,11 +298,7 @@ class LeanDecoder:
         ``put(id)`` is called with each new id as it is chosen, ``seen(logits)``
         with the (vocab,) float32 logits each id was chosen from."""
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
-        n = ids.shape[0] + max_new_tokens
-        self._positions(n)
-        shape = (len(self.layers), self.n_kv, n, self.head_dim)
-        self.k_cache = np.zeros(shape, dtype=np.float32)
-        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self._start(ids.shape[0] + max_new_tokens)
         eos = set(int(e) for e in eos_ids)
         out: list[int] = []
         try:
@@ -331,22 +327,23 @@ class LeanDecoder:
         (1, vocab), the last position's, by :meth:`prompt` (the path generation takes)."""
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
         n = ids.shape[0]
+        self._start(n)
+        try:
+            with numpy_blas_on_one_thread():
+                if not stepwise and last_only:
+                    return self.prompt(ids)[None]
+                if not stepwise:
+                    return self.forward(ids, 0, last_only)
+                return np.stack([self._next(int(ids[i]), i)[0] for i in range(n)])
+        finally:
+            self.k_cache = self.v_cache = None
+
+    def _start(self, n: int) -> None:
+        """Rotary tables and an empty key/value cache for n positions."""
         self._positions(n)
         shape = (len(self.layers), self.n_kv, n, self.head_dim)
         self.k_cache = np.zeros(shape, dtype=np.float32)
         self.v_cache = np.zeros(shape, dtype=np.float32)
-        with numpy_blas_on_one_thread():
-            return self._logits(ids, n, stepwise, last_only)
-
-    def _logits(self, ids, n, stepwise, last_only):
-        try:
-            if not stepwise and last_only:
-                return self.prompt(ids)[None]
-            if not stepwise:
-                return self.forward(ids, 0, last_only)
-            return np.stack([self._next(int(ids[i]), i)[0] for i in range(n)])
-        finally:
-            self.k_cache = self.v_cache = None
 
 
 __all__ = ["LEAN_MODEL_TYPES", "LeanDecoder", "lean_support"]
