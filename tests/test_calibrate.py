@@ -64,6 +64,26 @@ def test_allocation_spends_bits_where_the_predicted_change_falls_most():
     assert allocate([loud, quiet], rel, goal=10.0).bits < goal.bits
 
 
+def test_tied_tensors_of_one_group_get_one_rung():
+    rel = {"g": {s.name: 2.0 ** (-2 * i / 3) for i, s in enumerate(LADDER)},
+           "h": {s.name: 2.0 ** (-2 * i / 3) for i, s in enumerate(LADDER)}}
+    loud = TensorStats("loud", "g", "up", 64, 64, np.ones(64), sensitivity=100.0)
+    quiet = TensorStats("quiet", "g", "up", 64, 64, np.ones(64), sensitivity=1.0)
+    other = TensorStats("other", "h", "up", 64, 64, np.ones(64), sensitivity=1.0)
+    budget = 2 * tensor_bits(setting("vq6.0"), 64, 64, "up") + tensor_bits(setting("vq2.0"), 64, 64, "up")
+    free = allocate([loud, quiet, other], rel, budget_bits=budget)
+    assert free.choices["loud"].setting != free.choices["quiet"].setting
+    tie = {"quiet": "loud", "other": "loud"}.get
+    tied = allocate([loud, quiet, other], rel, budget_bits=budget, tie=lambda n: tie(n) or n)
+    assert tied.choices["loud"].setting == tied.choices["quiet"].setting  # one unit: one rung
+    assert tied.bits <= budget and tied.bits == sum(c.bits for c in tied.choices.values())
+    assert tied.predicted == pytest.approx(sum(t.sensitivity * rel[t.group][tied.choices[t.name].setting.name]
+                                               for t in (loud, quiet, other)))
+    # a partner in another group is not tied: the same as allocating it alone
+    alone = allocate([loud, quiet, other], rel, budget_bits=budget, tie=lambda n: "loud" if n == "other" else n)
+    assert {n: c.setting for n, c in alone.choices.items()} == {n: c.setting for n, c in free.choices.items()}
+
+
 # -- the tiny Llama -------------------------------------------------------------------------------------
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -164,6 +164,28 @@ def test_user_rules_override_the_table(tmp_path):
     assert parse_rule("c_x=up:transposed") == RoleRule("c_x", "up", True)
 
 
+def test_group_by_input_puts_pairs_of_one_input_together_and_ties_them():
+    rules = DEFAULT_RULES.group_by("input")
+    assert DEFAULT_RULES.group_by("role") is DEFAULT_RULES
+    assert rules.group_by("input") is rules  # asked twice: the pairs once
+    layer = "model.layers.3."
+    assert [rules.role(layer + n + ".weight") for n in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                                        "self_attn.v_proj", "self_attn.q_proj")] == \
+        ["up", "up", "v", "v", "qko"]
+    assert rules.tie(layer + "mlp.gate_proj.weight") == layer + "mlp.up_proj.weight"
+    assert rules.tie(layer + "self_attn.k_proj.weight") == layer + "self_attn.v_proj.weight"
+    assert rules.tie(layer + "mlp.up_proj.weight") == layer + "mlp.up_proj.weight"
+    assert rules.tie(layer + "self_attn.q_proj.weight") == layer + "self_attn.q_proj.weight"
+    bert = "encoder.layer.0.attention.self."
+    assert (rules.role(bert + "key.weight"), rules.tie(bert + "key.weight")) == ("v", bert + "value.weight")
+    assert DEFAULT_RULES.tie(layer + "mlp.gate_proj.weight") == layer + "mlp.gate_proj.weight"
+    # a user's rule still wins over the pairs' roles
+    mine = DEFAULT_RULES.with_overrides([parse_rule("gate_proj=gate")]).group_by("input")
+    assert mine.role(layer + "mlp.gate_proj.weight") == "gate"
+    with pytest.raises(OptionsError, match=r"^group-by 'shape': expected one of role, input$"):
+        DEFAULT_RULES.group_by("shape")
+
+
 def test_bad_rules_are_clear_errors(tmp_path):
     with pytest.raises(OptionsError, match=r"^rule 'x': unknown role 'bogus' \(roles: qko, v, gate"):
         parse_rule("x=bogus")

@@ -41,6 +41,27 @@ def test_inspect_model_is_a_dry_run_json(small_ckpt, capsys):
     assert "encoder/qko/64x64" in [g["key"] for g in json.loads(out)["groups"]]
 
 
+def test_group_by_input_puts_gate_with_up_and_k_with_v(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    names = {"mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128),
+             "self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64)}
+    f = tmp_path / "model.safetensors"
+    save_file({f"model.layers.{i}.{n}.weight": rng.standard_normal(s).astype(np.float32)
+               for i in range(2) for n, s in names.items()}, str(f))
+    groups = {}
+    for how in ("role", "input"):
+        code, out, _ = run(capsys, "inspect", f, "--json", "--encode-all", "--group-by", how)
+        assert code == 0
+        groups[how] = {g["key"]: g["tensors"] for g in json.loads(out)["groups"]}
+    assert groups["role"] == {"other/down/64x128": 2, "other/gate/128x64": 2, "other/qko/32x64": 2,
+                              "other/qko/64x64": 2, "other/up/128x64": 2, "other/v/32x64": 2}
+    assert groups["input"] == {"other/down/64x128": 2, "other/qko/64x64": 2, "other/up/128x64": 4,
+                               "other/v/32x64": 4}
+
+
 def test_encode_json_and_options(small_ckpt, tmp_path, capsys):
     code, out, _ = run(capsys, "encode", small_ckpt, "-o", tmp_path / "a.hhtld", "--codec", "hhtl-f32", "--k", "16",
                        "--json", "-q",

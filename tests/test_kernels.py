@@ -92,6 +92,49 @@ def test_one_and_two_threads_give_the_same_bits():
         assert np.array_equal(a, b)
 
 
+def _group_of_two(n_a: int, n_b: int, c: int, **opts):
+    """Two weights (n_a, c) and (n_b, c) of one hhtl-vq group: their kernels share its palettes."""
+    from hhtld.kernels import stage_palettes
+
+    rng = np.random.default_rng(5)
+    rows = [(rng.standard_t(5, (n, c)) * rng.uniform(0.2, 3, (n, 1))).astype(np.float32) for n in (n_a, n_b)]
+    eg = HhtlVqCodec(**opts).encode_group(GroupKey("decoder", "up", (n_a, c)), ["a", "b"], rows)
+    g = DictParts.of(eg)
+    pal = stage_palettes(eg.params, g)
+    return [vq_kernel(eg.params, g, DictParts.of(eg.tensors[n]), pal) for n in ("a", "b")]
+
+
+@needs_numba
+@pytest.mark.parametrize("stages", ["2+4", "4", "2+3"])
+def test_a_pair_of_one_input_builds_one_table_and_gives_the_same_bits(stages):
+    from hhtld.kernels import KernelPair
+
+    a, b = _group_of_two(200, 70, 192, stages=stages)  # 70 rows: a partly filled tile
+    pair = KernelPair(a, b)
+    assert pair.shared
+    rng = np.random.default_rng(9)
+    for r in (1, 3):
+        x = rng.standard_normal((r, 192)).astype(np.float32)
+        for tables in ("int16", "float32"):
+            ya, yb = pair.matmul_t(x, tables)
+            assert np.array_equal(ya, a.matmul_t(x, tables)) and np.array_equal(yb, b.matmul_t(x, tables))
+
+
+@needs_numba
+def test_weights_of_other_palettes_rotation_or_layout_are_not_paired():
+    from hhtld.kernels import KernelPair
+
+    a, b = _group_of_two(64, 64, 128, stages="2+4")
+    c, _ = _group_of_two(64, 64, 128, stages="2+4", seed=1)  # other palettes and signs
+    d, _ = _group_of_two(64, 64, 128, stages="2+2+4")  # three stages: no one-row fast path
+    e, _ = _group_of_two(64, 64, 128, stages="2+4", gain=False)
+    assert KernelPair.shares(a, b)
+    assert not any(KernelPair.shares(a, o) for o in (c, d, e))
+    x = np.ones((1, 128), dtype=np.float32)
+    ya, yc = KernelPair(a, c).matmul_t(x)  # not shared: the two products one after the other
+    assert np.array_equal(ya, a.matmul_t(x)) and np.array_equal(yc, c.matmul_t(x))
+
+
 def test_tiled_twigs_read_back_as_rows():
     rng = np.random.default_rng(0)
     for n, s, dt in ((1, 3, np.uint8), (64, 5, np.uint8), (130, 7, np.uint16)):

@@ -425,6 +425,33 @@ def test_lean_loop_gives_transformers_greedy_tokens_and_logits(built, kind, keep
     assert lean.generate(ids, 12, eos_ids=(ref[2],)) == ref[:stop]  # stops after an end-of-sequence id
 
 
+@pytest.mark.skipif(hhtld.kernels.backend() != "numba", reason="numba is not available")
+def test_lean_loop_builds_one_table_for_the_pairs_of_a_pack_grouped_by_input(built, tmp_path):
+    """gate with up and k with v in one group (``--group-by input``): the loop pairs their kernels,
+    gives the same bits as the products one by one, and transformers' greedy tokens."""
+    from hhtld.classify import DEFAULT_RULES
+    from hhtld.loader.lean import LeanDecoder
+
+    folder, _, _ = built["llama"]
+    pack = tmp_path / "by-input.hhtld"
+    encode_checkpoint(folder, pack, policy=ALL, rules=DEFAULT_RULES.group_by("input"), **VQ)
+    roles = {t["role"] for n, t in hhtld.open_pack(pack).tensors.items() if "gate_proj" in n}
+    assert roles == {"up"}
+    model = hhtld.load(pack, keep_compressed=True)
+    lean = LeanDecoder(model)
+    assert all(p.pair is not None and p.pair.shared for L in lean.layers for p in (L.kv, L.gate_up))
+    ids = tiny_tokenizer()("the module defines", return_tensors="pt")["input_ids"][0].tolist()
+    paired = lean.logits(ids)
+    for L in lean.layers:
+        L.kv.pair = L.gate_up.pair = None
+    assert np.array_equal(paired, lean.logits(ids))
+    exact = hhtld.load(pack, keep_compressed=True, tables="float32")
+    with torch.no_grad():
+        ref = exact.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=1, eos_token_id=None)[0, len(ids):].tolist()
+    assert LeanDecoder(exact, tables="float32").generate(ids, 8) == ref
+
+
 def test_lean_loop_without_numba_runs_its_numpy_steps(built, monkeypatch):
     """The numpy path of the loop (no compiled ops, no kernels) gives the same tokens and logits."""
     from hhtld.kernels import runtime

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .classify import DEFAULT_RULES, EncodablePolicy, load_rules_file, parse_rule
+from .classify import DEFAULT_RULES, GROUP_BY, EncodablePolicy, load_rules_file, parse_rule
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import HhtldError, HhtldNote, OptionsError
 from .outputs import check_output_file, remove_all_temps, write_json
@@ -42,6 +42,10 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="classification rule put in front of the built-in table (regex searched in the name; "
                         "ROLE may end in ':transposed'); repeatable")
     g.add_argument("--rules", metavar="FILE.json", help="JSON list of {pattern, role, transposed} rules, in front of the table")
+    g.add_argument("--group-by", choices=GROUP_BY, default="role",
+                   help="'role' (default): a group per role and shape; 'input': matrices that read the same input "
+                        "and share a shape in one group (gate with up, k with v), each pair at one setting, so "
+                        "that the kernels build one lookup table for both")
 
 
 def _policy(args, every_matrix: bool = False) -> tuple[EncodablePolicy, object]:
@@ -334,7 +338,8 @@ def _rules_only(args):
     extra = [parse_rule(r) for r in args.rule]
     if args.rules:
         extra += load_rules_file(args.rules)
-    return DEFAULT_RULES.with_overrides(extra) if extra else DEFAULT_RULES
+    rules = DEFAULT_RULES.with_overrides(extra) if extra else DEFAULT_RULES
+    return rules.group_by(getattr(args, "group_by", "role"))
 
 
 def build_parser() -> argparse.ArgumentParser:

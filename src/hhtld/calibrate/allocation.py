@@ -21,6 +21,7 @@ until the sum meets the goal or the bits run out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -130,20 +131,36 @@ class TensorAllocation:
 
 
 def allocate(stats: list[TensorStats], rel_mse: dict[str, dict[str, float]], goal: float | None = None,
-             budget_bits: float | None = None, floor: dict[str, int] | None = None) -> TensorAllocation:
+             budget_bits: float | None = None, floor: dict[str, int] | None = None,
+             tie: Callable[[str], str] | None = None) -> TensorAllocation:
     """Per-tensor rungs (:func:`hhtld.budget.greedy.spend`): ``rel_mse[group][rung]`` is
     the group's relative weight error at each rung; stop when the predicted total
     change is at most ``goal`` or when the next step would pass ``budget_bits``.
-    ``floor``: the lowest rung index per role."""
-    bits = {st.name: [tensor_bits(s, st.rows, st.cols, st.role) for s in LADDER] for st in stats}
-    loss = {st.name: [st.sensitivity * rel_mse[st.group][s.name] for s in LADDER] for st in stats}
-    start = {st.name: (floor or {}).get(st.role, 0) for st in stats}
+    ``floor``: the lowest rung index per role. ``tie(name)``: the unit a tensor is
+    allocated with (tensors of one group and one unit get one rung, their bits and
+    losses summed; ``RuleTable.tie``); default each tensor alone."""
+    group = {st.name: st.group for st in stats}
+    unit = {}
+    for st in stats:
+        other = tie(st.name) if tie else st.name
+        unit[st.name] = other if group.get(other) == st.group else st.name  # a partner in another group: alone
+    bits: dict[str, list[int]] = {}
+    loss: dict[str, list[float]] = {}
+    start: dict[str, int] = {}
+    for st in stats:
+        u = unit[st.name]
+        b = [tensor_bits(s, st.rows, st.cols, st.role) for s in LADDER]
+        e = [st.sensitivity * rel_mse[st.group][s.name] for s in LADDER]
+        bits[u] = [x + y for x, y in zip(bits[u], b)] if u in bits else b
+        loss[u] = [x + y for x, y in zip(loss[u], e)] if u in loss else e
+        start[u] = max(start.get(u, 0), (floor or {}).get(st.role, 0))
     idx = spend(bits, loss, start, goal=goal, budget_bits=budget_bits)
     out = TensorAllocation(goal=goal)
     for st in stats:
-        i = idx[st.name]
-        out.choices[st.name] = TensorChoice(st.name, st.group, LADDER[i], bits[st.name][i], st.rows * st.cols,
-                                            loss[st.name][i])
+        i = idx[unit[st.name]]
+        out.choices[st.name] = TensorChoice(st.name, st.group, LADDER[i], tensor_bits(LADDER[i], st.rows, st.cols,
+                                                                                    st.role), st.rows * st.cols,
+                                            st.sensitivity * rel_mse[st.group][LADDER[i].name])
     return out
 
 

@@ -487,6 +487,7 @@ class Calibration:
         self.model_path = model
         self.ckpt = open_checkpoint(model)
         self.plan = plan_checkpoint(self.ckpt, policy, rules)
+        self.rules = rules
         self.policy, self.sample_rows, self.threads, self.include_aux, self.log = (policy, sample_rows, threads,
                                                                                    include_aux, log)
         self.codec_options = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
@@ -536,7 +537,8 @@ class Calibration:
 
     def allocate(self, goal: float | None = None, bpw: float | None = None) -> TensorAllocation:
         """Per-tensor rungs for a predicted-change ``goal`` or a ``bpw`` budget (tensor parts)."""
-        return allocate(self.stats, self.rel, goal=goal, budget_bits=None if bpw is None else bpw * self.total_weights)
+        return allocate(self.stats, self.rel, goal=goal, budget_bits=None if bpw is None else bpw * self.total_weights,
+                        tie=self.rules.tie if self.rules.shared else None)
 
     def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
         """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""

@@ -3,11 +3,14 @@
 from .groups import GroupKey, GroupPlan, Plan, TensorPlan, plan_checkpoint, plan_tensor
 from .rules import (
     DEFAULT_RULES,
+    GROUP_BY,
     INDEX_ROLES,
     ROLES,
     ComponentRule,
     RoleRule,
     RuleTable,
+    SHARED_INPUTS,
+    SharedInput,
     classify_component,
     classify_role,
     load_rules_file,
@@ -25,8 +28,8 @@ from .shapes import (
 )
 
 __all__ = [
-    "DEFAULT_RULES", "INDEX_ROLES", "ROLES", "ComponentRule", "EncodablePolicy", "GroupKey",
-    "GroupPlan", "Plan", "RoleRule", "RuleTable", "TensorPlan", "classify_component",
+    "DEFAULT_RULES", "GROUP_BY", "INDEX_ROLES", "ROLES", "SHARED_INPUTS", "ComponentRule", "EncodablePolicy",
+    "GroupKey", "GroupPlan", "Plan", "RoleRule", "RuleTable", "SharedInput", "TensorPlan", "classify_component",
     "classify_role", "effective_shape", "from_row_matrix", "is_encodable", "is_matrix_shape", "load_rules_file",
     "parse_rule", "plan_checkpoint", "plan_tensor", "regime_of", "should_use_leaf", "to_row_matrix",
 ]

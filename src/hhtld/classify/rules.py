@@ -4,6 +4,12 @@ A rule is a regular expression searched in the tensor name; the first rule
 that matches wins. A new architecture is a table entry, not new code, and a
 user can put rules of their own in front (``RuleTable.with_overrides``, or
 ``hhtld encode --rule 'PATTERN=ROLE'`` / ``--rules FILE.json``).
+
+``--group-by input`` (:meth:`RuleTable.sharing_inputs`) puts matrices that read
+the same input and have the same shape into one group — Llama's gate with up,
+k with v; BERT's key with value — and ties each such pair to one setting, so
+that the pair shares its palettes and the codec-space kernels build one
+lookup table for both (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -86,11 +92,40 @@ DEFAULT_COMPONENT_RULES: tuple[ComponentRule, ...] = (
 
 
 @dataclass(frozen=True)
+class SharedInput:
+    """Two matrices of one module that read the same input: the tensor named with
+    ``first`` (a module name between dots) and the one named with ``second`` in its
+    place; grouped under ``role`` (the second's)."""
+
+    first: str
+    second: str
+    role: str
+
+    def partner(self, name: str) -> str | None:
+        """The second's name for a name of the first, else None."""
+        pat = rf"(^|\.){re.escape(self.first)}(\.|$)"
+        if not re.search(pat, name):
+            return None
+        return re.sub(pat, lambda m: f"{m.group(1)}{self.second}{m.group(2)}", name, count=1)
+
+
+# matrices that read the same input and share a shape in the families hhtld knows
+SHARED_INPUTS: tuple[SharedInput, ...] = (
+    SharedInput("gate_proj", "up_proj", "up"),
+    SharedInput("k_proj", "v_proj", "v"),
+    SharedInput("attention.self.key", "attention.self.value", "v"),
+)
+GROUP_BY = ("role", "input")
+
+
+@dataclass(frozen=True)
 class RuleTable:
-    """Ordered role and component rules; the first match wins."""
+    """Ordered role and component rules; the first match wins. ``shared``: the
+    pairs that read one input, grouped and tied (:meth:`sharing_inputs`)."""
 
     roles: tuple[RoleRule, ...] = DEFAULT_ROLE_RULES
     components: tuple[ComponentRule, ...] = DEFAULT_COMPONENT_RULES
+    shared: tuple[SharedInput, ...] = ()
 
     def match_role(self, name: str) -> RoleRule | None:
         for rule in self.roles:
@@ -114,7 +149,30 @@ class RuleTable:
 
     def with_overrides(self, roles=(), components=()) -> "RuleTable":
         """A new table with the given rules in front of these."""
-        return RuleTable(tuple(roles) + self.roles, tuple(components) + self.components)
+        return RuleTable(tuple(roles) + self.roles, tuple(components) + self.components, self.shared)
+
+    def sharing_inputs(self, pairs: tuple[SharedInput, ...] = SHARED_INPUTS) -> "RuleTable":
+        """This table with each pair's first matrix classified as its second's role
+        (after any user rules, before the built-in ones) and the pairs tied."""
+        n_user = len(self.roles) - len(DEFAULT_ROLE_RULES) if self.roles[-len(DEFAULT_ROLE_RULES):] == \
+            DEFAULT_ROLE_RULES else len(self.roles)
+        mine = tuple(RoleRule(rf"(^|\.){re.escape(p.first)}(\.|$)", p.role) for p in pairs)
+        return RuleTable(self.roles[:n_user] + mine + self.roles[n_user:], self.components, self.shared + tuple(pairs))
+
+    def group_by(self, how: str) -> "RuleTable":
+        """``role`` (this table) or ``input`` (:meth:`sharing_inputs`)."""
+        if how not in GROUP_BY:
+            raise OptionsError(f"group-by '{how}': expected one of {', '.join(GROUP_BY)}")
+        return self.sharing_inputs() if how == "input" and not self.shared else self
+
+    def tie(self, name: str) -> str:
+        """The name of the unit ``name`` is allocated with: its partner's name for the
+        first matrix of a shared pair, else its own."""
+        for p in self.shared:
+            other = p.partner(name)
+            if other is not None:
+                return other
+        return name
 
     def to_json(self) -> list[dict]:
         return [{"pattern": r.pattern, "role": r.role, "transposed": r.transposed} for r in self.roles]

@@ -7,9 +7,9 @@ backend runs them (numba, or numpy when numba is unavailable) and
 """
 
 from .runtime import BACKENDS, ENV, backend, int16_tables, sync_threads, warm_up
-from .vq import (MAX_TABLE_ROWS, TABLES, StageArrays, TiledTwig, VqKernel, rows_for_tables, stage_palettes,
+from .vq import (MAX_TABLE_ROWS, TABLES, KernelPair, StageArrays, TiledTwig, VqKernel, rows_for_tables, stage_palettes,
                  tile_twigs, vq_kernel)
 
-__all__ = ["BACKENDS", "ENV", "MAX_TABLE_ROWS", "TABLES", "StageArrays", "TiledTwig", "VqKernel", "backend",
+__all__ = ["BACKENDS", "ENV", "MAX_TABLE_ROWS", "TABLES", "KernelPair", "StageArrays", "TiledTwig", "VqKernel", "backend",
            "int16_tables", "rows_for_tables", "stage_palettes", "sync_threads", "tile_twigs", "vq_kernel",
            "warm_up"]

@@ -162,9 +162,8 @@ _lut_group = table_function()
 _lut_gather = gather_function()
 if _lut_tiles is not None:
     @njit(inline="always", nogil=True, boundscheck=False)
-    def _stage_part(xrow, palt, offs, widths, twt, pmax, ga, gb, tab, scales, acc, accumulate):
-        # table rows of groups [ga, gb) of one stage, then their sums over every tile
-        s = twt.shape[1]
+    def _stage_tables(xrow, palt, offs, widths, s, pmax, ga, gb, tab, scales):
+        # int16 table rows of the groups [ga, gb) of one stage's s segments
         npos = palt.shape[0]
         period = 0
         for j in range(npos):
@@ -173,8 +172,31 @@ if _lut_tiles is not None:
             _lut_group(xrow.ctypes.data, palt.ctypes.data, offs.ctypes.data, widths.ctypes.data, pmax.ctypes.data,
                        npos, palt.shape[1], palt.shape[2], period, g * GROUP, min(s, g * GROUP + GROUP),
                        tab.ctypes.data, scales[g:].ctypes.data)
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _stage_sums(twt, ga, gb, tab, scales, acc, accumulate):
+        # the sums of those table rows over every tile of one weight's twigs
+        s = twt.shape[1]
         _lut_tiles(twt.ctypes.data, twt.shape[0], s, ga * GROUP, min(s, gb * GROUP), tab.ctypes.data,
                    scales.ctypes.data, acc.ctypes.data, 1 if accumulate else 0)
+
+    @njit(inline="always", nogil=True, boundscheck=False, fastmath=True)
+    def _finish_row(acc, chunks, gain, c, leaf, n, y):
+        # the chunks' sums, times the gains, plus the leaf
+        lanes = leaf.shape[1]
+        has_gain = gain.shape[0] > 0
+        for o in range(n):
+            v = acc[0, o]
+            for ch in range(1, chunks):
+                v += acc[ch, o]
+            if has_gain:
+                v *= gain[o]
+            if lanes > 0:
+                lf = np.float32(0.0)
+                for la in range(lanes):
+                    lf += c[la] * np.float32(leaf[o, la])
+                v += lf
+            y[o] = v
 
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
     def _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n,
@@ -195,28 +217,53 @@ if _lut_tiles is not None:
             out = acc[ch]
             done = False
             if ga < min(gb, g0n):
-                _stage_part(xrow, p0, o0, w0, t0, m0, ga, min(gb, g0n), tab, scales, out, False)
+                _stage_tables(xrow, p0, o0, w0, s0, m0, ga, min(gb, g0n), tab, scales)
+                _stage_sums(t0, ga, min(gb, g0n), tab, scales, out, False)
                 done = True
             if max(ga, g0n) < gb:
-                _stage_part(xrow, p1, o1, w1, t1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out, done)
+                _stage_tables(xrow, p1, o1, w1, s1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1)
+                _stage_sums(t1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out, done)
                 done = True
             if not done:
                 out[:] = 0.0
-        # the chunks' sums, times the gains, plus the leaf
-        lanes = leaf.shape[1]
-        has_gain = gain.shape[0] > 0
-        for o in range(n):
-            v = acc[0, o]
-            for ch in range(1, chunks):
-                v += acc[ch, o]
-            if has_gain:
-                v *= gain[o]
-            if lanes > 0:
-                lf = np.float32(0.0)
-                for la in range(lanes):
-                    lf += c[la] * np.float32(leaf[o, la])
-                v += lf
-            y[o] = v
+        _finish_row(acc, chunks, gain, c, leaf, n, y)
+
+    @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
+    def _matvec2_i16(xrow, p0, o0, w0, m0, p1, o1, w1, m1, n_stages, t0a, t1a, gain_a, na, t0b, t1b, gain_b, nb,
+                     tab, scales, acc_a, acc_b, chunks, ya, yb):
+        # _matvec_i16 for two weights of the same palettes and rotation: each chunk's table rows
+        # are built once and summed over the tiles of both
+        s0 = t0a.shape[1]
+        s1 = t1a.shape[1] if n_stages > 1 else 0
+        g0n = (s0 + GROUP - 1) // GROUP
+        g1n = (s1 + GROUP - 1) // GROUP
+        total = g0n + g1n
+        per = (total + chunks - 1) // chunks
+        tab1 = tab[s0:]
+        sc1 = scales[g0n:]
+        for ch in prange(chunks):
+            ga = min(total, ch * per)
+            gb = min(total, ga + per)
+            out_a = acc_a[ch]
+            out_b = acc_b[ch]
+            done = False
+            if ga < min(gb, g0n):
+                _stage_tables(xrow, p0, o0, w0, s0, m0, ga, min(gb, g0n), tab, scales)
+                _stage_sums(t0a, ga, min(gb, g0n), tab, scales, out_a, False)
+                _stage_sums(t0b, ga, min(gb, g0n), tab, scales, out_b, False)
+                done = True
+            if max(ga, g0n) < gb:
+                _stage_tables(xrow, p1, o1, w1, s1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1)
+                _stage_sums(t1a, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_a, done)
+                _stage_sums(t1b, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_b, done)
+                done = True
+            if not done:
+                out_a[:] = 0.0
+                out_b[:] = 0.0
+        no_leaf = np.zeros((1, 0), dtype=np.int8)
+        no_c = np.zeros(0, dtype=np.float32)
+        _finish_row(acc_a, chunks, gain_a, no_c, no_leaf, na, ya)
+        _finish_row(acc_b, chunks, gain_b, no_c, no_leaf, nb, yb)
 
 
 def matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc, y):
@@ -228,6 +275,16 @@ def matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, 
     both stages, 256) int16, ``scales`` (their groups,), ``acc`` (chunks, tiles × 64)."""
     _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n, tab, scales, acc,
                 acc.shape[0], y)
+
+
+def matvec2_i16(xrow, p0, o0, w0, m0, p1, o1, w1, m1, n_stages, t0a, t1a, gain_a, na, t0b, t1b, gain_b, nb,
+                tab, scales, acc_a, acc_b, ya, yb):
+    """:func:`matvec_i16` for two weights without a leaf that share their stages' palettes
+    and rotation (``p m o w`` per stage as there; tiled twigs ``t0a t1a`` / ``t0b t1b``, gains,
+    row counts, ``acc`` scratch and outputs per weight): each table row is built once and
+    summed over both weights' tiles. ``ya`` and ``yb`` are what two :func:`matvec_i16` calls give."""
+    _matvec2_i16(xrow, p0, o0, w0, m0, p1, o1, w1, m1, n_stages, t0a, t1a, gain_a, na, t0b, t1b, gain_b, nb,
+                 tab, scales, acc_a, acc_b, acc_a.shape[0], ya, yb)
 
 
 @njit(parallel=True, **_JIT)
@@ -347,4 +404,4 @@ def gather_u8(st0, st1, n_stages, start, out, chunks):
 
 
 __all__ = ["GROUP", "TILE", "finish", "gather", "leaf_coefficients", "gather_u8", "lookup_f32",
-           "matvec_i16", "rotate_rows", "rotate_serial", "tables_f32"]
+           "matvec_i16", "matvec2_i16", "rotate_rows", "rotate_serial", "tables_f32"]

@@ -145,6 +145,22 @@ def warm_up() -> None:
     _chosen["warm"] = True
 
 
+def warm_up_pairs() -> None:
+    """Compile the two-weight product of :class:`hhtld.kernels.KernelPair` now (a loop that
+    pairs weights calls it first; others never compile it)."""
+    if _chosen.get("warm_pairs") or not int16_tables():
+        return
+    import numpy as np  # noqa: PLC0415
+
+    from .vq import KernelPair, StageArrays, VqKernel, tile_twigs  # noqa: PLC0415
+
+    st = StageArrays(np.zeros((1, 2, 4), dtype=np.float32), np.zeros(1, dtype=np.int64), np.full(1, 2, dtype=np.int64),
+                     tile_twigs(np.zeros((3, 2), dtype=np.uint8)))
+    k = VqKernel(3, 4, [st, st], np.ones(3, dtype=np.float32), np.ones(4, dtype=np.int8), 4, None, None, 0.0)
+    KernelPair(k, k).matmul_t(np.ones((1, 4), dtype=np.float32))
+    _chosen["warm_pairs"] = True
+
+
 _asked = threading.local()  # the last count each thread asked for (numba's setting is per thread)
 
 

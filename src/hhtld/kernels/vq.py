@@ -373,6 +373,55 @@ class VqKernel:
         return y
 
 
+class KernelPair:
+    """Two weights that read the same input and share their group's palettes and
+    rotation (gate with up, k with v under ``--group-by input``): :meth:`matmul_t`
+    builds each lookup table once for both on the one-row int16 path, where the
+    table build is a large part of a small weight's product; otherwise (more
+    rows, float32 tables, other layouts) the two products run one after the other.
+    :meth:`shares` says whether two weights qualify."""
+
+    def __init__(self, a: VqKernel, b: VqKernel):
+        self.a, self.b = a, b
+        self.shared = self.shares(a, b)
+
+    @staticmethod
+    def shares(a: VqKernel, b: VqKernel) -> bool:
+        """Whether one table build serves both: the one-row fast layout (one or two one-byte
+        stages) on each, the same palettes, offsets and widths per stage, the same rotation,
+        gains on both or neither, and no leaf."""
+        if a._row is None or b._row is None or a.n_cols != b.n_cols or a.has_leaf or b.has_leaf:
+            return False
+        if len(a.stages) != len(b.stages) or a.block != b.block or not np.array_equal(a.signs, b.signs):
+            return False
+        if (a.gain.shape[0] > 0) != (b.gain.shape[0] > 0):
+            return False
+        for sa, sb in zip(a.stages, b.stages):
+            if sa.n_seg != sb.n_seg or not (np.array_equal(sa.offs, sb.offs) and np.array_equal(sa.widths, sb.widths)):
+                return False
+            if sa.palt is not sb.palt and not (sa.palt.shape == sb.palt.shape and np.array_equal(sa.palt, sb.palt)):
+                return False
+        return True
+
+    def matmul_t(self, x: np.ndarray, tables: str = "int16") -> tuple[np.ndarray, np.ndarray]:
+        """``(x @ A.T, x @ B.T)``, each what :meth:`VqKernel.matmul_t` gives (the same bits)."""
+        a, b = self.a, self.b
+        if not (self.shared and tables == "int16" and type(x) is np.ndarray and x.shape == (1, a.n_cols)
+                and x.dtype == np.float32 and x.flags.c_contiguous and int16_tables()):
+            return a.matmul_t(x, tables), b.matmul_t(x, tables)
+        ck = compiled_kernels()
+        xr, tab, scales, acc_a = _scratch.row(a.n_pad, a._pair_segments, a.n_tiles * TILE)
+        acc_b = _scratch.get("acc_b", (SUM_CHUNKS, b.n_tiles * TILE))
+        ck.rotate_serial(x, a.signs, a.block, xr)
+        ya = np.empty((1, a.n_rows), dtype=np.float32)
+        yb = np.empty((1, b.n_rows), dtype=np.float32)
+        p0, o0, w0, t0a, m0, p1, o1, w1, t1a, m1, n_st = a._row
+        t0b, t1b = b._row[3], b._row[8]
+        ck.matvec2_i16(xr[0], p0, o0, w0, m0, p1, o1, w1, m1, n_st, t0a, t1a, a.gain, a.n_rows, t0b, t1b, b.gain,
+                       b.n_rows, tab, scales, acc_a, acc_b, ya[0], yb[0])
+        return ya, yb
+
+
 @lru_cache(maxsize=8)
 def _hadamard(block: int) -> np.ndarray:
     """The orthonormal Hadamard matrix (block, block) float32 (symmetric: its own transpose)."""
@@ -425,5 +474,5 @@ def vq_kernel(params: Mapping, group: Mapping[str, np.ndarray], tensor: Mapping[
                     float(np.asarray(tensor["leaf_scale"])[0]) if has_leaf else 0.0)
 
 
-__all__ = ["GEMM_BLOCK_BYTES", "MAX_TABLE_ROWS", "TABLES", "TILE", "StageArrays", "TiledTwig", "VqKernel",
-           "rows_for_tables", "stage_palettes", "tile_twigs", "vq_kernel"]
+__all__ = ["GEMM_BLOCK_BYTES", "MAX_TABLE_ROWS", "TABLES", "TILE", "KernelPair", "StageArrays", "TiledTwig",
+           "VqKernel", "rows_for_tables", "stage_palettes", "tile_twigs", "vq_kernel"]

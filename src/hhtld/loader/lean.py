@@ -110,6 +110,31 @@ def _mm_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a, b)
 
 
+class _Pair:
+    """Two projections of one input: ``(x @ A.T + a, x @ B.T + b)``, one lookup table built
+    for both when their compressed weights share palettes and rotation
+    (:class:`hhtld.kernels.KernelPair`; a pack encoded with ``--group-by input``)."""
+
+    def __init__(self, a: _Linear, b: _Linear):
+        from ..kernels import KernelPair
+
+        self.a, self.b = a, b
+        self.pair = None
+        if a.kernel is not None and b.kernel is not None and a.tables == b.tables \
+                and KernelPair.shares(a.kernel, b.kernel):
+            self.pair = KernelPair(a.kernel, b.kernel)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.pair is None:
+            return self.a(x), self.b(x)
+        ya, yb = self.pair.matmul_t(x, self.a.tables)
+        if self.a.bias is not None:
+            ya += self.a.bias
+        if self.b.bias is not None:
+            yb += self.b.bias
+        return ya, yb
+
+
 class _Layer:
     def __init__(self, layer, tables: str):
         at, mlp = layer.self_attn, layer.mlp
@@ -117,6 +142,8 @@ class _Layer:
                                                                                       "o_proj"))
         self.gate, self.up, self.down = (_Linear(getattr(mlp, n), tables) for n in ("gate_proj", "up_proj",
                                                                                    "down_proj"))
+        self.kv = _Pair(self.k, self.v)  # the pairs that read one input
+        self.gate_up = _Pair(self.gate, self.up)
         self.norm_in = _Norm(layer.input_layernorm)
         self.norm_post = _Norm(layer.post_attention_layernorm)
 
@@ -152,6 +179,10 @@ class LeanDecoder:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.scaling = np.float32(self.head_dim ** -0.5)
         self.layers = [_Layer(layer, tables) for layer in inner.layers]
+        if any(p.pair is not None and p.pair.shared for L in self.layers for p in (L.kv, L.gate_up)):
+            from ..kernels.runtime import warm_up_pairs
+
+            warm_up_pairs()
         self.norm = _Norm(inner.norm)
         self.lm_head = _Linear(model.lm_head, tables)
         self.embed = inner.embed_tokens
@@ -202,10 +233,13 @@ class LeanDecoder:
             else:  # the previous layer's MLP output joins the residual here
                 ops.add_rms_norm(h, y, L.norm_in.w, L.norm_in.eps, xb)
             x = xb.reshape(1, -1)
-            q, k, v = L.q(x)[0], L.k(x)[0], L.v(x)[0]
+            q = L.q(x)[0]
+            k, v = L.kv(x)
+            k, v = k[0], v[0]
             ops.attend(q, k, v, cos, sin, self.k_cache[li], self.v_cache[li], p, self.scaling, scores, self._a)
             ops.add_rms_norm(h, L.o(self._a.reshape(1, -1))[0], L.norm_post.w, L.norm_post.eps, xb)
-            g, u = L.gate(x)[0], L.up(x)[0]
+            g, u = L.gate_up(x)
+            g, u = g[0], u[0]
             ops.silu_mul(g, u, g)
             y = L.down(g.reshape(1, -1))[0]
         h += y
