@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hhtld.budget import LADDER, encode_budget, spend
+from hhtld import encode
+from hhtld.budget import LADDER, spend
 from hhtld.budget.allocate import allocate_rows
 from hhtld.budget.trials import Trial
 from hhtld.classify import EncodablePolicy
@@ -12,6 +13,12 @@ from hhtld.classify.groups import GroupKey, GroupPlan
 from hhtld.errors import OptionsError
 from hhtld.gates.targets import Thresholds
 from hhtld.pack.reader import Pack
+
+
+def _encode(*args, **kw):
+    """hhtld.encode as (the writer's result, the allocation)."""
+    rep = encode(*args, **kw)
+    return rep.result, rep.allocation
 
 
 def test_ladder_is_cheapest_first_and_rates_are_exact():
@@ -76,19 +83,19 @@ def test_greedy_spends_bits_where_they_buy_most_and_keeps_the_budget():
 
 def test_rows_target_on_a_small_checkpoint_falls_back_with_a_note(small_folder, tmp_path):
     out = tmp_path / "m.hhtld"
-    res, al = encode_budget(small_folder, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
+    res, al = _encode(small_folder, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
     assert al.target == "rows" and any("falling back" in n for n in al.notes)
     assert al.checks[-1]["ok"]
     p = Pack(out)
     assert {g["codec"] for g in p.groups} == {"hhtl-vq"}
     assert all("setting" in g["options"] and g["options"]["setting"] for g in p.groups)
-    res2, al2 = encode_budget(small_folder, tmp_path / "n.hhtld", target="rows", policy=EncodablePolicy(encode_all=True))
+    res2, al2 = _encode(small_folder, tmp_path / "n.hhtld", target="rows", policy=EncodablePolicy(encode_all=True))
     assert out.read_bytes() == (tmp_path / "n.hhtld").read_bytes()  # same input and options, same bytes
 
 
 def test_bpw_budget_is_kept(small_ckpt, tmp_path):
     for bpw in (2.5, 5.0):
-        res, al = encode_budget(small_ckpt, tmp_path / f"b{bpw}.hhtld", target="rows", bpw=bpw,
+        res, al = _encode(small_ckpt, tmp_path / f"b{bpw}.hhtld", target="rows", bpw=bpw,
                                 policy=EncodablePolicy(encode_all=True))
         assert al.bpw <= bpw
         p = Pack(res.path)
@@ -101,7 +108,7 @@ def test_rows_target_writes_only_out_and_says_when_the_top_rung_is_not_enough(sm
     d = tmp_path / "out"
     d.mkdir()
     out = d / "m.hhtld"
-    res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+    res, al = _encode(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
     assert res.path == out and al.checks[-1]["ok"]
     assert sorted(p.name for p in d.iterdir()) == ["m.hhtld"]
     p = Pack(out)  # a readable pack; gate 1 measured while encoding is in the manifest
@@ -111,7 +118,7 @@ def test_rows_target_writes_only_out_and_says_when_the_top_rung_is_not_enough(sm
     # a target no rung can meet: the allocation goes to the top rung at once, which fails, and says so
     strict = Thresholds(argmax_median=1.0, argmax_p5=1.0, index_median=1.0, index_p5=1.0)
     out2 = d / "strict.hhtld"
-    res2, al2 = encode_budget(small_ckpt, out2, target="rows", policy=EncodablePolicy(encode_all=True),
+    res2, al2 = _encode(small_ckpt, out2, target="rows", policy=EncodablePolicy(encode_all=True),
                               thresholds=strict)
     assert res2.path == out2 and len(al2.checks) == 1 and not al2.checks[-1]["ok"]
     failing = ", ".join(str(g.key) for g in res2.plan.groups)
@@ -130,7 +137,7 @@ def test_a_group_that_fails_its_row_check_is_encoded_again_one_rung_higher(small
 
     monkeypatch.setattr(allocate, "allocate_rows", too_cheap)
     out = tmp_path / "m.hhtld"
-    res, al = encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+    res, al = _encode(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
     assert al.checks[-1]["ok"] and al.checks[-1]["raised"]
     raised = {r.split("→")[0] for r in al.checks[-1]["raised"]}
     assert raised == {k for k, c in al.choices.items() if c.setting.name != LADDER[0].name} != set()
@@ -153,7 +160,7 @@ def test_interrupted_encode_leaves_out_untouched_and_no_temporary_files(small_ck
 
     monkeypatch.setattr(HhtlVqCodec, "encode_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        encode_budget(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
+        _encode(small_ckpt, out, target="rows", policy=EncodablePolicy(encode_all=True))
     assert len(seen) == 1
     assert out.read_bytes() == b"previous pack"
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
@@ -161,13 +168,13 @@ def test_interrupted_encode_leaves_out_untouched_and_no_temporary_files(small_ck
 
 def test_budget_output_path_errors(small_ckpt, tmp_path):
     with pytest.raises(OptionsError) as e:
-        encode_budget(small_ckpt, tmp_path, target="rows")
+        _encode(small_ckpt, tmp_path, target="rows")
     assert str(e.value) == f"{tmp_path}: is a directory; the pack needs a file name"
     with pytest.raises(OptionsError) as e:
-        encode_budget(small_ckpt, small_ckpt, target="rows")
+        _encode(small_ckpt, small_ckpt, target="rows")
     assert str(e.value) == f"{small_ckpt}: is an input of this command; refusing to overwrite it with the pack"
     with pytest.raises(OptionsError) as e:
-        encode_budget(small_ckpt, tmp_path / "m.hhtld", target="rows", max_rounds=0)
+        _encode(small_ckpt, tmp_path / "m.hhtld", target="rows", max_rounds=0)
     assert str(e.value) == "max_rounds must be a positive integer, got 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
@@ -176,7 +183,7 @@ def test_budget_output_path_errors(small_ckpt, tmp_path):
 def test_behaviour_target_on_minilm(minilm_dir, tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "minilm.hhtld"
-    res, al = encode_budget(minilm_dir, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
+    res, al = _encode(minilm_dir, out, target="behaviour", policy=EncodablePolicy(encode_all=True))
     assert al.target == "behaviour" and al.met is True
     check = al.checks[-1]
     assert check["top1"] >= 0.95 and check["cos_mean"] >= 0.995

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hhtld import EncodablePolicy, PackError, encode_checkpoint, open_pack
-from hhtld.budget import encode_budget
+from hhtld import encode
 from hhtld.checkpoint.rows import ArrayRows, TensorRows, block_rows, evenly_spaced, row_blocks, sample_across
 from hhtld.codecs.reference.svd_basis import SvdBasis
 from hhtld.errors import CheckpointError, OptionsError
@@ -19,6 +19,12 @@ from hhtld.format import BLOCK_ELEMS
 from hhtld.stfile import SafetensorsWriter, read_header
 
 ALL = EncodablePolicy(encode_all=True)
+
+
+def _encode(*args, **kw):
+    """hhtld.encode as (the writer's result, the allocation)."""
+    rep = encode(*args, **kw)
+    return rep.result, rep.allocation
 
 
 def sha(p):
@@ -191,7 +197,7 @@ def test_bpw_alone_never_runs_the_model(small_folder, tmp_path, monkeypatch):
         raise AssertionError("the model was run")
 
     monkeypatch.setattr(runner.ModelRunner, "from_model", no_model)
-    res, al = encode_budget(small_folder, tmp_path / "m.hhtld", bpw=4.0, policy=ALL)
+    res, al = _encode(small_folder, tmp_path / "m.hhtld", bpw=4.0, policy=ALL)
     assert al.target == "rows" and al.notes == [] and al.bpw <= 4.0
     manifest = json.loads(read_header(tmp_path / "m.hhtld").metadata["hhtld.manifest"])
     assert manifest["sample_rows"] == 4096

@@ -64,7 +64,8 @@ from .pack import Pack, decode_pack, encode_checkpoint, open_pack
 from .inspect import inspect_path
 
 # choosing the bits: data-free budgets and the calibrated behaviour target
-from .budget import LADDER, Allocation, encode_budget
+from .budget import LADDER, Allocation
+from .encoding import EncodeReport, encode, encode_budget
 
 # gates and probes
 from .gates import (
@@ -109,7 +110,7 @@ __all__ = [
     # pack
     "Pack", "decode_pack", "encode_checkpoint", "open_pack", "inspect_path",
     # budget
-    "Allocation", "LADDER", "encode_budget",
+    "Allocation", "LADDER", "EncodeReport", "encode", "encode_budget",
     # gates and probes
     "ModelRunner", "Thresholds", "VerifyReport", "calibration_texts", "compare_outputs", "heldout_texts",
     "verify", "AttentionProbeResult", "probe_attention",

@@ -48,18 +48,15 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         "that the kernels build one lookup table for both")
 
 
-def _policy(args, every_matrix: bool = False) -> tuple[EncodablePolicy, object]:
-    """The encodable policy of the flags; ``every_matrix``: encode every matrix unless
-    a size threshold was given (the calibrated encode measures what each one needs)."""
+def _policy(args) -> tuple[EncodablePolicy, object]:
+    """The encodable policy and the rule table of the flags."""
     for opt in ("min_rows", "min_bytes"):
         v = getattr(args, opt)
         if v is not None and v < 0:
             raise OptionsError(f"--{opt.replace('_', '-')} must be >= 0, got {v}")
-    thresholds_given = args.min_rows is not None or args.min_bytes is not None
-    args.min_rows = DEFAULT_MIN_ROWS if args.min_rows is None else args.min_rows
-    args.min_bytes = DEFAULT_MIN_BYTES if args.min_bytes is None else args.min_bytes
-    encode_all = args.encode_all or (every_matrix and not thresholds_given)
-    return EncodablePolicy(args.min_rows, args.min_bytes, encode_all), _rules_only(args)
+    rows = DEFAULT_MIN_ROWS if args.min_rows is None else args.min_rows
+    nbytes = DEFAULT_MIN_BYTES if args.min_bytes is None else args.min_bytes
+    return EncodablePolicy(rows, nbytes, args.encode_all), _rules_only(args)
 
 
 def _emit_json(obj, dest) -> None:
@@ -85,59 +82,31 @@ def _check_outputs(args) -> None:
 
 
 def cmd_encode(args) -> int:
-    from .inspect import inspect_pack
-    from .pack import encode_checkpoint
+    from .encoding import encode
 
-    calibrated = (args.codec == "hhtl-vq" and args.stages is None
-                  and (args.target == "behaviour" or (args.target is None and args.bpw is None)))
-    policy, rules = _policy(args, every_matrix=calibrated)
-    opts = {"k": args.k, "leaf_lanes": args.leaf_lanes, "stages": args.stages, "rotate": args.rotate,
-            "gain": args.gain, "seed": args.seed}
-    opts = {k: v for k, v in opts.items() if v is not None}
-    known = CODECS[args.codec].defaults
-    wrong = [k for k in opts if k not in known]
-    if wrong:
-        raise HhtldError(f"--{wrong[0].replace('_', '-')} is not an option of codec {args.codec}")
-    allocation = None
-    if args.codec == "hhtl-vq" and "stages" not in opts:
-        # the budget codec: a rate allocation chooses a ladder rung per group (docs/design.md §2)
-        from .budget import encode_budget
-
-        fixed = [k for k in ("rotate", "gain", "leaf_lanes") if k in opts]
-        if fixed:
-            raise HhtldError(f"--{fixed[0].replace('_', '-')} applies to a fixed --stages setting; "
-                             "the allocation's ladder sets it per rung")
+    given = any(getattr(args, o) is not None for o in ("min_rows", "min_bytes")) or args.encode_all
+    policy, rules = _policy(args)
+    targets = {k: getattr(args, k) for k in ("max_kl", "min_top1", "min_cosine", "max_ppl_ratio")
+               if getattr(args, k, None) is not None}
+    thresholds = None
+    if targets:
         from .gates.targets import Thresholds
 
-        targets = {k: getattr(args, k) for k in ("max_kl", "min_top1", "min_cosine", "max_ppl_ratio")
-                   if getattr(args, k, None) is not None}
-        res, allocation = encode_budget(args.model, args.output, target=args.target, bpw=args.bpw,
-                                        config=args.config, policy=policy, rules=rules, codec_options=opts,
-                                        include_aux=not args.no_aux_files, progress=not args.quiet,
-                                        log=None if (args.json or args.quiet) else print,
-                                        sample_rows=args.sample_rows, threads=args.threads,
-                                        thresholds=Thresholds(**targets) if targets else None,
-                                        calibration=args.calibration_texts, max_rounds=args.max_rounds)
-    else:
-        if args.target is not None or args.bpw is not None:
-            raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
-                               f"{'a fixed --stages setting' if args.codec == 'hhtl-vq' else 'codec ' + args.codec}")
-        res = encode_checkpoint(args.model, args.output, codec=args.codec, codec_options=opts,
-                                policy=policy, rules=rules, include_aux=not args.no_aux_files,
-                                progress=not args.quiet, sample_rows=args.sample_rows, threads=args.threads)
-    info = inspect_pack(res.path)
-    info["encode_seconds"] = res.seconds if allocation is None else allocation.seconds.get("total", res.seconds)
-    info["weights_encoded"] = res.n_weights_encoded
-    if allocation is not None:
-        info["allocation"] = allocation.to_json()
+        thresholds = Thresholds(**targets)
+    rep = encode(args.model, args.output, target=args.target, bpw=args.bpw, codec=args.codec, stages=args.stages,
+                 k=args.k, leaf_lanes=args.leaf_lanes, rotate=args.rotate, gain=args.gain, seed=args.seed,
+                 policy=policy if given else None, rules=rules, config=args.config, thresholds=thresholds,
+                 calibration_texts=args.calibration_texts, max_rounds=args.max_rounds,
+                 sample_rows=args.sample_rows, threads=args.threads, include_aux=not args.no_aux_files,
+                 progress=not args.quiet, log=None if (args.json or args.quiet) else print)
+    res, allocation, info = rep.result, rep.allocation, rep.info
     # notes go to stderr whatever the output format
-    if allocation is not None:
-        for note in allocation.notes:
-            print(f"hhtld: note: {note}", file=sys.stderr)
+    for note in rep.notes:
+        print(f"hhtld: note: {note}", file=sys.stderr)
     small = [t for t in res.plan.passthrough if t.reason == "below size thresholds"]
     if small:
         print(f"hhtld: note: {len(small)} float matrices ({human_bytes(sum(t.nbytes for t in small))}) are kept dense "
-              f"by the size thresholds (--min-rows {args.min_rows}, --min-bytes {args.min_bytes}); "
+              f"by the size thresholds (--min-rows {rep.policy.min_rows}, --min-bytes {rep.policy.min_bytes}); "
               "--encode-all encodes them too", file=sys.stderr)
     missed = allocation is not None and allocation.met is False
     if missed:

@@ -53,3 +53,9 @@ class HhtldNote(UserWarning):
 class MissingDependencyError(HhtldError, ImportError):
     """An optional dependency (torch, transformers, sentence-transformers) is not installed;
     the message names the extra that brings it."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (what a one-line error quotes of it)."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""

@@ -213,5 +213,28 @@ def threads_that_fit(wanted: int, keep: int = 0, per_thread: int = 0) -> int:
     return int(max(1, min(wanted, (room - MARGIN_MIN - keep) // (THREAD_ADDRESS_SPACE + per_thread))))
 
 
+def release_heap() -> None:
+    """Hand freed heap memory back to the operating system (glibc's
+    ``malloc_trim``; a no-op where it is missing). Swapping weights frees and
+    allocates many medium-sized arrays; glibc keeps such freed blocks
+    fragmented in its heap, and without a trim the resident size grew by
+    about 100 MB per full weight swap on SmolLM2 (an out-of-memory kill
+    after ~170 swaps)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
 __all__ = ["ENV_LIMIT", "Room", "address_space_room", "file_size_limit", "format_bytes", "memory_room", "parse_size",
-           "set_memory_limit", "system_room", "threads_that_fit"]
+           "release_heap", "set_memory_limit", "system_room", "threads_that_fit"]

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from .format import GROUP_PREFIX, MAX_NAME_CHARS, MAX_PATH_PART_BYTES, SEP
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def name_problem(name: str) -> str | None:
@@ -32,7 +32,7 @@ def name_problem(name: str) -> str | None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid Unicode (it holds a lone surrogate)"
-    if _CONTROL.search(name):
+    if CONTROL_CHARS.search(name):
         return "holds a control character (NUL, newline, ...)"
     if SEP in name:
         return f"contains '{SEP}', which separates a tensor from its stored parts in a pack"
@@ -54,7 +54,7 @@ def path_problem(rel: Any) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid UTF-8"
-    if _CONTROL.search(rel) or "\\" in rel:
+    if CONTROL_CHARS.search(rel) or "\\" in rel:
         return "holds a control character or a backslash"
     if rel.startswith("/"):
         return "is absolute"
@@ -84,7 +84,7 @@ def path_conflicts(paths: list[str]) -> str | None:
     return None
 
 
-__all__ = ["MAX_NAME_CHARS", "name_problem", "path_conflicts", "path_problem"]
+__all__ = ["CONTROL_CHARS", "MAX_NAME_CHARS", "name_problem", "path_conflicts", "path_problem", "state_dict_candidates"]
 
 
 def state_dict_candidates(name: str, prefix: str) -> list[str]:

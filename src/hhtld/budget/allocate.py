@@ -147,48 +147,35 @@ def _say(log, msg: str) -> None:
         log(msg)
 
 
-def encode_budget(model, out, target: str | None = None, bpw: float | None = None, config=None,
-                  policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
-                  codec_options: dict[str, Any] | None = None, include_aux: bool = True,
-                  progress: bool = False, thresholds=None, log: Callable[[str], None] | None = None,
-                  calibration: int | None = None, max_rounds: int = 2, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                  threads: int | None = None) -> tuple[EncodeResult, Allocation]:
-    """Allocate rungs for ``target`` (or a ``bpw`` budget), encode with hhtl-vq, check, write ``out``.
-
-    ``target`` None means ``rows`` when ``bpw`` is given (a data-free budget)
-    and ``behaviour`` otherwise; only ``behaviour`` runs the model.
-
-    Data-free (``rows``, ``bpw``): one streaming encode; with ``rows`` every
-    group's decoded rows are checked against gate 1 as it is encoded and a
-    group that fails is encoded again one rung higher. ``behaviour``: each
-    round is written to a temporary file next to ``out`` (groups unchanged
-    since the previous round are copied from it) and checked by running the
-    model on the calibration texts; only the chosen round is renamed onto
-    ``out``. Nothing else is left in ``out``'s folder, whether the call
-    succeeds, fails or is interrupted.
-    """
-    from ..gates.targets import Thresholds
-
-    if target is None:
-        target = "rows" if bpw is not None else "behaviour"
-    if target not in TARGETS:
-        raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+def check_budget_options(bpw: float | None, max_rounds: int = 2) -> None:
+    """:class:`OptionsError` for a ``bpw`` outside [0.5, 16] or a ``max_rounds`` that is not a
+    positive integer."""
     if bpw is not None and not 0.5 <= bpw <= 16:
         raise OptionsError(f"--bpw must lie in [0.5, 16], got {bpw}")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise OptionsError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+
+
+def encode_rows(model, out, bpw: float | None = None, policy: EncodablePolicy = EncodablePolicy(),
+                rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
+                include_aux: bool = True, progress: bool = False, thresholds=None,
+                log: Callable[[str], None] | None = None, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                threads: int | None = None, notes: list[str] | None = None) -> tuple[EncodeResult, Allocation]:
+    """The data-free allocation of hhtl-vq: a rung per group, then one streaming encode to ``out``.
+
+    Without ``bpw`` (the ``rows`` target) each group gets the cheapest rung whose sampled
+    rows pass gate 1 of its regime, and every group's decoded rows are checked as it is
+    encoded (a group that fails is encoded again one rung higher); with ``bpw`` the
+    budget of ``bpw`` bits per encoded weight is spent where it removes the most row
+    distortion. ``notes`` (kept) start the allocation's notes."""
+    from ..gates.targets import Thresholds
+
+    check_budget_options(bpw)
     th = thresholds or Thresholds()
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     ckpt = open_checkpoint(model)
-    out = _check_out(out, ckpt)
-    notes: list[str] = []
-    if target == "behaviour":
-        done = _encode_behaviour(model, out, ckpt, bpw, config, policy, rules, codec_options, include_aux, th,
-                                 calibration, max_rounds, sample_rows, threads, log, notes)
-        if done is not None:
-            return done
-        target = "rows"
+    out = check_pack_output(out, ckpt)
     plan = plan_checkpoint(ckpt, policy, rules)
     groups = plan.groups
     extra = {k: v for k, v in (codec_options or {}).items() if k in ("seed", "iters", "per_centroid")}
@@ -196,7 +183,8 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
     trials = {str(g.key): GroupTrials(sample_group_rows(ckpt, g), seed=int(extra.get("seed", 0)))
               for g in groups}
     seconds["trials.sample"] = time.perf_counter() - t1
-    alloc = Allocation(target, {}, notes)
+    target = "rows"
+    alloc = Allocation(target, {}, list(notes or []))
     total_w = sum(g.n_weights for g in groups) or 1
     budget_bits = None if bpw is None else bpw * total_w
     enc_kw = dict(codec="hhtl-vq", codec_options=codec_options or {}, policy=policy, rules=rules,
@@ -212,33 +200,6 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
     seconds["total"] = time.perf_counter() - t0
     alloc.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result, alloc
-
-
-def _encode_behaviour(model, out, ckpt, bpw, config, policy, rules, codec_options, include_aux, th, calibration,
-                      max_rounds, sample_rows, threads, log, notes):
-    """The calibrated encode (:mod:`hhtld.calibrate`), or None (with a note) when the
-    model cannot be run here."""
-    try:
-        from ..calibrate.layerwise import build_empty
-        from ..calibrate.pipeline import Target, encode_calibrated
-
-        build_empty(model, config)  # fails fast (no config, no tokenizer, no torch) before any work
-    except GateError as e:
-        notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
-        return None
-    except ImportError as e:
-        notes.append(f"target behaviour needs torch, transformers and accelerate ({e}); "
-                     "falling back to --target rows")
-        return None
-    tgt = Target(max_kl=th.max_kl, max_ppl_ratio=getattr(th, "max_ppl_ratio", 1.02), min_top1=th.min_top1,
-                 min_cosine=th.min_cosine)
-    res, report = encode_calibrated(model, out, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
-                                    codec_options=codec_options, texts=calibration, sample_rows=sample_rows,
-                                    threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log)
-    alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
-                       checks=[r["check"] for r in report.rounds], seconds=report.seconds)
-    alloc.predicted = {"output_change": report.allocation.predicted}
-    return res, alloc
 
 
 def _allocation_line(alloc: Allocation, bpw, rnd: int | None = None) -> str:
@@ -305,9 +266,9 @@ def _encode_data_free(model, out, plan, target, bpw, budget_bits, trials, rows_l
 def _is_causal(model) -> bool:
     """Whether the model's config.json (if it has one) describes a causal LM."""
     try:
-        from ..gates.runner import _load_config_json, family_of_config, find_config
+        from ..checkpoint.config import family_of_config, find_config, load_config_json
 
-        return family_of_config(_load_config_json(find_config(model))) == "causal"
+        return family_of_config(load_config_json(find_config(model))) == "causal"
     except (GateError, ImportError):
         return False
 
@@ -337,7 +298,7 @@ def _rows_summary(result: EncodeResult, th) -> dict[str, Any]:
     return res
 
 
-def _check_out(out, ckpt) -> Path:
+def check_pack_output(out, ckpt) -> Path:
     """``out`` checked as the writer checks it (the rounds go to temporary files); its folder is created."""
     out = check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
                             what="pack")
@@ -346,4 +307,5 @@ def _check_out(out, ckpt) -> Path:
     return out
 
 
-__all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "encode_budget"]
+__all__ = ["Allocation", "Choice", "TARGETS", "allocate_rows", "check_budget_options", "check_pack_output",
+           "encode_rows"]

@@ -104,7 +104,7 @@ def fisher_diagonals(lw, batches, family: str, names: set[str], seed: int = 0) -
     table: dict[str, float] = {}
     grads = []
     units = 0
-    from .pipeline import head_name
+    from .layerwise import head_name
 
     hn = head_name(lw) if family == "causal" else None
     for b, h in zip(batches, hidden):

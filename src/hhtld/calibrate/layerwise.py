@@ -133,7 +133,7 @@ class LayerwiseModel:
     def release(self, keys) -> None:
         """Put parameters ``keys`` (and their ties) back on ``meta``, and hand the freed
         memory back to the system (blocks come and go; glibc would keep it fragmented)."""
-        from ..gates.runner import release_heap
+        from ..memory import release_heap
 
         torch = self._torch
         for key in keys:
@@ -228,7 +228,20 @@ class LayerwiseModel:
                 yield name, mod
 
 
-__all__ = ["Batch", "LayerwiseModel"]
+def head_name(lw) -> str | None:
+    """The checkpoint tensor of the output head (lm_head, or the embedding it is tied to)."""
+    head = lw.model.get_output_embeddings() if hasattr(lw.model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        return None
+    for key, p in lw.model.named_parameters(remove_duplicate=False):
+        if p is head.weight:
+            for k in lw.ties.get(key, [key]):
+                if k in lw.key_to_name:
+                    return lw.key_to_name[k]
+    return None
+
+
+__all__ = ["Batch", "LayerwiseModel", "head_name"]
 
 
 def checkpoint_param_map(model, ckpt) -> dict[str, str]:
@@ -260,10 +273,10 @@ def build_empty(model_path, config=None, family: str | None = None):
     import transformers
     from accelerate import init_empty_weights
 
-    from ..gates.runner import _load_config_json, family_of_config, find_config
+    from ..checkpoint.config import family_of_config, find_config, load_config_json
 
     cfile = find_config(model_path, config)
-    cfg_json = _load_config_json(cfile)
+    cfg_json = load_config_json(cfile)
     fam = family or family_of_config(cfg_json)
     try:
         cfg = transformers.AutoConfig.from_pretrained(str(cfile.parent))

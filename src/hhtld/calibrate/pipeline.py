@@ -45,6 +45,7 @@ from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
+from .layerwise import head_name
 
 # How much calibration text, by family: texts for the Hessians, texts for the Fisher
 # diagonal (a subset, a few at a time: the head's logits of a batch are in memory) and
@@ -171,19 +172,6 @@ def _head_hessian(lw, batches) -> tuple[np.ndarray, int]:
             h = xtx if h is None else h + xtx
             n += int(b.valid.sum())
     return h, n
-
-
-def head_name(lw) -> str | None:
-    """The checkpoint tensor of the output head (lm_head, or the embedding it is tied to)."""
-    head = lw.model.get_output_embeddings() if hasattr(lw.model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        return None
-    for key, p in lw.model.named_parameters(remove_duplicate=False):
-        if p is head.weight:
-            for k in lw.ties.get(key, [key]):
-                if k in lw.key_to_name:
-                    return lw.key_to_name[k]
-    return None
 
 
 class HessianStore:
@@ -542,9 +530,9 @@ class Calibration:
 
     def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
         """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""
-        from ..pack.writer import _PackWriter
+        from ..pack.writer import PackWriter
 
-        pw = _PackWriter(Path(out), self.ckpt, self.plan)
+        pw = PackWriter(Path(out), self.ckpt, self.plan)
         try:
             with encode_pool(self.threads) as pool:
                 results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, pw, pool,

@@ -24,20 +24,18 @@ stays light.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.config import FAMILIES, family_of_config, find_config, load_config_json
 from ..errors import GateError, HhtldError
+from ..memory import release_heap
 from ..names import state_dict_candidates
 
-FAMILIES = ("embedding", "causal")
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DEFAULT_BATCH = 32
 DEFAULT_MAX_TOKENS = 128
 
@@ -67,89 +65,6 @@ class RunOutputs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def release_heap() -> None:
-    """Hand freed heap memory back to the operating system (glibc's
-    ``malloc_trim``; a no-op where it is missing). Swapping weights frees and
-    allocates many medium-sized arrays; glibc keeps such freed blocks
-    fragmented in its heap, and without a trim the resident size grew by
-    about 100 MB per full weight swap on SmolLM2 (an out-of-memory kill
-    after ~170 swaps)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-
-
-# -- family and config -------------------------------------------------------------
-def family_of_config(cfg: Mapping[str, Any]) -> str:
-    """``causal`` or ``embedding`` from a parsed ``config.json``.
-
-    ``architectures`` decides when present (``*ForCausalLM`` or
-    ``*LMHeadModel`` → causal, anything else → embedding); without it a
-    decoder-only ``model_type`` (one transformers can load as a causal LM but
-    not as a masked LM) or ``is_decoder: true`` means causal.
-    """
-    archs = cfg.get("architectures") or []
-    if archs:
-        return "causal" if any(str(a).endswith(CAUSAL_SUFFIXES) for a in archs) else "embedding"
-    if cfg.get("is_decoder"):
-        return "causal"
-    mt = cfg.get("model_type")
-    try:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-        )
-    except ImportError:  # pragma: no cover - transformers is a verify dependency
-        return "embedding"
-    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "causal"
-    return "embedding"
-
-
-def find_config(model: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
-    """The ``config.json`` to build ``model`` from: ``config`` (a file or a
-    folder holding one) when given, else the model folder's or the folder next
-    to a ``.safetensors`` / index file. Raises :class:`GateError` naming what is missing."""
-    if config is not None:
-        c = Path(config)
-        cfile = c / "config.json" if c.is_dir() else c
-        if not cfile.is_file():
-            raise GateError(f"{c}: no config.json there; --config takes a config.json or a folder holding one")
-        return cfile
-    m = Path(model)
-    folder = m if m.is_dir() else m.parent
-    cfile = folder / "config.json"
-    if m.is_dir() or m.name.endswith(".safetensors.index.json"):
-        if cfile.is_file():
-            return cfile
-    elif cfile.is_file():
-        return cfile
-    raise GateError(
-        f"{m}: no config.json next to the weights, so the model cannot be run; "
-        f"give --config CONFIG (a config.json or a model folder)"
-    )
-
-
-def _load_config_json(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GateError(f"{path}: not a readable config.json ({e})") from None
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise GateError(f"{path}: not a transformers config.json (no 'model_type')")
-    return cfg
 
 
 # -- the runner --------------------------------------------------------------------------
@@ -196,7 +111,7 @@ class ModelRunner:
 
         ckpt = open_checkpoint(model)
         cfile = find_config(model, config)
-        cfg_json = _load_config_json(cfile)
+        cfg_json = load_config_json(cfile)
         fam = family or family_of_config(cfg_json)
         if fam not in FAMILIES:
             raise GateError(f"unknown model family {fam!r}; choose one of {', '.join(FAMILIES)}")

@@ -16,8 +16,8 @@ from .behaviour import gate_behaviour, gate_output
 from .causal import compare_causal
 from .report import VerifyReport
 from .rows import gate_row_fidelity, measure_rows
-from .runner import (ModelRunner, _load_config_json, compare_embeddings_by_kind, compare_outputs, family_of_config,
-                     find_config)
+from ..checkpoint.config import family_of_config, find_config, load_config_json
+from .runner import ModelRunner, compare_embeddings_by_kind, compare_outputs
 from .sources import PackSource
 from .storage import gate_storage, measure_storage
 from .targets import Thresholds
@@ -111,7 +111,7 @@ def verify(
     ckpt = runner.checkpoint if runner is not None else open_checkpoint(model)
     check_match(ckpt, p)
     cfile = runner.config_path if runner is not None else find_config(model, config)
-    family = runner.family if runner is not None else family_of_config(_load_config_json(cfile))
+    family = runner.family if runner is not None else family_of_config(load_config_json(cfile))
     chosen, kinds, source = _pick_texts(texts, family)
 
     t = time.perf_counter()

@@ -234,6 +234,27 @@ void hhtld_lut_tiles(const uint8_t *tw, int64_t n_tiles, int64_t n_seg, int64_t 
     tiles_scalar(tw, n_tiles, n_seg, s_a, s_b, tab, scales, y, accumulate);
 }
 
+/* One row of one stage whose segments all have width w (one pattern position), written or added
+ * at columns w * s; always inlined with a constant w. */
+static inline __attribute__((always_inline)) void gather_fixed(const uint8_t *tt, int64_t n_seg, const float *palr,
+                                                               int64_t wmax, const int64_t w, int accumulate,
+                                                               float *row)
+{
+    if (accumulate) {
+        for (int64_t s = 0; s < n_seg; s++) {
+            const float *src = palr + tt[s * TILE] * wmax;
+            float *d = row + w * s;
+            for (int64_t i = 0; i < w; i++) d[i] += src[i];
+        }
+    } else {
+        for (int64_t s = 0; s < n_seg; s++) {
+            const float *src = palr + tt[s * TILE] * wmax;
+            float *d = row + w * s;
+            for (int64_t i = 0; i < w; i++) d[i] = src[i];
+        }
+    }
+}
+
 /* Rows [r0, r1) of Q (the unit-gain rows in the rotated space) from one stage's one-byte tiled
  * twigs: out[(r - r0) * n_cols + c] (+)= palette row of the twig of row r, segment s, for the
  * columns c < n_cols it covers. palr: (npos, k, wmax) float32 row-major; a period is the sum of
@@ -248,24 +269,16 @@ void hhtld_lut_gather(const uint8_t *twt, int64_t n_seg, const float *palr, cons
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *tt = twt + (r / TILE) * n_seg * TILE + (r % TILE);
         float *row = out + (r - r0) * n_cols;
-        if (npos == 1 && offs[0] == 0 && widths[0] == 2 && n_seg * 2 <= n_cols && !accumulate) {  /* the ladder's first stage */
-            for (int64_t s = 0; s < n_seg; s++) {
-                const float *src = palr + tt[s * TILE] * wmax;
-                row[2 * s] = src[0];
-                row[2 * s + 1] = src[1];
+        if (npos == 1 && offs[0] == 0 && n_seg * widths[0] <= n_cols) {  /* the ladder's patterns: one width */
+            switch (widths[0]) {  /* a constant width: loops the compiler unrolls and vectorises */
+            case 2: gather_fixed(tt, n_seg, palr, wmax, 2, accumulate, row); continue;
+            case 3: gather_fixed(tt, n_seg, palr, wmax, 3, accumulate, row); continue;
+            case 4: gather_fixed(tt, n_seg, palr, wmax, 4, accumulate, row); continue;
+            case 6: gather_fixed(tt, n_seg, palr, wmax, 6, accumulate, row); continue;
+            case 8: gather_fixed(tt, n_seg, palr, wmax, 8, accumulate, row); continue;
+            case 16: gather_fixed(tt, n_seg, palr, wmax, 16, accumulate, row); continue;
+            default: break;
             }
-            continue;
-        }
-        if (npos == 1 && offs[0] == 0 && widths[0] == 4 && n_seg * 4 <= n_cols && accumulate) {  /* its usual second stage */
-            for (int64_t s = 0; s < n_seg; s++) {
-                const float *src = palr + tt[s * TILE] * wmax;
-                float *d = row + 4 * s;
-                d[0] += src[0];
-                d[1] += src[1];
-                d[2] += src[2];
-                d[3] += src[3];
-            }
-            continue;
         }
         for (int64_t p = 0, s = 0; p < n_per; p++) {
             for (int64_t j = 0; j < npos && s < n_seg; j++, s++) {

@@ -118,49 +118,6 @@ def threads() -> int:
     return int(numba.get_num_threads())
 
 
-def warm_up() -> None:
-    """Import the compiled kernels and run each once on a tiny weight, so that numba's
-    compilation (or its cache load) happens now, not in the first product."""
-    if _chosen.get("warm") or backend() != "numba":
-        return
-    import numpy as np  # noqa: PLC0415
-
-    from .vq import StageArrays, VqKernel, tile_twigs  # noqa: PLC0415
-
-    palt = np.zeros((1, 2, 4), dtype=np.float32)
-    st = StageArrays(palt, np.zeros(1, dtype=np.int64), np.full(1, 2, dtype=np.int64),
-                     tile_twigs(np.zeros((3, 2), dtype=np.uint8)))
-    k = VqKernel(3, 4, [st, st], np.ones(3, dtype=np.float32), np.ones(4, dtype=np.int8), 4, None, None, 0.0)
-    x = np.ones((1, 4), dtype=np.float32)
-    for tables in ("int16", "float32"):
-        k.matmul_t(x, tables)
-    k.matmul_t(np.ones((9, 4), dtype=np.float32))
-    ops = decode_ops()
-    v = np.ones(4, dtype=np.float32)
-    ops.rms_norm(v, v, np.float32(1e-6), v.copy())
-    ops.add_rms_norm(v.copy(), v, v, np.float32(1e-6), v.copy())
-    ops.silu_mul(v, v, v.copy())
-    cache = np.zeros((1, 2, 4), dtype=np.float32)
-    ops.attend(v, v, v, v, v, cache, cache.copy(), 0, np.float32(0.5), np.zeros(2, dtype=np.float32), v.copy())
-    _chosen["warm"] = True
-
-
-def warm_up_pairs() -> None:
-    """Compile the two-weight product of :class:`hhtld.kernels.KernelPair` now (a loop that
-    pairs weights calls it first; others never compile it)."""
-    if _chosen.get("warm_pairs") or not int16_tables():
-        return
-    import numpy as np  # noqa: PLC0415
-
-    from .vq import KernelPair, StageArrays, VqKernel, tile_twigs  # noqa: PLC0415
-
-    st = StageArrays(np.zeros((1, 2, 4), dtype=np.float32), np.zeros(1, dtype=np.int64), np.full(1, 2, dtype=np.int64),
-                     tile_twigs(np.zeros((3, 2), dtype=np.uint8)))
-    k = VqKernel(3, 4, [st, st], np.ones(3, dtype=np.float32), np.ones(4, dtype=np.int8), 4, None, None, 0.0)
-    KernelPair(k, k).matmul_t(np.ones((1, 4), dtype=np.float32))
-    _chosen["warm_pairs"] = True
-
-
 _asked = threading.local()  # the last count each thread asked for (numba's setting is per thread)
 
 
@@ -197,5 +154,4 @@ def sync_threads(n: int) -> None:
 
 
 __all__ = ["BACKENDS", "ENV", "backend", "compiled_kernels", "decode_ops", "int16_tables", "numpy_blas_on_one_thread", "reset",
-           "sync_threads", "threads",
-           "warm_up"]
+           "sync_threads", "threads"]

@@ -180,7 +180,7 @@ class LeanDecoder:
         self.scaling = np.float32(self.head_dim ** -0.5)
         self.layers = [_Layer(layer, tables) for layer in inner.layers]
         if any(p.pair is not None and p.pair.shared for L in self.layers for p in (L.kv, L.gate_up)):
-            from ..kernels.runtime import warm_up_pairs
+            from ..kernels import warm_up_pairs
 
             warm_up_pairs()
         self.norm = _Norm(inner.norm)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArchitectureError, LoadError, NoConfigError, PackError, TensorMismatchError
-from ..gates.runner import FAMILIES, family_of_config
+from ..errors import ArchitectureError, LoadError, NoConfigError, PackError, TensorMismatchError, first_line
+from ..checkpoint.config import FAMILIES, family_of_config
 from ..names import state_dict_candidates
 from ..kernels.vq import TABLES
 from ..pack.reader import DECODE_WORK, Pack
@@ -95,12 +95,7 @@ def resolve_config(pack: Pack, config, trust_remote_code: bool = False):
     except Exception as e:  # transformers raises many types for a config it cannot use
         where = pack.path if config is None else config
         raise ArchitectureError(
-            f"{where}: transformers cannot read this config ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else ""
+            f"{where}: transformers cannot read this config ({type(e).__name__}: {first_line(e)})") from None
 
 
 def resolve_auto_class(cfg_dict: dict, family: str | None, auto_class) -> tuple[Any, str | None]:
@@ -158,7 +153,7 @@ def build_empty(auto, cfg, dtype, attn_implementation: str | None, where: Path):
     except Exception as e:
         raise ArchitectureError(
             f"{where}: transformers cannot build {getattr(auto, '__name__', auto)} from this config "
-            f"(model_type '{getattr(cfg, 'model_type', '?')}'; {type(e).__name__}: {_first_line(e)})"
+            f"(model_type '{getattr(cfg, 'model_type', '?')}'; {type(e).__name__}: {first_line(e)})"
         ) from None
     if not isinstance(net, torch.nn.Module):
         raise ArchitectureError(f"{where}: {auto} did not build a torch model")
@@ -264,7 +259,7 @@ def decode_tensor(pack: Pack, name: str, device=None):
     try:
         out = torch.empty(shape, dtype=tdt)
     except RuntimeError as e:  # torch's allocator reports no memory as a RuntimeError
-        raise PackError(f"{pack.path}: tensor '{name}': out of memory while loading it ({_first_line(e)})") from None
+        raise PackError(f"{pack.path}: tensor '{name}': out of memory while loading it ({first_line(e)})") from None
     rows = out.t() if transposed else out.view(n_rows, n_cols)
     for s in range(0, n_rows, block):
         e = min(n_rows, s + block)
@@ -380,7 +375,7 @@ def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, devic
             raise
         except Exception as e:
             raise LoadError(f"{p.path}: the carried generation_config.json is not usable ({type(e).__name__}: "
-                            f"{_first_line(e)})") from None
+                            f"{first_line(e)})") from None
     net.eval()
     net.hhtld_info = info
     return net
@@ -400,4 +395,4 @@ def load_tokenizer(pack: str | os.PathLike | Pack, **kwargs):
             return transformers.AutoTokenizer.from_pretrained(str(tmp), **kwargs)
         except Exception as e:
             raise LoadError(f"{p.path}: no usable tokenizer among the carried side files "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+                            f"({type(e).__name__}: {first_line(e)})") from None

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ArchitectureError, LoadError
+from ..errors import ArchitectureError, LoadError, first_line
 from ..memory import peak_resident_bytes, resident_bytes
 from ..pack.reader import Pack
 from .deps import require
-from .model import _first_line, family_of, load, load_tokenizer
+from .model import family_of, load, load_tokenizer
 from .sidefiles import carried_config, has_file, open_pack_arg
 
 
@@ -182,7 +182,7 @@ def generate(pack: str | os.PathLike | Pack, prompt: str, *, max_new_tokens: int
                 out = model.generate(**enc, generation_config=gc, streamer=streamer)
                 new = out[0, enc["input_ids"].shape[1]:].tolist()
     except Exception as e:
-        raise LoadError(f"{p.path}: generation failed ({type(e).__name__}: {_first_line(e)})") from None
+        raise LoadError(f"{p.path}: generation failed ({type(e).__name__}: {first_line(e)})") from None
     seconds = time.perf_counter() - t0
     return Generation(prompt, tok.decode(new, skip_special_tokens=True), new, int(enc["input_ids"].shape[1]),
                       chat, seconds, base, peak_resident_bytes(), "transformers" if lean is None else "lean")

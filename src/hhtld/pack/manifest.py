@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from ..codecs.layout import Count
 from ..format import CRC32_HEX_CHARS, DIGEST_ALGORITHM, DTYPE_BITS, FLOAT_DTYPES, MAX_NAME_CHARS
-from ..names import _CONTROL, name_problem, path_problem
+from ..names import CONTROL_CHARS, name_problem, path_problem
 from ..stfile import FormatProblem, as_bytes, parse_json
 
 _PART = re.compile(r"^[a-z][a-z0-9_]*(\.[0-9]{1,4})*$")
@@ -45,7 +45,7 @@ class ManifestProblem(Exception):
 
 
 def _check_name(v: str) -> str:
-    if not v or len(v) > MAX_NAME_CHARS or _CONTROL.search(v):
+    if not v or len(v) > MAX_NAME_CHARS or CONTROL_CHARS.search(v):
         raise ValueError("must be 1 to 1024 printable characters")
     return v
 

@@ -199,7 +199,7 @@ def encode_checkpoint(
     if measure:
         reuse = None  # cosines are measured while encoding
 
-    pw = _PackWriter(out, ckpt, plan)
+    pw = PackWriter(out, ckpt, plan)
     results: list[GroupResult] = []
     n_encoded = 0
     try:
@@ -232,7 +232,7 @@ def encode_checkpoint(
     return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan, results)
 
 
-class _PackWriter:
+class PackWriter:
     """The manifest being built next to a :class:`SafetensorsWriter`: encoded
     tensors and groups in any order (a group is recorded once its tensors are
     written), then passthrough tensors, side files and the manifest."""

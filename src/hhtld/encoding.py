@@ -1,0 +1,209 @@
+"""One entry for every encode: :func:`encode` (``hhtld encode`` maps its flags onto it).
+
+It decides, once, what the options ask for:
+
+* **calibrated** — the default: the hhtl-vq codec, no fixed ``stages``, and
+  either no ``target``/``bpw`` or ``target="behaviour"``: the model is run on
+  calibration text, rungs are chosen per tensor by predicted output change,
+  error feedback encodes the blocks in order and the written pack is checked
+  against the behaviour thresholds (:mod:`hhtld.calibrate`). Every matrix is
+  encoded unless a ``policy`` says otherwise. A model that cannot be run here
+  (no ``config.json``, no torch) falls back to ``rows`` with a note.
+* **data-free allocation** — hhtl-vq with ``target="rows"`` or a ``bpw``
+  budget (alone): a rung per group from row statistics
+  (:func:`hhtld.budget.encode_rows`).
+* **fixed** — a fixed hhtl-vq ``stages`` setting, or another codec: one
+  setting for every group (:func:`hhtld.pack.encode_checkpoint`).
+
+Options that do not apply to the chosen path are refused with an
+:class:`~hhtld.errors.OptionsError` rather than ignored. The result,
+:class:`EncodeReport`, is what the command line prints (``to_json()`` is its
+``--json``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .budget.allocate import TARGETS, Allocation, check_budget_options, check_pack_output, encode_rows
+from .checkpoint import open_checkpoint
+from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable
+from .codecs.registry import CODECS, DEFAULT_CODEC
+from .errors import GateError, OptionsError
+from .format import DEFAULT_SAMPLE_ROWS
+from .pack.writer import EncodeResult, encode_checkpoint
+
+CODEC_OPTIONS = ("k", "leaf_lanes", "stages", "rotate", "gain", "seed")
+PATHS = ("calibrated", "rows", "fixed")
+
+
+@dataclass
+class EncodeReport:
+    """What :func:`encode` wrote and measured: ``path`` (the pack), ``path_kind`` (one of
+    :data:`PATHS`), ``result`` (the writer's :class:`~hhtld.pack.writer.EncodeResult`),
+    ``allocation`` (the rate allocation and its check, None on the fixed path),
+    ``info`` (:func:`hhtld.inspect.inspect_pack` of the pack plus the encode's
+    seconds, weights and allocation: the ``--json`` of ``hhtld encode``) and ``notes``."""
+
+    path: os.PathLike
+    path_kind: str
+    result: EncodeResult
+    allocation: Allocation | None
+    info: dict[str, Any]
+    policy: EncodablePolicy
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the allocation's target was met (None when there was no target)."""
+        return None if self.allocation is None else self.allocation.met
+
+    @property
+    def seconds(self) -> float:
+        return float(self.info["encode_seconds"])
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+def encode(model, output, *, target: str | None = None, bpw: float | None = None, codec: str | None = None,
+           stages: str | None = None, k: int | None = None, leaf_lanes: int | None = None,
+           rotate: bool | None = None, gain: bool | None = None, seed: int | None = None,
+           policy: EncodablePolicy | None = None, rules: RuleTable | None = None, group_by: str = "role",
+           config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int = 2,
+           sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
+           progress: bool = False, log: Callable[[str], None] | None = None,
+           codec_options: dict[str, Any] | None = None) -> EncodeReport:
+    """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
+    pack ``output``, written atomically; see the module for the paths the options choose.
+
+    ``target`` (``behaviour`` or ``rows``) and ``bpw`` (bits per encoded weight) choose
+    the allocation of the hhtl-vq codec; ``codec`` (default hhtl-vq) and its options
+    (``stages``, ``k``, ``leaf_lanes``, ``rotate``, ``gain``, ``seed``) a fixed setting;
+    ``policy`` what is encoded (default: every matrix on the calibrated path, else the
+    size thresholds of :class:`~hhtld.classify.EncodablePolicy`); ``rules`` and
+    ``group_by`` (``role`` or ``input``) the grouping; ``thresholds``
+    (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
+    ``max_rounds`` the behaviour target; ``threads`` the worker threads (the pack is
+    the same for any number); ``codec_options`` any other option of the codec (its
+    ``defaults``), beside the named ones."""
+    t0 = time.perf_counter()
+    codec = DEFAULT_CODEC if codec is None else codec
+    if codec not in CODECS:
+        raise OptionsError(f"unknown codec '{codec}' (known: {', '.join(sorted(CODECS))})")
+    given = {"k": k, "leaf_lanes": leaf_lanes, "stages": stages, "rotate": rotate, "gain": gain, "seed": seed}
+    opts = dict(codec_options or {})
+    for n, v in given.items():
+        if v is not None:
+            if n in opts and opts[n] != v:
+                raise OptionsError(f"{n} given twice: {v!r} and codec_options[{n!r}] = {opts[n]!r}")
+            opts[n] = v
+    stages = opts.get("stages")
+    wrong = [n for n in opts if n not in CODECS[codec].defaults]
+    if wrong:
+        raise OptionsError(f"--{wrong[0].replace('_', '-')} is not an option of codec {codec}")
+    rules = (DEFAULT_RULES if rules is None else rules).group_by(group_by)
+    output = check_pack_output(output, open_checkpoint(model))  # before any work: a bad output path ends it here
+    notes: list[str] = []
+    allocation = None
+    if codec == "hhtl-vq" and stages is None:
+        fixed = [n for n in ("rotate", "gain", "leaf_lanes") if n in opts]
+        if fixed:
+            raise OptionsError(f"--{fixed[0].replace('_', '-')} applies to a fixed --stages setting; "
+                               "the allocation's ladder sets it per rung")
+        if target is None:
+            target = "rows" if bpw is not None else "behaviour"
+        if target not in TARGETS:
+            raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+        check_budget_options(bpw, max_rounds)
+        if policy is None:
+            policy = EncodablePolicy(encode_all=True) if target == "behaviour" else EncodablePolicy()
+        kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
+                  threads=threads, log=log)
+        done = None
+        if target == "behaviour":
+            done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
+        if done is not None:
+            res, allocation = done
+            path_kind = "calibrated"
+        else:
+            res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
+                                          notes=notes, **kw)
+            path_kind = "rows"
+    else:
+        if target is not None or bpw is not None:
+            raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
+                               f"{'a fixed --stages setting' if codec == 'hhtl-vq' else 'codec ' + codec}")
+        policy = EncodablePolicy() if policy is None else policy
+        res = encode_checkpoint(model, output, codec=codec, codec_options=opts, policy=policy, rules=rules,
+                                include_aux=include_aux, progress=progress, sample_rows=sample_rows,
+                                threads=threads)
+        path_kind = "fixed"
+    return _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
+
+
+def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes, *, policy, rules, codec_options,
+                include_aux, sample_rows, threads, log):
+    """The calibrated encode (:mod:`hhtld.calibrate`) as (result, allocation), or None (with a
+    note) when the model cannot be run here."""
+    from .gates.targets import Thresholds
+
+    try:
+        from .calibrate.layerwise import build_empty
+        from .calibrate.pipeline import Target, encode_calibrated
+
+        build_empty(model, config)  # fails fast (no config, no tokenizer, no torch) before any work
+    except GateError as e:
+        notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
+        return None
+    except ImportError as e:
+        notes.append(f"target behaviour needs torch, transformers and accelerate ({e}); "
+                     "falling back to --target rows")
+        return None
+    th = thresholds or Thresholds()
+    tgt = Target(max_kl=th.max_kl, max_ppl_ratio=th.max_ppl_ratio, min_top1=th.min_top1, min_cosine=th.min_cosine)
+    res, report = encode_calibrated(model, output, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
+                                    codec_options=codec_options, texts=texts, sample_rows=sample_rows,
+                                    threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log)
+    alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
+                       checks=[r["check"] for r in report.rounds], seconds=report.seconds)
+    alloc.predicted = {"output_change": report.allocation.predicted}
+    return res, alloc
+
+
+def _report(res: EncodeResult, allocation: Allocation | None, policy: EncodablePolicy, path_kind: str,
+            seconds: float) -> EncodeReport:
+    from .inspect import inspect_pack
+
+    info = inspect_pack(res.path)
+    info["encode_seconds"] = res.seconds if allocation is None else allocation.seconds.get("total", seconds)
+    info["weights_encoded"] = res.n_weights_encoded
+    if allocation is not None:
+        info["allocation"] = allocation.to_json()
+    notes = list(allocation.notes) if allocation is not None else []
+    return EncodeReport(res.path, path_kind, res, allocation, info, policy, notes)
+
+
+def encode_budget(model, out, target: str | None = None, bpw: float | None = None, config=None,
+                  policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
+                  codec_options: dict[str, Any] | None = None, include_aux: bool = True, progress: bool = False,
+                  thresholds=None, log: Callable[[str], None] | None = None, calibration: int | None = None,
+                  max_rounds: int = 2, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                  threads: int | None = None) -> tuple[EncodeResult, Allocation | None]:
+    """Deprecated: :func:`encode` (``(report.result, report.allocation)`` is what this returned)."""
+    import warnings
+
+    warnings.warn("hhtld.encode_budget is deprecated and will be removed in the next release; use "
+                  "hhtld.encode(model, output, target=..., bpw=...) (its .result and .allocation)",
+                  DeprecationWarning, stacklevel=2)
+    rep = encode(model, out, target=target, bpw=bpw, config=config, policy=policy, rules=rules,
+                 codec_options=codec_options, include_aux=include_aux, progress=progress, thresholds=thresholds,
+                 log=log, calibration_texts=calibration, max_rounds=max_rounds, sample_rows=sample_rows,
+                 threads=threads)
+    return rep.result, rep.allocation
+
+
+__all__ = ["CODEC_OPTIONS", "PATHS", "EncodeReport", "encode", "encode_budget"]
