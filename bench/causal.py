@@ -7,7 +7,7 @@ For each method, on the real SmolLM2-135M-Instruct (``make llm``):
   counted at 16 bits; the 61 norm vectors are not matrices and not counted);
 * held-out perplexity and its ratio to the original's, mean / p99 next-token
   KL(original ‖ method) and top-1 agreement on the held-out passages of every
-  kind (``hhtld.gates.texts``: prose, code, reference, notes, dialogue in the
+  kind (``hhtld.measure.texts``: prose, code, reference, notes, dialogue in the
   chat template; 128 tokens each), overall and per kind, with the worst kind
   (what the gates hold on), measured with :func:`hhtld.gates.compare_causal_many`
   — the comparison ``hhtld verify`` uses, in one pass: per batch the original
@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 
 from hhtld.checkpoint import Checkpoint  # noqa: E402
 from hhtld.gates import FunctionSource, ModelRunner, PackSource, compare_causal_many  # noqa: E402
-from hhtld.gates.texts import USE_KINDS, passages, render  # noqa: E402
+from hhtld.measure.texts import USE_KINDS, passages, render  # noqa: E402
 from hhtld.outputs import atomic_write_bytes  # noqa: E402
 from hhtld.pack.reader import Pack  # noqa: E402
 
@@ -399,7 +399,7 @@ def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW
     calibration, reused). Every matrix is encoded (``--encode-all``)."""
     from threadpoolctl import threadpool_limits
 
-    from hhtld import EncodablePolicy
+    from hhtld.classify import EncodablePolicy
     from hhtld.budget import encode_budget
     from hhtld.calibrate.pipeline import Calibration
 

@@ -79,9 +79,11 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from hhtld import EncodablePolicy, HhtldError, PackError, decode_pack, encode_checkpoint, open_pack  # noqa: E402
+from hhtld import HhtldError, PackError  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack  # noqa: E402
 from hhtld.format import DTYPE_BITS, FLOAT_DTYPES, META_DIGEST, META_MANIFEST, META_VERSION  # noqa: E402
-from hhtld.inspect import format_inspect, inspect_pack  # noqa: E402
+from hhtld.inspection import format_inspect, inspect_pack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -88,7 +88,7 @@ def child(args) -> dict:
     import transformers  # noqa: F401
 
     import hhtld
-    from hhtld.gates.texts import rendered
+    from hhtld.measure.texts import rendered
     from hhtld.kernels import warm_up
 
     opts = json.loads(args.child)
@@ -160,7 +160,7 @@ def fidelity(args) -> dict:
     import torch
 
     import hhtld
-    from hhtld.gates.texts import USE_KINDS, rendered
+    from hhtld.measure.texts import USE_KINDS, rendered
     from hhtld.kernels import vq
 
     torch.set_num_threads(args.threads)

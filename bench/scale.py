@@ -82,7 +82,7 @@ print(n)
 DECODE_SCRIPT = r"""
 import sys, time, statistics
 sys.path.insert(0, {src!r})
-from hhtld import open_pack
+from hhtld import open as open_pack
 p = open_pack(sys.argv[1])
 names = p.encoded_names()
 for n in names:
@@ -122,7 +122,8 @@ def checkpoint_gb(folder: Path) -> float:
 
 
 def run_size(size: str, ckdir: Path, work: Path, threads: int | None, encodes: dict[str, list[str]] = ENCODES) -> dict:
-    from hhtld import open_checkpoint, open_pack
+    from hhtld import open_checkpoint
+    from hhtld.pack import open_pack
 
     t = time.perf_counter()
     model = write_checkpoint(size, ckdir / size)

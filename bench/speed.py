@@ -28,7 +28,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, open_checkpoint, open_pack, plan_checkpoint  # noqa: E402
+from hhtld import open_checkpoint  # noqa: E402
+from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack  # noqa: E402
 from hhtld.budget import encode_budget  # noqa: E402
 from hhtld.pack.writer import read_rows  # noqa: E402
 

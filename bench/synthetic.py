@@ -138,7 +138,7 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hhtld.gates.texts import calibration_passages, heldout_passages
+    from hhtld.measure.texts import calibration_passages, heldout_passages
 
     words = Counter(w for t in calibration_passages() + heldout_passages() for w in re.findall(r"\w+|[^\w\s]", t.lower()))
     specials = ["<unk>", "<s>", "</s>"]

@@ -1,9 +1,9 @@
-"""Regenerate the fixed passages of ``hhtld.gates.texts`` for causal language models.
+"""Regenerate the fixed passages of ``hhtld.measure.texts`` for causal language models.
 
 docs/design.md §5: a causal LM is measured on held-out passages of at least 128
 tokens drawn from several kinds of text, and an encoder calibrates and checks
 itself on other passages. This script writes every list as data shipped with
-hhtld (``src/hhtld/gates/data/passages/<use>-<kind>.jsonl``: one passage per
+hhtld (``src/hhtld/measure/data/passages/<use>-<kind>.jsonl``: one passage per
 line, a JSON string, or for dialogue a JSON list of turns, user first). They
 were made with it, on CPython 3.11.7, in a fresh interpreter:
 
@@ -25,7 +25,7 @@ so what was imported before cannot change the result; and one PyPI package):
   folder and checked against its sha256), consecutive conversations of one
   topic file joined into one chat, turns alternating user / assistant.
 
-Uses (``hhtld.gates.texts.USES``): ``calibration`` (what the encoder's
+Uses (``hhtld.measure.texts.USES``): ``calibration`` (what the encoder's
 analysis runs on), ``check`` (what the calibrated encode checks its pack on)
 and ``heldout`` (what ``verify`` measures). A standard-library file goes to
 one use only, by its position in sorted order (0 held-out, 1 calibration, 2

@@ -1,6 +1,6 @@
-"""Regenerate the fixed held-out and calibration sentence lists of ``hhtld.gates.texts``.
+"""Regenerate the fixed held-out and calibration sentence lists of ``hhtld.measure.texts``.
 
-The lists are data shipped with hhtld (``src/hhtld/gates/data/*.txt``), so
+The lists are data shipped with hhtld (``src/hhtld/measure/data/*.txt``), so
 every run of ``verify`` and of the encoder's calibration sees the same
 sentences whatever was imported before and whatever Python runs it. They
 were made with this script, on CPython 3.11, in a fresh interpreter:
@@ -27,7 +27,7 @@ import re
 import warnings
 from pathlib import Path
 
-from hhtld.gates.texts import CALIBRATION_MODULES, HELDOUT_MODULES
+from hhtld.measure.texts import CALIBRATION_MODULES, HELDOUT_MODULES
 
 DATA = Path(__file__).resolve().parent.parent / "src" / "hhtld" / "gates" / "data"
 

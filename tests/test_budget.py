@@ -11,7 +11,7 @@ from hhtld.budget.trials import Trial
 from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey, GroupPlan
 from hhtld.errors import OptionsError
-from hhtld.gates.targets import Thresholds
+from hhtld.measure.targets import Thresholds
 from hhtld.pack.reader import Pack
 
 

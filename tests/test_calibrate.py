@@ -134,7 +134,7 @@ def test_fisher_reaches_every_linear_and_the_tables(lw):
 
 
 def test_calibrated_encode_writes_the_same_pack_for_any_thread_count(llama, tmp_path):
-    from hhtld import open_pack
+    from hhtld.pack import open_pack
     from hhtld.calibrate.pipeline import encode_calibrated
 
     outs = []
@@ -182,7 +182,7 @@ def test_a_target_met_on_some_kinds_of_check_text_but_not_on_all_is_missed(llama
     """The same allocation (the same aim, share x max_kl) checked against two targets: met
     when every kind is within it; missed when one kind is not, though the others are."""
     from hhtld.calibrate.pipeline import Target, encode_calibrated
-    from hhtld.gates.texts import USE_KINDS
+    from hhtld.measure.texts import USE_KINDS
 
     kw = dict(policy=ALL, texts=8, seq_len=32, check_texts=3, max_rounds=1)
     _, loose = encode_calibrated(llama, tmp_path / "a.hhtld", target=Target(1.0, 1e6, share=0.05), **kw)
@@ -207,7 +207,7 @@ def test_calibrated_encode_of_the_real_smollm2(smollm2_dir, tmp_path):
     close on held-out text of every kind (verify's comparison)."""
     from hhtld.calibrate.pipeline import encode_calibrated
     from hhtld.gates import ModelRunner, PackSource, compare_causal
-    from hhtld.gates.texts import USE_KINDS, passages, render
+    from hhtld.measure.texts import USE_KINDS, passages, render
 
     out = tmp_path / "smol.hhtld"
     _, rep = encode_calibrated(smollm2_dir, out, bpw=5.0, policy=ALL, texts=8, seq_len=128, check_texts=4)

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hhtld import (
-    EncodablePolicy,
-    OptionsError,
-    RoleRule,
-    classify_component,
-    classify_role,
-    effective_shape,
-    is_encodable,
-    open_checkpoint,
-    plan_checkpoint,
-    should_use_leaf,
-)
+from hhtld import OptionsError, open_checkpoint
+from hhtld.classify import EncodablePolicy, RoleRule, classify_component, classify_role, effective_shape, is_encodable, plan_checkpoint, should_use_leaf
 from hhtld.classify import DEFAULT_RULES, load_rules_file, parse_rule, plan_tensor
 
 LLAMA_QWEN2 = {

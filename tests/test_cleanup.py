@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hhtld import OptionsError, decode_pack, encode_checkpoint
+from hhtld import OptionsError
+from hhtld.pack import decode_pack, encode_checkpoint
 from hhtld.cli import main
 from hhtld.outputs import sweep_stale, temp_name
 
@@ -91,7 +92,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(slow_ckpt, tmp_pa
     assert left and all(n.startswith(".m.hhtld.hhtld-") and n.endswith(".data") for n in left)
     # the next run into the same folder (another target) removes them
     save_file({"w": np.ones((4, 4), np.float32)}, str(tmp_path / "small.safetensors"))
-    encode_checkpoint(tmp_path / "small.safetensors", slow_ckpt.parent / "other.hhtld")
+    encode_checkpoint(tmp_path / "small.safetensors", slow_ckpt.parent / "other.hhtld", codec="hhtl-f32")
     assert sorted(f.name for f in slow_ckpt.parent.iterdir()) == ["model.safetensors", "other.hhtld"]
 
 
@@ -99,7 +100,7 @@ def test_a_decode_never_replaces_a_file_that_appeared_after_its_check(small_ckpt
     from hhtld.stfile import SafetensorsWriter
 
     pack = tmp_path / "m.hhtld"
-    encode_checkpoint(small_ckpt, pack)
+    encode_checkpoint(small_ckpt, pack, codec="hhtl-f32")
     out = tmp_path / "dec"
     real = SafetensorsWriter.close
 
@@ -121,7 +122,7 @@ def test_a_failed_decode_leaves_no_temporary_files(small_ckpt, tmp_path, monkeyp
     from hhtld.pack.reader import Pack
 
     pack = tmp_path / "m.hhtld"
-    encode_checkpoint(small_ckpt, pack)
+    encode_checkpoint(small_ckpt, pack, codec="hhtl-f32")
 
     def boom(self, name):  # interrupted while an encoded tensor is being written block by block
         yield from []

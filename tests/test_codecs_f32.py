@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hhtld import CodecError, GroupKey, build_group_with_fisher_z, build_group_with_leaf
+from hhtld import CodecError
+from hhtld.classify import GroupKey
+from hhtld.codecs import build_group_with_fisher_z, build_group_with_leaf
 from hhtld.codecs import make_codec
 from hhtld.codecs.reference import (
     FisherZTable,

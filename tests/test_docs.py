@@ -17,7 +17,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, open_pack
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack
 from hhtld.codecs.registry import CODECS, codec_by_id
 from hhtld.codecs.vq.quantiser import Layout, parse_stages
 from hhtld.errors import PackError

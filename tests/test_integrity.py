@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hhtld import HhtldError, PackError, decode_pack, encode_checkpoint, open_pack
+from hhtld import HhtldError, PackError
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack
 from hhtld.errors import HhtldNote
 from hhtld.format import FORMAT_VERSION, META_DIGEST, META_MANIFEST, META_VERSION, READABLE_VERSIONS
 
@@ -39,10 +40,10 @@ def packs(tmp_path_factory):
     folder.mkdir()
     save_file(small_bert_tensors(), str(folder / "model.safetensors"))
     (folder / "config.json").write_text('{"model_type": "bert"}')
-    encode_checkpoint(d / "m.safetensors", d / "f32.hhtld")
+    encode_checkpoint(d / "m.safetensors", d / "f32.hhtld", codec="hhtl-f32")
     encode_checkpoint(d / "m.safetensors", d / "vq.hhtld", codec="hhtl-vq", codec_options={"stages": "4"})
     encode_checkpoint(d / "m.safetensors", d / "hd.hhtld", codec="hhtl-d", codec_options={"k": 16})
-    encode_checkpoint(folder, d / "folder.hhtld")
+    encode_checkpoint(folder, d / "folder.hhtld", codec="hhtl-f32")
     return {p.stem: p.read_bytes() for p in d.glob("*.hhtld")}
 
 
@@ -370,7 +371,7 @@ def test_names_a_pack_cannot_hold_are_refused_before_encoding(tmp_path, name, wh
     t[name] = np.zeros(4, np.float32)
     save_file(t, str(tmp_path / "n.safetensors"))
     with pytest.raises(HhtldError) as e:
-        encode_checkpoint(tmp_path / "n.safetensors", tmp_path / "n.hhtld")
+        encode_checkpoint(tmp_path / "n.safetensors", tmp_path / "n.hhtld", codec="hhtl-f32")
     assert str(e.value) == (f"{tmp_path / 'n.safetensors'}: tensor {name!r} cannot be stored in a pack: its name {why}; "
                             "rename the tensor")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.safetensors"]
@@ -382,7 +383,7 @@ def test_lone_surrogate_names_are_refused_when_the_checkpoint_is_read(tmp_path):
     raw = json.dumps(h).replace('"w"', '"\\ud800w"')  # an escaped lone surrogate, as JSON allows
     (tmp_path / "u.safetensors").write_bytes(fuzz.join(raw, d))
     with pytest.raises(HhtldError) as e:
-        encode_checkpoint(tmp_path / "u.safetensors", tmp_path / "u.hhtld")
+        encode_checkpoint(tmp_path / "u.safetensors", tmp_path / "u.hhtld", codec="hhtl-f32")
     assert str(e.value) == (f"{tmp_path / 'u.safetensors'}: not a safetensors file (the header holds the string "
                             "'\\ud800w', which is not valid Unicode (a lone surrogate))")
 
@@ -393,7 +394,7 @@ def test_an_index_that_leaves_its_folder_is_refused(sharded_ckpt, tmp_path):
     idx["weight_map"][name] = "../other/s2.safetensors"
     sharded_ckpt.write_text(json.dumps(idx))
     with pytest.raises(HhtldError) as e:
-        encode_checkpoint(sharded_ckpt, tmp_path / "s.hhtld")
+        encode_checkpoint(sharded_ckpt, tmp_path / "s.hhtld", codec="hhtl-f32")
     assert str(e.value) == (f"{sharded_ckpt}: tensor '{name}' is mapped to the shard '../other/s2.safetensors', which "
                             "has an empty, '.' or '..' component; an index names shards inside its own folder")
     assert not (tmp_path / "s.hhtld").exists()
@@ -411,7 +412,7 @@ def test_the_written_pack_goes_through_the_full_validation_before_the_rename(sma
 
     monkeypatch.setattr(HhtlF32Codec, "finish_group", wrong)
     with pytest.raises(PackError) as e:
-        encode_checkpoint(small_ckpt, tmp_path / "w.hhtld")
+        encode_checkpoint(small_ckpt, tmp_path / "w.hhtld", codec="hhtl-f32")
     assert str(e.value) == (f"{tmp_path / 'w.hhtld'}: the written pack fails the reader's checks (damaged hhtld pack "
                             "(stored array '__group__.0000::palette': shape [256, 64], expected [255, 64])); the target "
                             "was left as it was")
@@ -439,7 +440,7 @@ def test_passthrough_of_a_dtype_numpy_lacks_decodes_byte_for_byte(tmp_path):
     with SafetensorsWriter(src) as w:
         w.add("w", np.ones((4, 4), np.float32))
         w.add_raw("packed", "F4", [2, 6], bytes(range(6)))  # 12 four-bit values in 6 bytes
-    encode_checkpoint(src, tmp_path / "f4.hhtld")
+    encode_checkpoint(src, tmp_path / "f4.hhtld", codec="hhtl-f32")
     p = open_pack(tmp_path / "f4.hhtld")
     with pytest.raises(PackError) as e:
         p.tensor("packed")

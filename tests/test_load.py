@@ -19,17 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hhtld  # noqa: E402
-from hhtld import (  # noqa: E402
-    ArchitectureError,
-    EncodablePolicy,
-    LoadError,
-    MissingDependencyError,
-    NoConfigError,
-    Pack,
-    TensorMismatchError,
-    decode_pack,
-    encode_checkpoint,
-)
+from hhtld import ArchitectureError, LoadError, MissingDependencyError, NoConfigError, TensorMismatchError
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import Pack, decode_pack, encode_checkpoint
 from hhtld.classify.groups import GroupKey  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
@@ -350,14 +342,14 @@ def test_load_sentence_transformer_equals_the_decoded_folder(st_bert):
     assert np.abs(st.encode(TEXTS[:8]) - ref).max() <= TOL
     comp = hhtld.load_sentence_transformer(pack, device="cpu", keep_compressed=True)
     assert np.abs(comp.encode(TEXTS[:8]) - ref).max() <= TOL
-    assert hhtld.embedding_pooling(pack) == "sentence-transformers"
+    assert hhtld.loader.embedding_pooling(pack) == "sentence-transformers"
     vec = hhtld.embed(pack, TEXTS[:8])
     assert vec.dtype == np.float32 and np.abs(vec - ref).max() <= TOL
 
 
 def test_embed_without_sentence_transformers_files_is_mean_pooling(built):
     folder, pack, decoded = built["bert"]
-    assert hhtld.embedding_pooling(pack) == "mean+l2"
+    assert hhtld.loader.embedding_pooling(pack) == "mean+l2"
     ref = _from_pretrained(decoded, "bert")
     enc = tiny_tokenizer()(TEXTS[:5], padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
@@ -435,7 +427,7 @@ def test_lean_loop_builds_one_table_for_the_pairs_of_a_pack_grouped_by_input(bui
     folder, _, _ = built["llama"]
     pack = tmp_path / "by-input.hhtld"
     encode_checkpoint(folder, pack, policy=ALL, rules=DEFAULT_RULES.group_by("input"), **VQ)
-    roles = {t["role"] for n, t in hhtld.open_pack(pack).tensors.items() if "gate_proj" in n}
+    roles = {t["role"] for n, t in hhtld.open(pack).tensors.items() if "gate_proj" in n}
     assert roles == {"up"}
     model = hhtld.load(pack, keep_compressed=True)
     lean = LeanDecoder(model)

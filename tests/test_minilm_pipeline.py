@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, open_checkpoint, open_pack
+from hhtld import open_checkpoint
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack
 
 
 @pytest.mark.slow

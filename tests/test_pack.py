@@ -12,7 +12,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from hhtld import EncodablePolicy, PackError, decode_pack, encode_checkpoint, open_checkpoint, open_pack
+from hhtld import PackError, open_checkpoint
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import decode_pack, encode_checkpoint, open_pack
 from hhtld.format import FORMAT_VERSION, META_MANIFEST, META_VERSION
 from hhtld.stfile import SafetensorsWriter, read_header
 
@@ -26,7 +28,7 @@ def sha(p):
 @pytest.fixture
 def pack_path(small_ckpt, tmp_path):
     out = tmp_path / "m.hhtld"
-    encode_checkpoint(small_ckpt, out)
+    encode_checkpoint(small_ckpt, out, codec="hhtl-f32")
     return out
 
 
@@ -82,27 +84,27 @@ def test_lazy_reader_touches_only_the_parts_it_needs(pack_path):
 
 def test_same_input_same_pack_bytes(small_ckpt, tmp_path):
     a, b = tmp_path / "a.hhtld", tmp_path / "b.hhtld"
-    encode_checkpoint(small_ckpt, a)
-    encode_checkpoint(small_ckpt, b)
+    encode_checkpoint(small_ckpt, a, codec="hhtl-f32")
+    encode_checkpoint(small_ckpt, b, codec="hhtl-f32")
     assert sha(a) == sha(b)
 
 
 def test_input_is_never_modified(small_folder, tmp_path):
     before = {p: sha(p) for p in small_folder.rglob("*") if p.is_file()}
-    encode_checkpoint(small_folder, tmp_path / "x.hhtld")
+    encode_checkpoint(small_folder, tmp_path / "x.hhtld", codec="hhtl-f32")
     assert before == {p: sha(p) for p in small_folder.rglob("*") if p.is_file()}
 
 
 def test_refuses_to_overwrite_its_input(small_ckpt):
     from hhtld import OptionsError
     with pytest.raises(OptionsError) as e:
-        encode_checkpoint(small_ckpt, small_ckpt)
+        encode_checkpoint(small_ckpt, small_ckpt, codec="hhtl-f32")
     assert str(e.value) == f"{small_ckpt}: is an input of this command; refusing to overwrite it with the pack"
 
 
 def test_folder_round_trip_carries_side_files(small_folder, tmp_path):
     out = tmp_path / "dec"
-    encode_checkpoint(small_folder, tmp_path / "f.hhtld")
+    encode_checkpoint(small_folder, tmp_path / "f.hhtld", codec="hhtl-f32")
     decode_pack(tmp_path / "f.hhtld", out)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "1_Pooling/config.json", "config.json", "model.safetensors", "tokenizer.json"]
@@ -113,7 +115,7 @@ def test_folder_round_trip_carries_side_files(small_folder, tmp_path):
 
 
 def test_sharded_round_trip_keeps_layout_and_dtypes(sharded_ckpt, tmp_path):
-    encode_checkpoint(sharded_ckpt, tmp_path / "s.hhtld")
+    encode_checkpoint(sharded_ckpt, tmp_path / "s.hhtld", codec="hhtl-f32")
     out = tmp_path / "dec"
     res = decode_pack(tmp_path / "s.hhtld", out)
     names = sorted(p.name for p in res.files)
@@ -132,7 +134,7 @@ def test_gpt2_conv1d_round_trip_restores_stored_orientation(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 600)).astype(np.float32)  # Conv1D: [in, out]
     save_file({"transformer.h.0.mlp.c_fc.weight": w}, str(tmp_path / "g.safetensors"))
-    encode_checkpoint(tmp_path / "g.safetensors", tmp_path / "g.hhtld", policy=EncodablePolicy(encode_all=True))
+    encode_checkpoint(tmp_path / "g.safetensors", tmp_path / "g.hhtld", policy=EncodablePolicy(encode_all=True), codec="hhtl-f32")
     p = open_pack(tmp_path / "g.hhtld")
     info = p.info("transformer.h.0.mlp.c_fc.weight")
     assert info["transposed"] and info["row_shape"] == [600, 64]
@@ -150,7 +152,7 @@ def test_bf16_source_decodes_to_bf16(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((600, 64)).astype(ml_dtypes.bfloat16)
     save_file({"model.embed_tokens.weight": w}, str(tmp_path / "b.safetensors"))
-    encode_checkpoint(tmp_path / "b.safetensors", tmp_path / "b.hhtld")
+    encode_checkpoint(tmp_path / "b.safetensors", tmp_path / "b.hhtld", codec="hhtl-f32")
     t = open_pack(tmp_path / "b.hhtld").tensor("model.embed_tokens.weight")
     assert t.dtype == ml_dtypes.bfloat16 and t.shape == (600, 64)
 
@@ -264,7 +266,7 @@ def test_nan_weights_are_refused_with_the_tensor_named(tmp_path):
     save_file(w, str(tmp_path / "n.safetensors"))
     from hhtld import HhtldError
     with pytest.raises(HhtldError) as e:
-        encode_checkpoint(tmp_path / "n.safetensors", tmp_path / "n.hhtld")
+        encode_checkpoint(tmp_path / "n.safetensors", tmp_path / "n.hhtld", codec="hhtl-f32")
     assert str(e.value) == (f"{tmp_path / 'n.safetensors'}: tensor 'encoder.layer.0.intermediate.dense.weight': "
                             "1 non-finite value(s) (NaN/inf) cannot be encoded")
     assert not (tmp_path / "n.hhtld").exists()
@@ -275,7 +277,7 @@ def test_nan_weights_are_refused_with_the_tensor_named(tmp_path):
 
 def test_decode_refuses_to_overwrite_unless_forced(small_folder, tmp_path):
     pack = small_folder / "m.hhtld"
-    encode_checkpoint(small_folder, pack)
+    encode_checkpoint(small_folder, pack, codec="hhtl-f32")
     before = sha(small_folder / "model.safetensors")
     from hhtld import OptionsError
     with pytest.raises(OptionsError) as e:
@@ -290,7 +292,7 @@ def test_decode_refuses_to_overwrite_unless_forced(small_folder, tmp_path):
 
 def test_decode_never_overwrites_the_pack_itself(small_ckpt, tmp_path):
     pack = tmp_path / "model.safetensors.hhtld"
-    encode_checkpoint(small_ckpt, pack)
+    encode_checkpoint(small_ckpt, pack, codec="hhtl-f32")
     from hhtld.outputs import check_output_file
     from hhtld import OptionsError
     with pytest.raises(OptionsError, match="is an input of this command"):
@@ -317,9 +319,9 @@ def test_folder_carries_only_model_side_files(small_folder, tmp_path):
     assert open_checkpoint(small_folder).aux_files == ["1_Pooling/config.json", "config.json", "tokenizer.json",
                                                        "vocab.txt"]
     # encoding into the model folder twice gives the same pack: the pack does not swallow itself
-    encode_checkpoint(small_folder, small_folder / "m.hhtld")
+    encode_checkpoint(small_folder, small_folder / "m.hhtld", codec="hhtl-f32")
     first = sha(small_folder / "m.hhtld")
-    encode_checkpoint(small_folder, small_folder / "m.hhtld")
+    encode_checkpoint(small_folder, small_folder / "m.hhtld", codec="hhtl-f32")
     assert sha(small_folder / "m.hhtld") == first
 
 
@@ -343,7 +345,7 @@ def test_output_that_is_not_a_regular_file_is_refused(small_ckpt, tmp_path):
     link = tmp_path / "link.hhtld"
     link.symlink_to(target)
     with pytest.raises(OptionsError) as e:
-        encode_checkpoint(small_ckpt, link)
+        encode_checkpoint(small_ckpt, link, codec="hhtl-f32")
     assert str(e.value) == f"{link}: exists and is not a regular file; refusing to replace it"
     assert target.read_bytes() == b"keep me" and link.is_symlink()
 
@@ -362,12 +364,12 @@ def test_reuse_copies_groups_of_an_earlier_pack_with_identical_bytes(small_ckpt,
     calls = []
     real = HhtlF32Codec.fit_group
     monkeypatch.setattr(HhtlF32Codec, "fit_group", lambda self, key, *a: calls.append(key) or real(self, key, *a))
-    a = encode_checkpoint(small_ckpt, tmp_path / "a.hhtld")
+    a = encode_checkpoint(small_ckpt, tmp_path / "a.hhtld", codec="hhtl-f32")
     assert len(calls) == 2 and not any(g.reused for g in a.groups)
-    b = encode_checkpoint(small_ckpt, tmp_path / "b.hhtld", reuse=tmp_path / "a.hhtld")
+    b = encode_checkpoint(small_ckpt, tmp_path / "b.hhtld", reuse=tmp_path / "a.hhtld", codec="hhtl-f32")
     assert len(calls) == 2 and all(g.reused for g in b.groups)  # both groups copied from a
     assert sha(tmp_path / "a.hhtld") == sha(tmp_path / "b.hhtld")
     encode_checkpoint(small_ckpt, tmp_path / "c.hhtld", reuse=tmp_path / "a.hhtld",
-                      group_options={"encoder/up/600x64": {"k": 16}})
+                      group_options={"encoder/up/600x64": {"k": 16}}, codec="hhtl-f32")
     assert len(calls) == 3  # only the group whose options changed is encoded again
     assert open_pack(tmp_path / "c.hhtld").rows("encoder.layer.0.intermediate.dense.weight").shape == (600, 64)

@@ -1,4 +1,4 @@
-"""The passages for causal language models (``hhtld.gates.texts``): several kinds of
+"""The passages for causal language models (``hhtld.measure.texts``): several kinds of
 real text, three disjoint uses, long enough, reproducible."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hhtld.gates.texts import (EMBEDDING_KINDS, KINDS, USE_KINDS, USES, calibration_passages, calibration_sentences,
+from hhtld.measure.texts import (EMBEDDING_KINDS, KINDS, USE_KINDS, USES, calibration_passages, calibration_sentences,
                                heldout_passages,
                                heldout_sentences, heldout_texts, passages, render, rendered)
 

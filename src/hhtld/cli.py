@@ -26,7 +26,8 @@ from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import HhtldError, HhtldNote, OptionsError
 from .outputs import check_output_file, remove_all_temps, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
-from .inspect import format_inspect, human_bytes, inspect_path
+from .display import human_bytes
+from .inspection import format_inspect, inspect_path
 from .memory import set_memory_limit, system_room
 
 
@@ -90,7 +91,7 @@ def cmd_encode(args) -> int:
                if getattr(args, k, None) is not None}
     thresholds = None
     if targets:
-        from .gates.targets import Thresholds
+        from .measure.targets import Thresholds
 
         thresholds = Thresholds(**targets)
     rep = encode(args.model, args.output, target=args.target, bpw=args.bpw, codec=args.codec, stages=args.stages,

@@ -45,7 +45,7 @@ class EncodeReport:
     """What :func:`encode` wrote and measured: ``path`` (the pack), ``path_kind`` (one of
     :data:`PATHS`), ``result`` (the writer's :class:`~hhtld.pack.writer.EncodeResult`),
     ``allocation`` (the rate allocation and its check, None on the fixed path),
-    ``info`` (:func:`hhtld.inspect.inspect_pack` of the pack plus the encode's
+    ``info`` (:func:`hhtld.inspection.inspect_pack` of the pack plus the encode's
     seconds, weights and allocation: the ``--json`` of ``hhtld encode``) and ``notes``."""
 
     path: os.PathLike
@@ -149,7 +149,7 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
                 include_aux, sample_rows, threads, log):
     """The calibrated encode (:mod:`hhtld.calibrate`) as (result, allocation), or None (with a
     note) when the model cannot be run here."""
-    from .gates.targets import Thresholds
+    from .measure.targets import Thresholds
 
     try:
         from .calibrate.layerwise import build_empty
@@ -176,7 +176,7 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
 
 def _report(res: EncodeResult, allocation: Allocation | None, policy: EncodablePolicy, path_kind: str,
             seconds: float) -> EncodeReport:
-    from .inspect import inspect_pack
+    from .inspection import inspect_pack
 
     info = inspect_pack(res.path)
     info["encode_seconds"] = res.seconds if allocation is None else allocation.seconds.get("total", seconds)

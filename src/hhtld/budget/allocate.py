@@ -168,7 +168,7 @@ def encode_rows(model, out, bpw: float | None = None, policy: EncodablePolicy = 
     encoded (a group that fails is encoded again one rung higher); with ``bpw`` the
     budget of ``bpw`` bits per encoded weight is spent where it removes the most row
     distortion. ``notes`` (kept) start the allocation's notes."""
-    from ..gates.targets import Thresholds
+    from ..measure.targets import Thresholds
 
     check_budget_options(bpw)
     th = thresholds or Thresholds()

@@ -105,7 +105,7 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
 
     out = []
     if family == "causal":
-        from ..gates.texts import USE_KINDS, passages, render
+        from ..measure.texts import USE_KINDS, passages, render
 
         by_kind = [[render(p, tok) for p in passages("calibration", k)] for k in USE_KINDS["calibration"]]
         ids = []
@@ -120,7 +120,7 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
             t = torch.tensor(ids[s : s + batch], dtype=torch.long)
             out.append(Batch(t, torch.ones_like(t)))
         return out
-    from ..gates.texts import EMBEDDING_KINDS, calibration_sentences
+    from ..measure.texts import EMBEDDING_KINDS, calibration_sentences
 
     kinds = []
     for kind in EMBEDDING_KINDS:  # n_texts sentences of prose, half as many turns of dialogue
@@ -136,12 +136,12 @@ def calibration_batches(tok, family: str, n_texts: int, seq_len: int, batch: int
 
 def check_batches(tok, per_kind: int, seq_len: int = CHECK_SEQ_LEN, batch: int = BATCH):
     """The calibrated encode's check for causal LMs: ``per_kind`` check passages of
-    every check kind (hhtld.gates.texts: the calibration kinds, other passages, and
+    every check kind (hhtld.measure.texts: the calibration kinds, other passages, and
     one kind calibration never sees), cut to ``seq_len`` tokens (a passage with
     fewer is left out), batched by kind. Returns (batches, the kind of each batch)."""
     import torch
 
-    from ..gates.texts import USE_KINDS, passages, render
+    from ..measure.texts import USE_KINDS, passages, render
     from .layerwise import Batch
 
     out, kinds = [], []
@@ -327,7 +327,7 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str,
         hid_b = [b.hidden for b in batches]
         lw.release(keys)
     if family != "causal":
-        from ..gates.runner import RunOutputs, compare_outputs
+        from ..measure.compare import RunOutputs, compare_outputs
 
         def pooled(hs):
             out = []
@@ -342,7 +342,7 @@ def layerwise_compare(lw, batches, replaced: dict[str, Any], family: str,
         if kinds is None:
             return compare_outputs(RunOutputs("embedding", len(ea), embeddings=ea),
                                    RunOutputs("embedding", len(eb), embeddings=eb))
-        from ..gates.runner import compare_embeddings_by_kind
+        from ..measure.compare import compare_embeddings_by_kind
 
         rows = [k for b, k in zip(batches, kinds) for _ in range(b.input_ids.shape[0])]
         per = compare_embeddings_by_kind(ea, eb, rows)  # retrieval among the texts of each kind

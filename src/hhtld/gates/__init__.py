@@ -14,16 +14,17 @@ torch, transformers and matplotlib are imported only when a model is run or
 a plot is drawn.
 """
 
+from ..checkpoint.config import family_of_config
+from ..measure import (RunOutputs, Thresholds, calibration_passages, calibration_texts, compare_outputs,
+                       heldout_passages, heldout_texts)
 from .behaviour import gate_behaviour, gate_output
 from .causal import compare_causal, compare_causal_many
 from .plots import write_plots
 from .report import GateResult, VerifyReport
 from .rows import cosine_stats, gate_row_fidelity, measure_rows, row_cosines
-from .runner import ModelRunner, RunOutputs, compare_outputs, family_of_config
+from .runner import ModelRunner
 from .sources import ORIGINAL, CheckpointSource, DictSource, FunctionSource, PackSource, WeightSource
 from .storage import gate_storage, measure_storage
-from .targets import Thresholds
-from .texts import calibration_passages, calibration_texts, heldout_passages, heldout_texts
 from .verify import check_match, verify, write_json
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..measure.targets import Thresholds
 from .report import GateResult
-from .targets import Thresholds
 
 CAUSAL_GATE2_KEYS = ("ppl_a", "ppl_b", "ppl_ratio", "nll_a", "nll_b", "top1", "positions",
                      "greedy_identical", "greedy_prefix", "greedy_tokens", "greedy_texts")

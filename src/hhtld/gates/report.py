@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..inspect import format_table, human_bytes
+from ..display import format_table, human_bytes
 
 GATE_NAMES = {1: "row fidelity", 2: "behaviour parity", 3: "storage", 4: "output agreement"}
 

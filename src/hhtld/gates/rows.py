@@ -9,9 +9,9 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..classify.shapes import to_row_matrix
 from ..cosine import row_cosines
+from ..measure.targets import Thresholds
 from ..pack.reader import Pack
 from .report import GateResult
-from .targets import Thresholds
 
 # Histogram bins of the JSON report: 400 bins of width 0.005 over [-1, 1].
 HIST_EDGES = np.linspace(-1.0, 1.0, 401)

@@ -7,17 +7,17 @@ files, ...). Those are carried verbatim so a decoded folder loads again;
 they are not weights and are not counted on the original side either (its
 size is the checkpoint's tensors with every float tensor at bf16), so they
 are left out of both sides of the ratio. This is the same rule as
-:meth:`hhtld.Pack.storage_ratio`.
+:meth:`hhtld.pack.Pack.storage_ratio`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..inspect import human_bytes
+from ..display import human_bytes
+from ..measure.targets import Thresholds
 from ..pack.reader import Pack
 from .report import GateResult
-from .targets import Thresholds
 
 
 def measure_storage(pack: Pack) -> dict[str, Any]:

@@ -10,18 +10,19 @@ from typing import Sequence
 import numpy as np
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.config import family_of_config, find_config, load_config_json
 from ..errors import GateError, OptionsError
+from ..measure.compare import compare_embeddings_by_kind, compare_outputs
+from ..measure.targets import Thresholds
+from ..measure.texts import EMBEDDING_KINDS, HELDOUT_MODULES, USE_KINDS, heldout_sentences, passages, render
 from ..pack.reader import Pack
 from .behaviour import gate_behaviour, gate_output
 from .causal import compare_causal
 from .report import VerifyReport
 from .rows import gate_row_fidelity, measure_rows
-from ..checkpoint.config import family_of_config, find_config, load_config_json
-from .runner import ModelRunner, compare_embeddings_by_kind, compare_outputs
+from .runner import ModelRunner
 from .sources import PackSource
 from .storage import gate_storage, measure_storage
-from .targets import Thresholds
-from .texts import EMBEDDING_KINDS, HELDOUT_MODULES, USE_KINDS, heldout_sentences, passages, render
 
 DEFAULT_GREEDY_TOKENS = 32
 DEFAULT_GREEDY_TEXTS = 32
@@ -48,12 +49,12 @@ def _pick_texts(texts: int | Sequence[str] | None, family: str) -> tuple[list, l
     if texts is None or isinstance(texts, (int, np.integer)):
         if family == "causal":  # passages; retrieval (embedding models) needs two texts of a kind
             per_kind, least, what = {k: passages("heldout", k) for k in USE_KINDS["heldout"]}, 1, "passages"
-            source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.gates.texts, "
+            source = (f"held-out passages of {len(per_kind)} kinds ({', '.join(per_kind)}; hhtld.measure.texts, "
                       "scripts/make_passages.py)")
         else:
             per_kind, least, what = {k: heldout_sentences(k) for k in EMBEDDING_KINDS}, 2, "sentences"
             source = (f"held-out sentences of {len(per_kind)} kinds: docstrings of Python standard-library modules "
-                      f"({', '.join(HELDOUT_MODULES)}) and turns of held-out conversations (hhtld.gates.texts)")
+                      f"({', '.join(HELDOUT_MODULES)}) and turns of held-out conversations (hhtld.measure.texts)")
         if texts is not None:
             most = min(len(v) for v in per_kind.values())
             if isinstance(texts, bool) or not least <= texts <= most:
@@ -86,8 +87,8 @@ def verify(
     ``model``: folder, ``.safetensors`` file or index; a bare file needs
     ``config`` (a config.json or a folder holding one, with the tokenizer).
     ``texts``: how many held-out texts (default all: the 256 sentences of
-    :func:`~hhtld.gates.texts.heldout_texts` for embedding models; for causal
-    LMs the held-out passages of every kind, :data:`~hhtld.gates.texts.KINDS`,
+    :func:`~hhtld.measure.texts.heldout_texts` for embedding models; for causal
+    LMs the held-out passages of every kind, :data:`~hhtld.measure.texts.KINDS`,
     64 each, and ``texts`` counts passages per kind), or a list of texts.
     Causal LMs are reported per kind (``behaviour["kinds"]``), and gates 2
     and 4 hold on the worst kind. Causal models also compare ``greedy_tokens``-token

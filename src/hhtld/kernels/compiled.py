@@ -198,34 +198,50 @@ if _lut_tiles is not None:
                 v += lf
             y[o] = v
 
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _chunk(xrow, p0, o0, w0, m0, p1, o1, w1, m1, s0, s1, g0n, ga, gb, t0a, t1a, t0b, t1b, two,
+               tab, scales, out_a, out_b):
+        # the groups [ga, gb) of segments of both stages (stage 0's first): their table rows,
+        # summed over every tile of one weight (or of two, ``two``)
+        done = False
+        if ga < min(gb, g0n):
+            _stage_tables(xrow, p0, o0, w0, s0, m0, ga, min(gb, g0n), tab, scales)
+            _stage_sums(t0a, ga, min(gb, g0n), tab, scales, out_a, False)
+            if two:
+                _stage_sums(t0b, ga, min(gb, g0n), tab, scales, out_b, False)
+            done = True
+        if max(ga, g0n) < gb:
+            tab1 = tab[s0:]
+            sc1 = scales[g0n:]
+            _stage_tables(xrow, p1, o1, w1, s1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1)
+            _stage_sums(t1a, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_a, done)
+            if two:
+                _stage_sums(t1b, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_b, done)
+            done = True
+        if not done:
+            out_a[:] = 0.0
+            if two:
+                out_b[:] = 0.0
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _groups(t0, t1, n_stages, chunks):
+        # (segments of stage 0 and 1, stage 0's groups of 16 segments, all groups, groups a chunk)
+        s0 = t0.shape[1]
+        s1 = t1.shape[1] if n_stages > 1 else 0
+        g0n = (s0 + GROUP - 1) // GROUP
+        total = g0n + (s1 + GROUP - 1) // GROUP
+        return s0, s1, g0n, total, (total + chunks - 1) // chunks
+
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
     def _matvec_i16(xrow, p0, o0, w0, t0, m0, p1, o1, w1, t1, m1, n_stages, gain, c, leaf, n,
                     tab, scales, acc, chunks, y):
         # one parallel region: chunk ch takes a range of the groups of segments of both stages,
         # builds their table rows and sums them over every tile into its own acc[ch]
-        s0 = t0.shape[1]
-        s1 = t1.shape[1] if n_stages > 1 else 0
-        g0n = (s0 + GROUP - 1) // GROUP
-        g1n = (s1 + GROUP - 1) // GROUP
-        total = g0n + g1n
-        per = (total + chunks - 1) // chunks
-        tab1 = tab[s0:]
-        sc1 = scales[g0n:]
+        s0, s1, g0n, total, per = _groups(t0, t1, n_stages, chunks)
         for ch in prange(chunks):
             ga = min(total, ch * per)
-            gb = min(total, ga + per)
-            out = acc[ch]
-            done = False
-            if ga < min(gb, g0n):
-                _stage_tables(xrow, p0, o0, w0, s0, m0, ga, min(gb, g0n), tab, scales)
-                _stage_sums(t0, ga, min(gb, g0n), tab, scales, out, False)
-                done = True
-            if max(ga, g0n) < gb:
-                _stage_tables(xrow, p1, o1, w1, s1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1)
-                _stage_sums(t1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out, done)
-                done = True
-            if not done:
-                out[:] = 0.0
+            _chunk(xrow, p0, o0, w0, m0, p1, o1, w1, m1, s0, s1, g0n, ga, min(total, ga + per), t0, t1, t0, t1,
+                   False, tab, scales, acc[ch], acc[ch])
         _finish_row(acc, chunks, gain, c, leaf, n, y)
 
     @njit(parallel=True, nogil=True, boundscheck=False, fastmath=True)
@@ -233,33 +249,11 @@ if _lut_tiles is not None:
                      tab, scales, acc_a, acc_b, chunks, ya, yb):
         # _matvec_i16 for two weights of the same palettes and rotation: each chunk's table rows
         # are built once and summed over the tiles of both
-        s0 = t0a.shape[1]
-        s1 = t1a.shape[1] if n_stages > 1 else 0
-        g0n = (s0 + GROUP - 1) // GROUP
-        g1n = (s1 + GROUP - 1) // GROUP
-        total = g0n + g1n
-        per = (total + chunks - 1) // chunks
-        tab1 = tab[s0:]
-        sc1 = scales[g0n:]
+        s0, s1, g0n, total, per = _groups(t0a, t1a, n_stages, chunks)
         for ch in prange(chunks):
             ga = min(total, ch * per)
-            gb = min(total, ga + per)
-            out_a = acc_a[ch]
-            out_b = acc_b[ch]
-            done = False
-            if ga < min(gb, g0n):
-                _stage_tables(xrow, p0, o0, w0, s0, m0, ga, min(gb, g0n), tab, scales)
-                _stage_sums(t0a, ga, min(gb, g0n), tab, scales, out_a, False)
-                _stage_sums(t0b, ga, min(gb, g0n), tab, scales, out_b, False)
-                done = True
-            if max(ga, g0n) < gb:
-                _stage_tables(xrow, p1, o1, w1, s1, m1, max(ga, g0n) - g0n, gb - g0n, tab1, sc1)
-                _stage_sums(t1a, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_a, done)
-                _stage_sums(t1b, max(ga, g0n) - g0n, gb - g0n, tab1, sc1, out_b, done)
-                done = True
-            if not done:
-                out_a[:] = 0.0
-                out_b[:] = 0.0
+            _chunk(xrow, p0, o0, w0, m0, p1, o1, w1, m1, s0, s1, g0n, ga, min(total, ga + per), t0a, t1a, t0b, t1b,
+                   True, tab, scales, acc_a[ch], acc_b[ch])
         no_leaf = np.zeros((1, 0), dtype=np.int8)
         no_c = np.zeros(0, dtype=np.float32)
         _finish_row(acc_a, chunks, gain_a, no_c, no_leaf, na, ya)

@@ -53,9 +53,6 @@ from ..outputs import check_output_file
 from ..stfile import FormatProblem, SafetensorsWriter
 from .manifest import ManifestV2, array_sha256, describe_error, manifest_digest
 
-# One fixed codec setting for every group; the product default (hhtl-vq with a
-# rate allocation) is hhtld.budget.encode_budget, which calls this.
-REFERENCE_CODEC = "hhtl-f32"
 MIN_SAMPLE_ROWS = 16
 
 
@@ -147,7 +144,7 @@ GroupCheck = Callable[[GroupResult], "dict[str, Any] | None"]
 def encode_checkpoint(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    codec: str = REFERENCE_CODEC,
+    codec: str,
     codec_options: dict[str, Any] | None = None,
     policy: EncodablePolicy = EncodablePolicy(),
     rules: RuleTable = DEFAULT_RULES,
@@ -160,7 +157,9 @@ def encode_checkpoint(
     measure: bool = False,
     check_group: GroupCheck | None = None,
 ) -> EncodeResult:
-    """Read ``model`` (file, index or folder), encode every group, write ``out``.
+    """Read ``model`` (file, index or folder), encode every group with ``codec`` (one fixed
+    setting, ``codec_options``), write ``out``. This is the writer under :func:`hhtld.encode`,
+    which chooses the codec (default hhtl-vq), its rate allocation and every default.
 
     ``group_options`` maps a group key string (``str(GroupKey)``, e.g.
     ``"encoder/qko/384x384"``) to codec options that override

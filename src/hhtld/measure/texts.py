@@ -62,7 +62,7 @@ CALIBRATION_MODULES: tuple[str, ...] = (
 
 
 def _read(name: str) -> tuple[str, ...]:
-    text = resources.files("hhtld.gates").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("hhtld.measure").joinpath("data", name).read_text(encoding="utf-8")
     return tuple(line for line in text.splitlines() if line.strip())
 
 
@@ -134,7 +134,7 @@ Passage = str | tuple[str, ...]
 
 @lru_cache(maxsize=None)
 def _passages(use: str, kind: str) -> tuple[Passage, ...]:
-    text = resources.files("hhtld.gates").joinpath("data", "passages", f"{use}-{kind}.jsonl").read_text(
+    text = resources.files("hhtld.measure").joinpath("data", "passages", f"{use}-{kind}.jsonl").read_text(
         encoding="utf-8")
     out = []
     for line in text.splitlines():

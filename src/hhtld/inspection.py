@@ -8,6 +8,7 @@ from typing import Any
 
 from .checkpoint import open_checkpoint
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
+from .display import format_table, human_bytes
 from .errors import OptionsError
 from .format import FORMAT_NAME, META_FORMAT
 from .pack.reader import Pack
@@ -113,22 +114,6 @@ def inspect_path(path, policy: EncodablePolicy = EncodablePolicy(), rules: RuleT
     if check:
         raise OptionsError(f"{path}: --check verifies a .hhtld pack; this is a model")
     return inspect_model(path, policy, rules)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def format_table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
 def _setting(params: dict[str, Any]) -> str:
