@@ -400,21 +400,21 @@ def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW
     from threadpoolctl import threadpool_limits
 
     from hhtld.classify import EncodablePolicy
-    from hhtld.budget import encode_budget
+    from hhtld import encode
     from hhtld.calibrate.pipeline import Calibration
 
     pol = EncodablePolicy(encode_all=True)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     t0 = time.perf_counter()
-    _, al = encode_budget(model, folder / "default.hhtld", target="behaviour", policy=pol, log=log)
+    al = encode(model, folder / "default.hhtld", target="behaviour", policy=pol, log=log).allocation
     c = al.calibration.check
     out.append(pack_candidate(folder / "default.hhtld", ckpt, "hhtld default (--target behaviour)"))
     out[-1].note = (f"calibrated; target {'met' if al.met else 'NOT met'} on every kind of check text (worst: KL "
                     f"{c['kl_mean']:.4f}, ppl ratio {c['ppl_ratio']:.4f}); {len(al.calibration.rounds)} round(s)")
     out[-1].seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _, al = encode_budget(model, folder / "rows.hhtld", target="rows", policy=pol, log=log)
+    al = encode(model, folder / "rows.hhtld", target="rows", policy=pol, log=log).allocation
     out.append(pack_candidate(folder / "rows.hhtld", ckpt, "hhtld --target rows (data-free)"))
     out[-1].note, out[-1].seconds = "data-free; causal minimum rungs", time.perf_counter() - t0
     with threadpool_limits(limits=1, user_api="blas"), Calibration(model, folder, policy=pol, log=log) as cal:

@@ -29,7 +29,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from hhtld.budget import LADDER, encode_budget  # noqa: E402
+from hhtld import encode  # noqa: E402
+from hhtld.budget import LADDER  # noqa: E402
 from hhtld.checkpoint import open_checkpoint  # noqa: E402
 from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
 from hhtld.codecs.base import DictParts  # noqa: E402
@@ -199,7 +200,7 @@ def main() -> int:
         for target in ("rows", "behaviour"):
             path = Path(td) / f"{target}.hhtld"
             t0 = time.perf_counter()
-            res, al = encode_budget(model, path, target=target, policy=pol)
+            al = encode(model, path, target=target, policy=pol).allocation
             secs = time.perf_counter() - t0
             p = Pack(path)
             t1 = time.perf_counter()

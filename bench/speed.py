@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from hhtld import open_checkpoint  # noqa: E402
 from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
 from hhtld.pack import decode_pack, encode_checkpoint, open_pack  # noqa: E402
-from hhtld.budget import encode_budget  # noqa: E402
+from hhtld import encode  # noqa: E402
 from hhtld.pack.writer import read_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -77,8 +77,8 @@ def main() -> None:
         tmp = Path(tmp)
         packs = {}
         for label, fn in (
-            ("hhtl-vq --target behaviour (default)", lambda p: encode_budget(model, p, target="behaviour", policy=POLICY)),
-            ("hhtl-vq --target rows", lambda p: encode_budget(model, p, target="rows", policy=POLICY)),
+            ("hhtl-vq --target behaviour (default)", lambda p: encode(model, p, target="behaviour", policy=POLICY).result),
+            ("hhtl-vq --target rows", lambda p: encode(model, p, target="rows", policy=POLICY).result),
             ("hhtl-vq --stages 2 (one rung, vq4.0)", lambda p: encode_checkpoint(model, p, codec="hhtl-vq",
                                                                                  codec_options={"stages": "2"}, policy=POLICY)),
             ("hhtl-f32", lambda p: encode_checkpoint(model, p, codec="hhtl-f32", policy=POLICY)),

@@ -78,7 +78,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "src" / "hhtld" / "gates" / "data" / "passages"
+DATA = REPO / "src" / "hhtld" / "measure" / "data" / "passages"
 
 # passages per (use, kind); minimum characters per (use, kind): held-out and check passages
 # have at least 128 SmolLM2 tokens, calibration passages at least 256 (tests/test_passages.py)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hhtld.measure.texts import CALIBRATION_MODULES, HELDOUT_MODULES
 
-DATA = Path(__file__).resolve().parent.parent / "src" / "hhtld" / "gates" / "data"
+DATA = Path(__file__).resolve().parent.parent / "src" / "hhtld" / "measure" / "data"
 
 HELDOUT_COUNT = 256
 CALIBRATION_COUNT = 256

@@ -174,7 +174,7 @@ def test_budget_output_path_errors(small_ckpt, tmp_path):
         _encode(small_ckpt, small_ckpt, target="rows")
     assert str(e.value) == f"{small_ckpt}: is an input of this command; refusing to overwrite it with the pack"
     with pytest.raises(OptionsError) as e:
-        _encode(small_ckpt, tmp_path / "m.hhtld", target="rows", max_rounds=0)
+        _encode(small_ckpt, tmp_path / "m.hhtld", target="behaviour", max_rounds=0)
     assert str(e.value) == "max_rounds must be a positive integer, got 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 

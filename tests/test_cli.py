@@ -62,6 +62,22 @@ def test_group_by_input_puts_gate_with_up_and_k_with_v(tmp_path, capsys):
                                "other/v/32x64": 4}
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--codec", "hhtl-f32", "--max-kl", "0.01"],
+     "--max-kl/--max-ppl-ratio/--min-top1/--min-cosine applies to --target behaviour, not to a fixed setting"),
+    (["--stages", "2", "--calibration-texts", "4"], "--calibration-texts applies to --target behaviour, not to a fixed setting"),
+    (["--target", "rows", "--max-rounds", "3"], "--max-rounds applies to --target behaviour, not to the data-free target"),
+    (["--bpw", "4", "--config", "x.json"], "--config applies to --target behaviour, not to the data-free target"),
+    (["--rotate", "false"], "--rotate applies to a fixed --stages setting; the allocation's ladder sets it per rung"),
+    (["--bpw", "20"], "--bpw must lie in [0.5, 16], got 20.0"),
+    (["--codec", "hhtl-f32", "--bpw", "3"], "--target/--bpw allocate the hhtl-vq codec; they do not apply to codec hhtl-f32"),
+])
+def test_options_of_another_path_are_refused_before_anything_is_written(small_ckpt, tmp_path, capsys, flags, message):
+    code, out, err = run(capsys, "encode", small_ckpt, "-o", tmp_path / "sub" / "m.hhtld", "-q", *flags)
+    assert (code, out, err) == (1, "", f"hhtld: error: {message}\n")
+    assert not (tmp_path / "sub").exists()  # not even the output's folder
+
+
 def test_encode_json_and_options(small_ckpt, tmp_path, capsys):
     code, out, _ = run(capsys, "encode", small_ckpt, "-o", tmp_path / "a.hhtld", "--codec", "hhtl-f32", "--k", "16",
                        "--json", "-q",

@@ -153,7 +153,8 @@ def test_former_root_names_work_with_a_deprecation_warning(name, where):
 
     with pytest.warns(DeprecationWarning, match=rf"^hhtld\.{name} is deprecated .*; use {where}\.{name}"):
         got = getattr(hhtld, name)
-    assert got is getattr(importlib.import_module(where), name)
+    if name != "encode_checkpoint":  # that one keeps its former default codec (hhtl-f32)
+        assert got is getattr(importlib.import_module(where), name)
     with pytest.raises(AttributeError, match="module 'hhtld' has no attribute 'no_such_name'"):
         hhtld.no_such_name  # noqa: B018
 
@@ -170,3 +171,23 @@ def test_encode_budget_is_deprecated_and_gives_encode_s_result(small_ckpt, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hhtld.encode(small_ckpt, tmp_path / "c.hhtld", codec="hhtl-f32")  # the new name warns of nothing
+
+
+def test_the_former_root_encode_checkpoint_keeps_its_default_codec(small_ckpt, tmp_path):
+    with pytest.warns(DeprecationWarning):
+        old = hhtld.encode_checkpoint
+    old(small_ckpt, tmp_path / "a.hhtld")
+    assert hhtld.open(tmp_path / "a.hhtld").manifest["codec"] == "hhtl-f32"
+
+
+@pytest.mark.parametrize("old, new", [("hhtld.gates.texts", "hhtld.measure.texts"),
+                                      ("hhtld.gates.targets", "hhtld.measure.targets")])
+def test_moved_modules_still_import_with_a_deprecation_warning(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"^{old} is deprecated .*; use {new}$"):
+        mod = importlib.import_module(old)
+    public = [n for n in dir(importlib.import_module(new)) if not n.startswith("_")]
+    assert all(getattr(mod, n) is getattr(importlib.import_module(new), n) for n in public)

@@ -80,7 +80,13 @@ def __getattr__(name: str):
     also = f" (or {_INSTEAD[name]})" if name in _INSTEAD else ""
     warnings.warn(f"hhtld.{name} is deprecated and will be removed in the next release; use {where}.{name}{also}",
                   DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(where), name)
+    got = getattr(importlib.import_module(where), name)
+    if name == "encode_checkpoint":  # the root's name kept its former default codec
+        def encode_checkpoint(model, out, codec="hhtl-f32", *args, **kwargs):
+            return got(model, out, codec, *args, **kwargs)
+
+        return encode_checkpoint
+    return got
 
 
 def __dir__() -> list[str]:

@@ -340,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-ppl-ratio", type=float, metavar="X", help="causal LMs: perplexity ratio (default 1.02)")
     tg.add_argument("--min-top1", type=float, metavar="X", help="embedding models: top-1 retrieval (default 0.95)")
     tg.add_argument("--min-cosine", type=float, metavar="X", help="embedding models: mean cosine (default 0.995)")
-    tg.add_argument("--max-rounds", type=int, default=2, metavar="N",
+    tg.add_argument("--max-rounds", type=int, default=None, metavar="N",
                     help="encode again (analysis reused) while the check misses the target, at most N times "
-                         "(default %(default)s)")
+                         "(default 2)")
     tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
                     help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
                          "256 sentences for embedding models)")

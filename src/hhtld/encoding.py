@@ -38,6 +38,7 @@ from .pack.writer import EncodeResult, encode_checkpoint
 
 CODEC_OPTIONS = ("k", "leaf_lanes", "stages", "rotate", "gain", "seed")
 PATHS = ("calibrated", "rows", "fixed")
+FLAGS = {"thresholds": "--max-kl/--max-ppl-ratio/--min-top1/--min-cosine"}  # the command's names of API options
 
 
 @dataclass
@@ -73,7 +74,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
            stages: str | None = None, k: int | None = None, leaf_lanes: int | None = None,
            rotate: bool | None = None, gain: bool | None = None, seed: int | None = None,
            policy: EncodablePolicy | None = None, rules: RuleTable | None = None, group_by: str = "role",
-           config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int = 2,
+           config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int | None = None,
            sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
            progress: bool = False, log: Callable[[str], None] | None = None,
            codec_options: dict[str, Any] | None = None) -> EncodeReport:
@@ -87,7 +88,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     size thresholds of :class:`~hhtld.classify.EncodablePolicy`); ``rules`` and
     ``group_by`` (``role`` or ``input``) the grouping; ``thresholds``
     (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
-    ``max_rounds`` the behaviour target; ``threads`` the worker threads (the pack is
+    ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
+    gates too; given on another path they are refused); ``threads`` the worker threads (the pack is
     the same for any number); ``codec_options`` any other option of the codec (its
     ``defaults``), beside the named ones."""
     t0 = time.perf_counter()
@@ -106,9 +108,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     if wrong:
         raise OptionsError(f"--{wrong[0].replace('_', '-')} is not an option of codec {codec}")
     rules = (DEFAULT_RULES if rules is None else rules).group_by(group_by)
-    output = check_pack_output(output, open_checkpoint(model))  # before any work: a bad output path ends it here
-    notes: list[str] = []
-    allocation = None
+    # the path and every option checked before anything is touched
     if codec == "hhtl-vq" and stages is None:
         fixed = [n for n in ("rotate", "gain", "leaf_lanes") if n in opts]
         if fixed:
@@ -118,30 +118,43 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
             target = "rows" if bpw is not None else "behaviour"
         if target not in TARGETS:
             raise OptionsError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
-        check_budget_options(bpw, max_rounds)
-        if policy is None:
-            policy = EncodablePolicy(encode_all=True) if target == "behaviour" else EncodablePolicy()
-        kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
-                  threads=threads, log=log)
-        done = None
-        if target == "behaviour":
-            done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
-        if done is not None:
-            res, allocation = done
-            path_kind = "calibrated"
-        else:
-            res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
-                                          notes=notes, **kw)
-            path_kind = "rows"
+        path_kind = "calibrated" if target == "behaviour" else "rows"
     else:
         if target is not None or bpw is not None:
             raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
                                f"{'a fixed --stages setting' if codec == 'hhtl-vq' else 'codec ' + codec}")
-        policy = EncodablePolicy() if policy is None else policy
+        path_kind = "fixed"
+    behaviour_only = {"config": config, "calibration_texts": calibration_texts, "max_rounds": max_rounds}
+    if path_kind == "fixed" and thresholds is not None:
+        behaviour_only["thresholds"] = thresholds
+    unused = [n for n, v in behaviour_only.items() if v is not None]
+    if path_kind != "calibrated" and unused:
+        what = "a fixed setting" if path_kind == "fixed" else "the data-free target"
+        flag = FLAGS.get(unused[0], "--" + unused[0].replace("_", "-"))
+        raise OptionsError(f"{flag} applies to --target behaviour, not to {what}")
+    max_rounds = 2 if max_rounds is None else max_rounds
+    check_budget_options(bpw, max_rounds)
+    if policy is None:
+        policy = EncodablePolicy(encode_all=True) if path_kind == "calibrated" else EncodablePolicy()
+    output = check_pack_output(output, open_checkpoint(model))  # a bad output path ends it here, before any work
+    notes: list[str] = []
+    allocation = None
+    if path_kind == "fixed":
         res = encode_checkpoint(model, output, codec=codec, codec_options=opts, policy=policy, rules=rules,
                                 include_aux=include_aux, progress=progress, sample_rows=sample_rows,
                                 threads=threads)
-        path_kind = "fixed"
+    else:
+        kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
+                  threads=threads, log=log)
+        done = None
+        if path_kind == "calibrated":
+            done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
+        if done is not None:
+            res, allocation = done
+        else:
+            res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
+                                          notes=notes, **kw)
+            path_kind = "rows"
     return _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
 
 
@@ -193,16 +206,18 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
                   thresholds=None, log: Callable[[str], None] | None = None, calibration: int | None = None,
                   max_rounds: int = 2, sample_rows: int = DEFAULT_SAMPLE_ROWS,
                   threads: int | None = None) -> tuple[EncodeResult, Allocation | None]:
-    """Deprecated: :func:`encode` (``(report.result, report.allocation)`` is what this returned)."""
+    """Deprecated: :func:`encode` (``(report.result, report.allocation)`` is what this returned). Its
+    options follow :func:`encode`'s rules (codec options that only a fixed setting takes are refused)."""
     import warnings
 
     warnings.warn("hhtld.encode_budget is deprecated and will be removed in the next release; use "
                   "hhtld.encode(model, output, target=..., bpw=...) (its .result and .allocation)",
                   DeprecationWarning, stacklevel=2)
-    rep = encode(model, out, target=target, bpw=bpw, config=config, policy=policy, rules=rules,
-                 codec_options=codec_options, include_aux=include_aux, progress=progress, thresholds=thresholds,
-                 log=log, calibration_texts=calibration, max_rounds=max_rounds, sample_rows=sample_rows,
-                 threads=threads)
+    behaviour = target == "behaviour" or (target is None and bpw is None)  # what it ignored elsewhere
+    rep = encode(model, out, target=target, bpw=bpw, config=config if behaviour else None, policy=policy,
+                 rules=rules, codec_options=codec_options, include_aux=include_aux, progress=progress,
+                 thresholds=thresholds, log=log, calibration_texts=calibration if behaviour else None,
+                 max_rounds=max_rounds if behaviour else None, sample_rows=sample_rows, threads=threads)
     return rep.result, rep.allocation
 
 

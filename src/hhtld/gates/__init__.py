@@ -1,12 +1,13 @@
 """The four gates of ``hhtld verify`` (docs/design.md §5) and the pieces they are built from.
 
-* :mod:`.texts` — held-out and calibration sentences (disjoint sources);
-* :mod:`.runner` — run a model with original or swapped weights, compare runs;
+* :mod:`hhtld.measure` (below the gates, shared with the calibrated encode) — the
+  held-out, check and calibration texts, the thresholds, the comparison of two runs;
+* :mod:`.runner` — run a model with original or swapped weights;
 * :mod:`.sources` — weight sources the runner loads tensor by tensor (arrays,
   a pack, another checkpoint); :mod:`.causal` — causal LMs compared batch by
   batch in bounded memory (perplexity ratio, KL, top-1);
 * :mod:`.rows` — gate 1, row fidelity; :mod:`.behaviour` — gates 2 and 4;
-  :mod:`.storage` — gate 3; :mod:`.targets` — the thresholds;
+  :mod:`.storage` — gate 3;
 * :mod:`.report` — results, terminal table, JSON; :mod:`.plots` — PNGs;
 * :mod:`.verify` — ``verify(model, pack)`` ties them together.
 

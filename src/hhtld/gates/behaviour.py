@@ -1,4 +1,4 @@
-"""Gates 2 and 4 from a comparison of two runs (:func:`~hhtld.gates.runner.compare_outputs`
+"""Gates 2 and 4 from a comparison of two runs (:func:`~hhtld.measure.compare.compare_outputs`
 for embedding models, :func:`~hhtld.gates.causal.compare_causal` for causal LMs).
 
 Gate 2 — behaviour parity. Embedding models: top-1 retrieval agreement (the

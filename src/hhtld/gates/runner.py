@@ -32,6 +32,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.config import FAMILIES, family_of_config, find_config, load_config_json
 from ..errors import GateError, HhtldError
 from ..measure.compare import RunOutputs
+from ..measure.compare import compare_embeddings_by_kind, compare_outputs, retrieval_neighbours  # noqa: F401 (their former home)
 from ..memory import release_heap
 from ..names import state_dict_candidates
 
