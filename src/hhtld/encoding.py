@@ -36,7 +36,6 @@ from .errors import GateError, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS
 from .pack.writer import EncodeResult, encode_checkpoint
 
-CODEC_OPTIONS = ("k", "leaf_lanes", "stages", "rotate", "gain", "seed")
 PATHS = ("calibrated", "rows", "fixed")
 FLAGS = {"thresholds": "--max-kl/--max-ppl-ratio/--min-top1/--min-cosine"}  # the command's names of API options
 
@@ -221,4 +220,4 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
     return rep.result, rep.allocation
 
 
-__all__ = ["CODEC_OPTIONS", "PATHS", "EncodeReport", "encode", "encode_budget"]
+__all__ = ["PATHS", "EncodeReport", "encode", "encode_budget"]

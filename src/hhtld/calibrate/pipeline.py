@@ -526,7 +526,7 @@ class Calibration:
     def allocate(self, goal: float | None = None, bpw: float | None = None) -> TensorAllocation:
         """Per-tensor rungs for a predicted-change ``goal`` or a ``bpw`` budget (tensor parts)."""
         return allocate(self.stats, self.rel, goal=goal, budget_bits=None if bpw is None else bpw * self.total_weights,
-                        tie=self.rules.tie if self.rules.shared else None)
+                        tie=self.rules.tie)
 
     def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
         """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""

@@ -101,12 +101,16 @@ class SharedInput:
     second: str
     role: str
 
+    @property
+    def pattern(self) -> str:
+        """The regular expression of the first's names."""
+        return rf"(^|\.){re.escape(self.first)}(\.|$)"
+
     def partner(self, name: str) -> str | None:
         """The second's name for a name of the first, else None."""
-        pat = rf"(^|\.){re.escape(self.first)}(\.|$)"
-        if not re.search(pat, name):
+        if not re.search(self.pattern, name):
             return None
-        return re.sub(pat, lambda m: f"{m.group(1)}{self.second}{m.group(2)}", name, count=1)
+        return re.sub(self.pattern, lambda m: f"{m.group(1)}{self.second}{m.group(2)}", name, count=1)
 
 
 # matrices that read the same input and share a shape in the families hhtld knows
@@ -156,7 +160,7 @@ class RuleTable:
         (after any user rules, before the built-in ones) and the pairs tied."""
         n_user = len(self.roles) - len(DEFAULT_ROLE_RULES) if self.roles[-len(DEFAULT_ROLE_RULES):] == \
             DEFAULT_ROLE_RULES else len(self.roles)
-        mine = tuple(RoleRule(rf"(^|\.){re.escape(p.first)}(\.|$)", p.role) for p in pairs)
+        mine = tuple(RoleRule(p.pattern, p.role) for p in pairs)
         return RuleTable(self.roles[:n_user] + mine + self.roles[n_user:], self.components, self.shared + tuple(pairs))
 
     def group_by(self, how: str) -> "RuleTable":

@@ -119,10 +119,10 @@ class _Pair:
         from ..kernels import KernelPair
 
         self.a, self.b = a, b
-        self.pair = None
-        if a.kernel is not None and b.kernel is not None and a.tables == b.tables \
-                and KernelPair.shares(a.kernel, b.kernel):
-            self.pair = KernelPair(a.kernel, b.kernel)
+        self.pair = None  # a KernelPair whose weights share a table, else None
+        if a.kernel is not None and b.kernel is not None and a.tables == b.tables:
+            pair = KernelPair(a.kernel, b.kernel)
+            self.pair = pair if pair.shared else None
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.pair is None:
@@ -179,7 +179,7 @@ class LeanDecoder:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.scaling = np.float32(self.head_dim ** -0.5)
         self.layers = [_Layer(layer, tables) for layer in inner.layers]
-        if any(p.pair is not None and p.pair.shared for L in self.layers for p in (L.kv, L.gate_up)):
+        if any(p.pair is not None for L in self.layers for p in (L.kv, L.gate_up)):
             from ..kernels import warm_up_pairs
 
             warm_up_pairs()
