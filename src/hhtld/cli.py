@@ -27,7 +27,7 @@ from .errors import HhtldError, HhtldNote, OptionsError
 from .outputs import check_output_file, remove_all_temps, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
 from .display import human_bytes
-from .inspection import format_inspect, inspect_path
+from .inspection import format_inspect, format_plan, inspect_path
 from .memory import set_memory_limit, system_room
 
 
@@ -99,23 +99,27 @@ def cmd_encode(args) -> int:
                  policy=policy if given else None, rules=rules, config=args.config, thresholds=thresholds,
                  calibration_texts=args.calibration_texts, max_rounds=args.max_rounds,
                  sample_rows=args.sample_rows, threads=args.threads, include_aux=not args.no_aux_files,
-                 progress=not args.quiet, log=None if (args.json or args.quiet) else print)
-    res, allocation, info = rep.result, rep.allocation, rep.info
-    # notes go to stderr whatever the output format
-    for note in rep.notes:
+                 progress=not args.quiet, log=None if (args.json or args.quiet) else print, resume=args.resume)
+    for note in rep.notes:  # notes go to stderr whatever the output format
         print(f"hhtld: note: {note}", file=sys.stderr)
-    small = [t for t in res.plan.passthrough if t.reason == "below size thresholds"]
+    small = [t for t in rep.result.plan.passthrough if t.reason == "below size thresholds"]
     if small:
         print(f"hhtld: note: {len(small)} float matrices ({human_bytes(sum(t.nbytes for t in small))}) are kept dense "
               f"by the size thresholds (--min-rows {rep.policy.min_rows}, --min-bytes {rep.policy.min_bytes}); "
               "--encode-all encodes them too", file=sys.stderr)
-    missed = allocation is not None and allocation.met is False
-    if missed:
-        print(f"hhtld: target not met: {_target_line(allocation)}; the pack was written (exit status 3)",
+    if rep.met is False:
+        print(f"hhtld: target not met: {_target_line(rep.allocation)}; the pack was written (exit status 3)",
               file=sys.stderr)
     if args.json:
-        _emit_json(info, args.json)
-        return 3 if missed else 0
+        _emit_json(rep.info, args.json)
+    else:
+        _print_encode(rep, args)
+    return 3 if rep.met is False else 0
+
+
+def _print_encode(rep, args) -> None:
+    """The group table, the allocation and the one-line summary of an encode."""
+    res, allocation, info = rep.result, rep.allocation, rep.info
     if not args.quiet:
         print(format_inspect(info))
     secs = info["encode_seconds"]
@@ -128,7 +132,6 @@ def cmd_encode(args) -> int:
     print(f"wrote {res.path}: {human_bytes(info['file_bytes'])}, {info['ratio_vs_bf16']:.2f}:1 against bf16; "
           f"{res.n_weights_encoded / 1e6:.2f}M weights encoded in {secs:.1f} s ({rate:.2f} M weights/s"
           f"{', allocation included' if allocation is not None else ''})")
-    return 3 if missed else 0
 
 
 def _target_line(allocation) -> str:
@@ -169,11 +172,27 @@ def cmd_decode(args) -> int:
 
 def cmd_inspect(args) -> int:
     policy, rules = _policy(args)
-    info = inspect_path(args.path, policy, rules, check=args.check)
+    plan_flags = [f for f in ("codec", "stages", "target", "bpw", "calibration_texts", "threads")
+                  if getattr(args, f) is not None] + (["sample_rows"] if args.sample_rows != DEFAULT_SAMPLE_ROWS else [])
+    if args.plan:
+        from .encoding import plan
+        from .pack.plan import UnitTimings
+
+        given = any(getattr(args, o) is not None for o in ("min_rows", "min_bytes")) or args.encode_all
+        p = plan(args.path, target=args.target, bpw=args.bpw, codec=args.codec, stages=args.stages,
+                 policy=policy if given else None, rules=rules, calibration_texts=args.calibration_texts,
+                 sample_rows=args.sample_rows, threads=args.threads)
+        info = p.to_json(UnitTimings.load())
+        text = format_plan(info)
+    elif plan_flags:
+        raise OptionsError(f"--{plan_flags[0].replace('_', '-')} applies to --plan")
+    else:
+        info = inspect_path(args.path, policy, rules, check=args.check)
+        text = format_inspect(info)
     if args.json:
         _emit_json(info, args.json)
     else:
-        print(format_inspect(info))
+        print(text)
     return 0
 
 
@@ -360,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, metavar="N",
                    help="worker threads (default: the usable cores); the pack is the same for any N")
     e.add_argument("--no-aux-files", action="store_true", help="do not carry a model folder's config/tokenizer files")
+    e.add_argument("--resume", action="store_true",
+                   help="continue from the finished units an interrupted encode of the same model with the same "
+                        "options kept in OUTPUT.partial/ (the same pack as an uninterrupted run), and keep them if "
+                        "this run is interrupted too; without it nothing partial is left")
     e.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no group table")
     _add_policy_args(e)
@@ -381,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) JSON")
     i.add_argument("--check", action="store_true",
                    help="a pack: verify the hash and values of every stored array first, read by a decode or not")
+    ip = i.add_argument_group("--plan: the units an encode of the model would run (nothing is run or written)")
+    ip.add_argument("--plan", action="store_true",
+                    help="a model: the encode's units, their dependencies, predicted memory and (once units of "
+                         "their kind have run on this machine) time")
+    ip.add_argument("--codec", default=None, choices=sorted(CODECS), help="as for encode")
+    ip.add_argument("--stages", default=None, help="as for encode")
+    ip.add_argument("--target", choices=["behaviour", "rows"], default=None, help="as for encode")
+    ip.add_argument("--bpw", type=float, default=None, metavar="X", help="as for encode")
+    ip.add_argument("--calibration-texts", type=int, default=None, metavar="N", help="as for encode")
+    ip.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS, metavar="N", help="as for encode")
+    ip.add_argument("--threads", type=int, default=None, metavar="N", help="as for encode")
     _add_policy_args(i)
     i.set_defaults(func=cmd_inspect)
 

@@ -25,16 +25,22 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .budget.allocate import TARGETS, Allocation, check_budget_options, check_pack_output, encode_rows
 from .checkpoint import open_checkpoint
-from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable
+from .calibrate.units import calibrated_plan
+from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
+from .codecs.parallel import check_threads
 from .codecs.registry import CODECS, DEFAULT_CODEC
-from .errors import GateError, OptionsError
+from .errors import GateError, HhtldError, HhtldNote, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS
-from .pack.writer import EncodeResult, encode_checkpoint
+from .pack.encode import data_free_plan, encode_checkpoint
+from .pack.plan import EncodePlan
+from .pack.units import UnitStore, fingerprint
+from .pack.writer import EncodeResult
 
 PATHS = ("calibrated", "rows", "fixed")
 FLAGS = {"thresholds": "--max-kl/--max-ppl-ratio/--min-top1/--min-cosine"}  # the command's names of API options
@@ -69,33 +75,25 @@ class EncodeReport:
         return dict(self.info)
 
 
-def encode(model, output, *, target: str | None = None, bpw: float | None = None, codec: str | None = None,
-           stages: str | None = None, k: int | None = None, leaf_lanes: int | None = None,
-           rotate: bool | None = None, gain: bool | None = None, seed: int | None = None,
-           policy: EncodablePolicy | None = None, rules: RuleTable | None = None, group_by: str = "role",
-           config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int | None = None,
-           sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
-           progress: bool = False, log: Callable[[str], None] | None = None,
-           codec_options: dict[str, Any] | None = None) -> EncodeReport:
-    """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
-    pack ``output``, written atomically; see the module for the paths the options choose.
+@dataclass
+class _Resolved:
+    path: str
+    codec: str
+    opts: dict[str, Any]
+    target: str | None
+    policy: EncodablePolicy
+    rules: RuleTable
+    max_rounds: int
 
-    ``target`` (``behaviour`` or ``rows``) and ``bpw`` (bits per encoded weight) choose
-    the allocation of the hhtl-vq codec; ``codec`` (default hhtl-vq) and its options
-    (``stages``, ``k``, ``leaf_lanes``, ``rotate``, ``gain``, ``seed``) a fixed setting;
-    ``policy`` what is encoded (default: every matrix on the calibrated path, else the
-    size thresholds of :class:`~hhtld.classify.EncodablePolicy`); ``rules`` and
-    ``group_by`` (``role`` or ``input``) the grouping; ``thresholds``
-    (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
-    ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
-    gates too; given on another path they are refused); ``threads`` the worker threads (the pack is
-    the same for any number); ``codec_options`` any other option of the codec (its
-    ``defaults``), beside the named ones."""
-    t0 = time.perf_counter()
+
+def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
+             max_rounds, **named) -> _Resolved:
+    """The path the options choose, every option checked (:class:`OptionsError`) and every
+    default filled in, before anything is read or written."""
     codec = DEFAULT_CODEC if codec is None else codec
     if codec not in CODECS:
         raise OptionsError(f"unknown codec '{codec}' (known: {', '.join(sorted(CODECS))})")
-    given = {"k": k, "leaf_lanes": leaf_lanes, "stages": stages, "rotate": rotate, "gain": gain, "seed": seed}
+    given = named
     opts = dict(codec_options or {})
     for n, v in given.items():
         if v is not None:
@@ -135,30 +133,136 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     check_budget_options(bpw, max_rounds)
     if policy is None:
         policy = EncodablePolicy(encode_all=True) if path_kind == "calibrated" else EncodablePolicy()
-    output = check_pack_output(output, open_checkpoint(model))  # a bad output path ends it here, before any work
+    return _Resolved(path_kind, codec, opts, target, policy, rules, max_rounds)
+
+
+def plan(model, *, target: str | None = None, bpw: float | None = None, codec: str | None = None,
+         stages: str | None = None, policy: EncodablePolicy | None = None, rules: RuleTable | None = None,
+         group_by: str = "role", config=None, calibration_texts: int | None = None, max_rounds: int | None = None,
+         sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None) -> EncodePlan:
+    """The units :func:`encode` would run with these options (:mod:`hhtld.pack.plan`), read
+    from the checkpoint's headers and config only: nothing is run or written. The
+    calibrated path's rungs are chosen after its analysis, so its plan holds one fit and
+    one finish per group and says so; a second round is not planned."""
+    c = _resolve(target, bpw, codec, None, policy, rules, group_by, config, None, calibration_texts, max_rounds,
+                 stages=stages)
+    ckpt = open_checkpoint(model)
+    groups = plan_checkpoint(ckpt, c.policy, c.rules)
+    width = check_threads(threads)
+    if c.path == "calibrated":
+        from .calibrate.pipeline import DEFAULT_SEQ_LEN, TEXTS
+
+        try:
+            from .checkpoint.config import family_of_config, find_config, load_config_json
+
+            family = family_of_config(load_config_json(find_config(config or model)))
+        except GateError as e:
+            p = data_free_plan(groups, sample_rows, width, "hhtl-vq", {})
+            p.path = "rows"
+            p.notes.append(f"target behaviour needs a runnable model ({e}); the encode falls back to --target rows")
+            return p
+        texts = calibration_texts or TEXTS[family]
+        tokens = texts * (DEFAULT_SEQ_LEN if family == "causal" else 32)
+        head = next((t.name for t in groups.tensors.values() if t.role == "lm_head"), None)
+        return calibrated_plan(groups, width=width, sample_rows=sample_rows, tokens=tokens, head=head)
+    p = data_free_plan(groups, sample_rows, width, c.codec, c.opts)
+    p.path = c.path
+    if c.path == "rows":
+        p.notes.append("the rows target's rungs are chosen from row trials before the encode; a group whose "
+                       "decoded rows miss gate 1 is encoded again one rung higher")
+    return p
+
+
+def encode(model, output, *, target: str | None = None, bpw: float | None = None, codec: str | None = None,
+           stages: str | None = None, k: int | None = None, leaf_lanes: int | None = None,
+           rotate: bool | None = None, gain: bool | None = None, seed: int | None = None,
+           policy: EncodablePolicy | None = None, rules: RuleTable | None = None, group_by: str = "role",
+           config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int | None = None,
+           sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
+           progress: bool = False, log: Callable[[str], None] | None = None,
+           codec_options: dict[str, Any] | None = None, resume: bool = False) -> EncodeReport:
+    """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
+    pack ``output``, written atomically; see the module for the paths the options choose.
+
+    ``target`` (``behaviour`` or ``rows``) and ``bpw`` (bits per encoded weight) choose
+    the allocation of the hhtl-vq codec; ``codec`` (default hhtl-vq) and its options
+    (``stages``, ``k``, ``leaf_lanes``, ``rotate``, ``gain``, ``seed``) a fixed setting;
+    ``policy`` what is encoded (default: every matrix on the calibrated path, else the
+    size thresholds of :class:`~hhtld.classify.EncodablePolicy`); ``rules`` and
+    ``group_by`` (``role`` or ``input``) the grouping; ``thresholds``
+    (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
+    ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
+    gates too; given on another path they are refused); ``threads`` the worker threads (the pack is
+    the same for any number); ``codec_options`` any other option of the codec (its
+    ``defaults``), beside the named ones.
+
+    While it runs, the finished units of the encode (:mod:`hhtld.pack.plan`) are kept in
+    ``<output>.partial/``; they go when the pack is written. ``resume``: continue from the
+    units an interrupted encode with the same input and options kept there (the same pack,
+    byte for byte), and keep them if this run is interrupted too; without it, an
+    interrupted run leaves nothing and an earlier run's units are removed."""
+    t0 = time.perf_counter()
+    c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
+                 max_rounds, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate, gain=gain, seed=seed)
+    path_kind, codec, opts, target, policy, rules, max_rounds = (c.path, c.codec, c.opts, c.target, c.policy,
+                                                                 c.rules, c.max_rounds)
+    ckpt = open_checkpoint(model)
+    output = check_pack_output(output, ckpt)  # a bad output path ends it here, before any work
+    options = {"path": path_kind, "codec": codec, "codec_options": opts, "target": target, "bpw": bpw,
+               "policy": policy.to_json(), "rules": rules, "thresholds": thresholds, "config": config,
+               "calibration_texts": calibration_texts, "max_rounds": max_rounds, "sample_rows": sample_rows,
+               "include_aux": include_aux}
+    store = UnitStore(output, fingerprint(ckpt, options))
+    earlier = store.folder.is_dir() and not resume
+    store.open(resume)
     notes: list[str] = []
-    allocation = None
+    if earlier:
+        notes.append(f"removed the units an interrupted encode of {output} kept in {store.folder} "
+                     "(--resume would have continued from them)")
+    try:
+        res, allocation, path_kind = _run(model, output, path_kind, codec, opts, bpw, policy, rules, config,
+                                          thresholds, calibration_texts, max_rounds, sample_rows, threads,
+                                          include_aux, progress, log, notes, store)
+    except HhtldError:
+        store.done()  # an error of the input or the options: a second run would meet it again
+        raise
+    except BaseException:
+        if resume and store.folder.is_dir():
+            warnings.warn(store.keep(), HhtldNote, stacklevel=2)
+        else:
+            store.done()
+        raise
+    if store.reused:
+        notes.append(f"resumed: {store.reused} finished unit{'s' if store.reused != 1 else ''} of an interrupted "
+                     f"encode read back from {store.folder}")
+    store.done()
+    rep = _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
+    rep.notes = notes + [n for n in rep.notes if n not in notes]
+    rep.info["resumed_units"] = store.reused
+    return rep
+
+
+def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thresholds, calibration_texts,
+         max_rounds, sample_rows, threads, include_aux, progress, log, notes, store):
+    """The chosen path: (the writer's result, the allocation or None, the path taken)."""
     if path_kind == "fixed":
         res = encode_checkpoint(model, output, codec=codec, codec_options=opts, policy=policy, rules=rules,
                                 include_aux=include_aux, progress=progress, sample_rows=sample_rows,
-                                threads=threads)
-    else:
-        kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
-                  threads=threads, log=log)
-        done = None
-        if path_kind == "calibrated":
-            done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
+                                threads=threads, store=store)
+        return res, None, path_kind
+    kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
+              threads=threads, log=log, store=store)
+    if path_kind == "calibrated":
+        done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
         if done is not None:
-            res, allocation = done
-        else:
-            res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
-                                          notes=notes, **kw)
-            path_kind = "rows"
-    return _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
+            return (*done, path_kind)
+    res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
+                                  notes=notes, **kw)
+    return res, allocation, "rows"
 
 
 def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes, *, policy, rules, codec_options,
-                include_aux, sample_rows, threads, log):
+                include_aux, sample_rows, threads, log, store):
     """The calibrated encode (:mod:`hhtld.calibrate`) as (result, allocation), or None (with a
     note) when the model cannot be run here."""
     from .measure.targets import Thresholds
@@ -179,7 +283,8 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
     tgt = Target(max_kl=th.max_kl, max_ppl_ratio=th.max_ppl_ratio, min_top1=th.min_top1, min_cosine=th.min_cosine)
     res, report = encode_calibrated(model, output, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
                                     codec_options=codec_options, texts=texts, sample_rows=sample_rows,
-                                    threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log)
+                                    threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log,
+                                    store=store)
     alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
                        checks=[r["check"] for r in report.rounds], seconds=report.seconds)
     alloc.predicted = {"output_change": report.allocation.predicted}
@@ -207,8 +312,6 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
                   threads: int | None = None) -> tuple[EncodeResult, Allocation | None]:
     """Deprecated: :func:`encode` (``(report.result, report.allocation)`` is what this returned). Its
     options follow :func:`encode`'s rules (codec options that only a fixed setting takes are refused)."""
-    import warnings
-
     warnings.warn("hhtld.encode_budget is deprecated and will be removed in the next release; use "
                   "hhtld.encode(model, output, target=..., bpw=...) (its .result and .allocation)",
                   DeprecationWarning, stacklevel=2)
@@ -220,4 +323,4 @@ def encode_budget(model, out, target: str | None = None, bpw: float | None = Non
     return rep.result, rep.allocation
 
 
-__all__ = ["PATHS", "EncodeReport", "encode", "encode_budget"]
+__all__ = ["PATHS", "EncodeReport", "encode", "encode_budget", "plan"]

@@ -155,3 +155,29 @@ def format_inspect(info: dict[str, Any]) -> str:
         out.append(f"pack {human_bytes(info['file_bytes'])}; source {human_bytes(info['source']['bf16_bytes'])} at bf16 "
                    f"→ ratio {info['ratio_vs_bf16']:.2f}:1 (weights only, side files excluded)")
     return "\n".join(out)
+
+
+def format_plan(info: dict[str, Any]) -> str:
+    """An encode plan (:meth:`hhtld.pack.plan.EncodePlan.to_json`) as text: the units per
+    kind with their dependency, predicted memory and time, and what each kind does."""
+    from .pack.plan import UNIT_KINDS
+
+    units = info["units"]
+    sec = info.get("seconds") or {}
+    rows = []
+    for kind, n in info["counts"].items():
+        mine = [u for u in units if u["kind"] == kind]
+        s = sec.get(kind)
+        rows.append([kind, n, info["dependencies"][kind], human_bytes(max(u["memory_bytes"] for u in mine)),
+                     "not measured yet" if s is None else f"{s:.1f} s"])
+    out = [f"plan of the {info['path']} encode: {len(units)} units, at most {info['width']} independent units at once"]
+    out.append(format_table(rows, ["kind", "units", "dependency", "largest (memory)", "predicted time"], {1, 3, 4}))
+    total = info.get("total_seconds")
+    out.append(f"predicted peak of the arrays held at once: {human_bytes(info['peak_memory_bytes'])} (from array "
+               "sizes; the libraries' own memory - torch, numba, faiss - comes on top)")
+    out.append("predicted time: " + (f"{total:.0f} s (seconds per weight of each kind of unit, as measured by earlier "
+                                     "encodes on this machine)" if total is not None else
+                                     "unknown until a unit of every kind has run on this machine"))
+    out.append("units: " + "; ".join(f"{k} - {UNIT_KINDS[k][1]}" for k in info["counts"]))
+    out.extend(f"note: {n}" for n in info["notes"])
+    return "\n".join(out)

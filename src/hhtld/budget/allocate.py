@@ -32,7 +32,8 @@ from ..classify.groups import GroupPlan
 from ..errors import GateError, OptionsError
 from ..outputs import check_output_file
 from ..format import DEFAULT_SAMPLE_ROWS
-from ..pack.writer import EncodeResult, encode_checkpoint
+from ..pack.encode import encode_checkpoint
+from ..pack.writer import EncodeResult
 from .greedy import spend
 from .trials import GroupTrials, sample_group_rows
 from .settings import LADDER, Setting
@@ -160,14 +161,16 @@ def encode_rows(model, out, bpw: float | None = None, policy: EncodablePolicy = 
                 rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
                 include_aux: bool = True, progress: bool = False, thresholds=None,
                 log: Callable[[str], None] | None = None, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                threads: int | None = None, notes: list[str] | None = None) -> tuple[EncodeResult, Allocation]:
+                threads: int | None = None, notes: list[str] | None = None,
+                store=None) -> tuple[EncodeResult, Allocation]:
     """The data-free allocation of hhtl-vq: a rung per group, then one streaming encode to ``out``.
 
     Without ``bpw`` (the ``rows`` target) each group gets the cheapest rung whose sampled
     rows pass gate 1 of its regime, and every group's decoded rows are checked as it is
     encoded (a group that fails is encoded again one rung higher); with ``bpw`` the
     budget of ``bpw`` bits per encoded weight is spent where it removes the most row
-    distortion. ``notes`` (kept) start the allocation's notes."""
+    distortion. ``notes`` (kept) start the allocation's notes; ``store`` keeps finished
+    units (:class:`~hhtld.pack.units.UnitStore`)."""
     from ..measure.targets import Thresholds
 
     check_budget_options(bpw)
@@ -188,7 +191,7 @@ def encode_rows(model, out, bpw: float | None = None, policy: EncodablePolicy = 
     total_w = sum(g.n_weights for g in groups) or 1
     budget_bits = None if bpw is None else bpw * total_w
     enc_kw = dict(codec="hhtl-vq", codec_options=codec_options or {}, policy=policy, rules=rules,
-                  include_aux=include_aux, progress=progress, sample_rows=sample_rows, threads=threads)
+                  include_aux=include_aux, progress=progress, sample_rows=sample_rows, threads=threads, store=store)
 
     def rows_loss(g, s):
         med, _ = th.row_targets(g.regime)

@@ -104,6 +104,10 @@ class LayerwiseModel:
         mod = self.model.get_submodule(mod_name) if mod_name else self.model
         return mod._parameters[leaf]
 
+    def numel(self, key: str) -> int:
+        """Elements of parameter ``key`` (materialised or not)."""
+        return int(self._param(key).numel())
+
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k, _ in self.model.named_parameters(remove_duplicate=False)
                 if k == prefix or k.startswith(prefix + ".")]

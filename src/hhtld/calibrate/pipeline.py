@@ -38,14 +38,18 @@ from ..checkpoint import open_checkpoint
 from ..checkpoint.rows import TensorRows
 from ..classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from ..classify.groups import GroupPlan
-from ..codecs.parallel import encode_pool
 from ..codecs.registry import make_codec
 from ..errors import GateError, OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
+from ..pack.encode import tensor_unit_key
+from ..pack.executor import LocalExecutor
+from ..pack.plan import Unit
+from ..pack.units import UnitStore, unit_file
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
 from .layerwise import head_name
+from .units import allocation_key, keep_key, stats_arrays, stats_from
 
 # How much calibration text, by family: texts for the Hessians, texts for the Fisher
 # diagonal (a subset, a few at a time: the head's logits of a batch are in memory) and
@@ -176,8 +180,9 @@ def _head_hessian(lw, batches) -> tuple[np.ndarray, int]:
 
 class HessianStore:
     """The Hessians of the analysis pass, one float32 ``.npy`` file per distinct layer
-    input in a temporary folder (layers fed the same input share a file), so the
-    encode pass needs neither the model nor memory for all of them."""
+    input in a folder (layers fed the same input share a file), so the encode pass
+    needs neither the model nor memory for all of them. The folder is a temporary one,
+    or the kept units' (``--resume``), where :meth:`restore` finds them again."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -188,7 +193,7 @@ class HessianStore:
         if same_as is not None and same_as in self.files:
             self.files[name] = self.files[same_as]
         else:
-            f = self.folder / f"h{len(self.files):05d}.npy"
+            f = self.folder / f"h-{unit_file(name)}.npy"
             np.save(f, np.asarray(h, dtype=np.float32))
             self.files[name] = f
         self.tokens[name] = tokens
@@ -197,17 +202,50 @@ class HessianStore:
         f = self.files.get(name)
         return None if f is None else np.load(f).astype(np.float64)
 
+    def described(self, names) -> dict[str, list]:
+        """Where the Hessians of ``names`` are (file name, tokens), for :meth:`restore`."""
+        return {n: [self.files[n].name, self.tokens[n]] for n in names if n in self.files}
 
-def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 0) -> tuple[dict[str, TensorStats], dict]:
+    def restore(self, where: dict[str, list]) -> None:
+        for n, (fname, tokens) in where.items():
+            self.files[n] = self.folder / fname
+            self.tokens[n] = int(tokens)
+
+
+def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 0,
+            ex: LocalExecutor | None = None) -> tuple[dict[str, TensorStats], dict]:
     """The original model block by block on the calibration batches: per encoded
-    tensor its :class:`TensorStats` and its Hessian (into ``store``)."""
+    tensor its :class:`TensorStats` and its Hessian (into ``store``). Each block is one
+    unit of a chain; with ``ex``'s unit store, a block analysed by an interrupted run
+    is read back (its stats, its Hessians' files, the hidden states it left)."""
+    import torch
+
     from .hessian import HessianHooks
 
     tplans = {t.name: (g, t) for g in plan.groups for t in g.tensors}
     stats: dict[str, TensorStats] = {}
     tokens = sum(int(b.valid.sum()) for b in batches)
+    keep = ex.store if ex is not None else None
     lw.capture(batches)
-    for i in range(len(lw.blocks)):
+    start = 0
+    while keep is not None and start < len(lw.blocks):  # blocks an interrupted run analysed
+        got = keep.arrays(keep_key("analyse", f"block {start}"))
+        if got is None:
+            break
+        stats.update(stats_from(got[0], got[1]["stats"]))
+        store.restore(got[1]["hessians"])
+        start += 1
+    if start:  # the hidden states the last of them left (kept before its stats)
+        carry = keep.arrays(keep_key("analyse", f"carry {start - 1}"))
+        if carry is None:
+            start, stats = 0, {}
+        else:
+            for j, b in enumerate(batches):
+                b.hidden = torch.from_numpy(np.array(carry[0][f"h{j}"]))
+    if start and log:
+        log(f"  {start} block{'s' if start != 1 else ''} of the analysis kept by an interrupted run")
+
+    def block(i: int) -> list[str]:
         keys = lw.keys_under(lw.block_prefix(i))
         lw.materialise(keys)
         lin = {n: m for n, m in lw.linears(i) if n in tplans}
@@ -221,14 +259,38 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
             stats[n] = tensor_stats(n, str(g.key), t.role, TensorRows(ckpt, t).read(), hs[n], hk.tokens, seed)
             store.put(n, hs[n], hk.tokens, same_as=src[n] if src[n] != n else None)
         lw.release(keys)
+        return list(lin)
+
+    def kept(i: int, names: list[str]) -> None:
+        keep.put_arrays(keep_key("analyse", f"carry {i}"), {f"h{j}": b.hidden.numpy() for j, b in enumerate(batches)})
+        arrays, meta = stats_arrays([stats[n] for n in names])
+        keep.put_arrays(keep_key("analyse", f"block {i}"), arrays, {"stats": meta, "hessians": store.described(names)})
+        if i:
+            keep.path(keep_key("analyse", f"carry {i - 1}"), ".safetensors").unlink(missing_ok=True)
+
+    for i in range(start, len(lw.blocks)):
+        unit = Unit("analyse", f"block {i}", (), sum(lw.numel(k) for k in lw.keys_under(lw.block_prefix(i))))
+        if ex is None:
+            block(i)
+        else:
+            ex.run(unit, lambda: block(i), save=lambda names: kept(i, names))
         if log:
             log(f"  analysed block {i + 1}/{len(lw.blocks)}")
     hn = head_name(lw)
     if hn is not None and hn in tplans and hn not in stats:
         g, t = tplans[hn]
-        h, n = _head_hessian(lw, batches)
-        stats[hn] = tensor_stats(hn, str(g.key), t.role, TensorRows(ckpt, t).read(), h, n, seed)
-        store.put(hn, h, n)
+        got = keep.arrays(keep_key("analyse", "head")) if keep is not None else None
+        if got is not None:
+            stats.update(stats_from(got[0], got[1]["stats"]))
+            store.restore(got[1]["hessians"])
+        else:
+            h, n = _head_hessian(lw, batches)
+            stats[hn] = tensor_stats(hn, str(g.key), t.role, TensorRows(ckpt, t).read(), h, n, seed)
+            store.put(hn, h, n)
+            if keep is not None:
+                arrays, meta = stats_arrays([stats[hn]])
+                keep.put_arrays(keep_key("analyse", "head"), arrays,
+                                {"stats": meta, "hessians": store.described([hn])})
     lw.release(lw.outside_blocks())
     return stats, {"tokens": tokens, "blocks": len(lw.blocks)}
 
@@ -243,16 +305,17 @@ class _Sub:
     stats: list = field(default_factory=list)
 
 
-def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None, pw, pool,
-                codec_options: dict[str, Any], sample_rows: int, log=None) -> dict[str, Any]:
-    """Encode every group's tensors at their rungs: a tensor with a Hessian in
-    ``store`` with error feedback against it, the others without. Tensors of a
-    group at the same rung share palettes (trained on the whole group's
-    sample). Several tensors are encoded at once; bytes do not depend on it.
-    Writes tensors and groups to ``pw``; returns per-tensor results."""
+def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None, ex: LocalExecutor,
+                codec_options: dict[str, Any], sample_rows: int, log=None,
+                fits: dict[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+    """Encode every group's tensors at their rungs on ``ex`` (into its open pack): a tensor
+    with a Hessian in ``store`` with error feedback against it, the others without.
+    Tensors of a group at the same rung share palettes (trained on the whole group's
+    sample): one fit unit per (group, rung), kept in ``fits`` for the next round. Several
+    tensors are encoded at once; bytes do not depend on it. Returns per-tensor results."""
     from ..checkpoint.rows import sample_across
-    from ..codecs.base import ordered_map
 
+    fits = {} if fits is None else fits
     rung = {n: c.setting for n, c in alloc.choices.items()}
     subs: dict[tuple[str, str], _Sub] = {}
     sub_of: dict[str, _Sub] = {}
@@ -262,22 +325,30 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
             s = rung[t.name]
             key = (str(g.key), s.name)
             if key not in subs:
-                if sample is None:
-                    sample = sample_across([TensorRows(ckpt, x) for x in g.tensors], sample_rows)
                 codec = make_codec("hhtl-vq", **{**codec_options, **s.options()})
-                subs[key] = _Sub(GroupPlan(len(subs), g.key, []), codec, codec.fit_group(g.key, sample, pool))
+                if key not in fits:
+                    if sample is None:
+                        sample = sample_across([TensorRows(ckpt, x) for x in g.tensors], sample_rows)
+                    unit = Unit("fit", f"{g.key}@{s.name}", (), sample.size, setting=s.name)
+                    fits[key] = ex.run(unit, lambda: codec.fit_group(g.key, sample, ex.pool))
+                subs[key] = _Sub(GroupPlan(len(subs), g.key, []), codec, fits[key])
             subs[key].plan.tensors.append(t)
             sub_of[t.name] = subs[key]
     results: dict[str, dict[str, Any]] = {}
     order = [t for g in plan.groups for t in g.tensors]
+    hessian = {t.name: store is not None and t.name in store.files for t in order}
+    units = [Unit("encode", t.name, (), t.row_shape[0] * t.row_shape[1], setting=rung[t.name].name) for t in order]
+    keys = [tensor_unit_key(t, sub_of[t.name].codec, True, hessian[t.name]) for t in order]
 
-    def encode(t):
+    def encode(i, pool):
+        t = order[i]
         sub = sub_of[t.name]
-        h = store.get(t.name) if store is not None else None
-        return sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), None, measure=True, hessian=h)
+        h = store.get(t.name) if hessian[t.name] else None
+        return sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), pool, measure=True, hessian=h)
 
-    width = pool.width if pool is not None else 1
-    for k, (t, et) in enumerate(zip(order, ordered_map(encode, order, pool, window=width))):
+    pw = ex.writer
+    for k, (i, et) in enumerate(ex.map(units, encode, keys=keys)):
+        t = order[i]
         sub = sub_of[t.name]
         pw.write_tensor(t, et)
         sub.stats.append(et.stats)
@@ -286,7 +357,8 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
         if log and (k + 1) % 20 == 0:
             log(f"  encoded {k + 1}/{len(order)} tensors")
     for sub in sorted(subs.values(), key=lambda s: s.plan.index):
-        pw.write_group(sub.plan, sub.codec, sub.codec.finish_group(sub.fit, sub.stats))
+        ex.run(Unit("finish", f"{sub.plan.key}@{sub.codec.opts.get('setting', '')}"),
+               lambda: pw.write_group(sub.plan, sub.codec, sub.codec.finish_group(sub.fit, sub.stats)))
     return results
 
 
@@ -451,6 +523,20 @@ def change_of(family: str, check: dict) -> float:
     return float(check["kl_mean"]) if family == "causal" else float(1.0 - check["cos_mean"])
 
 
+def _fisher_arrays(f: dict) -> tuple[dict[str, np.ndarray], dict]:
+    names = sorted(f["rows"])
+    return ({f"rows.{i}": np.asarray(f["rows"][n]) for i, n in enumerate(names)},
+            {"rows": names, "table": f["table"], "units": f["units"]})
+
+
+def _fisher_from(got) -> dict | None:
+    if got is None:
+        return None
+    arrays, meta = got
+    return {"rows": {n: np.array(arrays[f"rows.{i}"]) for i, n in enumerate(meta["rows"])},
+            "table": {k: float(v) for k, v in meta["table"].items()}, "units": meta["units"]}
+
+
 class Calibration:
     """The analysis of one model, reusable for several encodes: the model built
     empty, calibration batches, per-tensor stats with Fisher sensitivities,
@@ -465,7 +551,7 @@ class Calibration:
                  rules: RuleTable = DEFAULT_RULES, codec_options: dict[str, Any] | None = None,
                  texts: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
                  threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, executor: LocalExecutor | None = None):
         from ..budget.settings import LADDER
         from ..budget.trials import GroupTrials, sample_group_rows
         from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
@@ -493,19 +579,32 @@ class Calibration:
                                                                        seq_len, with_kinds=True)
         self.total_weights = sum(g.n_weights for g in self.plan.groups) or 1
         target = Path(target)
-        self._work = make_temp_dir(target / "calibration" if target.is_dir() else target, ".calibration")
+        self.ex = executor
+        self._fits: dict[tuple[str, str], Any] = {}  # (group, rung) -> fit, for the next round
+        keep = executor.store if executor is not None else None
+        if keep is not None:  # the Hessians are kept with the other units
+            self._work = None
+            (keep.folder / "hessians").mkdir(exist_ok=True)
+        else:
+            self._work = make_temp_dir(target / "calibration" if target.is_dir() else target, ".calibration")
         self.seconds["load"] = time.perf_counter() - t0
         try:
             t1 = time.perf_counter()
-            self.store = HessianStore(self._work)
-            stats, info = analyse(self.lw, self.ckpt, self.plan, batches, self.store, log=log, seed=seed)
+            self.store = HessianStore(self._work if keep is None else keep.folder / "hessians")
+            stats, info = analyse(self.lw, self.ckpt, self.plan, batches, self.store, log=log, seed=seed, ex=executor)
             self.tokens = info["tokens"]
             self.seconds["analyse"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             self.rel = {}
             for g in self.plan.groups:
-                tr = GroupTrials(sample_group_rows(self.ckpt, g), seed=seed)
-                self.rel[str(g.key)] = {s.name: tr(s).rel_mse for s in LADDER}
+                def trials(g=g):
+                    tr = GroupTrials(sample_group_rows(self.ckpt, g), seed=seed)
+                    return {s.name: tr(s).rel_mse for s in LADDER}
+
+                k = keep_key("trials", str(g.key))
+                self.rel[str(g.key)] = self._run(Unit("trials", str(g.key), (), g.n_weights), trials,
+                                                 load=keep and (lambda k=k: keep.json(k)),
+                                                 save=keep and (lambda v, k=k: keep.put_json(k, v)))
             self.seconds["trials"] = time.perf_counter() - t1
             for g in self.plan.groups:
                 for t in g.tensors:
@@ -514,7 +613,11 @@ class Calibration:
             t1 = time.perf_counter()
             fb = calibration_batches(tok, self.family, min(self.n_texts, FISHER_TEXTS[self.family]), seq_len,
                                      batch=FISHER_BATCH[self.family])
-            fis = fisher_diagonals(self.lw, fb, self.family, set(stats), seed=seed)
+            fis = self._run(Unit("fisher", "all blocks", (), self.total_weights),
+                            lambda: fisher_diagonals(self.lw, fb, self.family, set(stats), seed=seed),
+                            load=keep and (lambda: _fisher_from(keep.arrays(keep_key("fisher", "all blocks")))),
+                            save=keep and (lambda f: keep.put_arrays(keep_key("fisher", "all blocks"),
+                                                                     *_fisher_arrays(f))))
             for n, st in stats.items():
                 st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
             self.stats = list(stats.values())
@@ -528,36 +631,58 @@ class Calibration:
         return allocate(self.stats, self.rel, goal=goal, budget_bits=None if bpw is None else bpw * self.total_weights,
                         tie=self.rules.tie)
 
+    def _run(self, unit: Unit, fn, load=None, save=None):
+        if self.ex is None:
+            return fn()
+        return self.ex.run(unit, fn, load=load or None, save=save or None)
+
     def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
         """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""
-        from ..pack.writer import PackWriter
+        if self.ex is None:
+            with LocalExecutor(self.threads) as ex:
+                return self._encode(ex, out, alloc, feedback)
+        return self._encode(self.ex, out, alloc, feedback)
 
-        pw = PackWriter(Path(out), self.ckpt, self.plan)
+    def _encode(self, ex: LocalExecutor, out, alloc: TensorAllocation, feedback: bool) -> dict[str, Any]:
+        ex.open_pack(Path(out), self.ckpt, self.plan)
         try:
-            with encode_pool(self.threads) as pool:
-                results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, pw, pool,
-                                      self.codec_options, self.sample_rows, self.log)
-            pw.finish(make_codec("hhtl-vq", **self.codec_options), self.policy, self.sample_rows, self.include_aux,
+            results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, ex,
+                                  self.codec_options, self.sample_rows, self.log, self._fits)
+        except BaseException:
+            ex.writer.abort()
+            ex.writer = None
+            raise
+        total = sum(int(np.prod(t.shape)) for t in self.plan.tensors.values())
+        ex.close_pack(Unit("manifest", "manifest", (), total), codec=make_codec("hhtl-vq", **self.codec_options),
+                      policy=self.policy,
+                      sample_rows=self.sample_rows, include_aux=self.include_aux,
                       extra={"calibration": {"family": self.family, "tokens": self.tokens, "texts": self.n_texts,
                                              "seq_len": self.seq_len if self.family == "causal" else None,
                                              "feedback": bool(feedback)}})
-        except BaseException:
-            pw.abort()
-            raise
         return results
 
-    def check(self, pack) -> dict[str, float]:
-        """The pack against the original model on the check texts (per kind for causal LMs)."""
+    def check(self, pack, key: str | None = None) -> dict[str, float]:
+        """The pack against the original model on the check texts (per kind for causal LMs);
+        ``key``: what the pack's bytes depend on (a kept check is read back under it)."""
         from ..classify.shapes import from_row_matrix
         from ..pack.reader import Pack
 
-        p = pack if isinstance(pack, Pack) else Pack(pack)
-        replaced = {n: (lambda n=n: from_row_matrix(p.rows(n), p.info(n)["shape"], bool(p.info(n).get("transposed"))))
-                    for n in p.encoded_names()}
-        return layerwise_compare(self.lw, self.check_batches, replaced, self.family, self.check_kinds)
+        keep = self.ex.store if self.ex is not None and key is not None else None
+
+        def run():
+            p = pack if isinstance(pack, Pack) else Pack(pack)
+            replaced = {n: (lambda n=n: from_row_matrix(p.rows(n), p.info(n)["shape"],
+                                                        bool(p.info(n).get("transposed"))))
+                        for n in p.encoded_names()}
+            return layerwise_compare(self.lw, self.check_batches, replaced, self.family, self.check_kinds)
+
+        k = keep_key("check", key or "")
+        return self._run(Unit("check", "round", (), self.total_weights), run, load=keep and (lambda: keep.json(k)),
+                         save=keep and (lambda v: keep.put_json(k, v)))
 
     def close(self) -> None:
-        remove_temp(self._work)
+        if self._work is not None:
+            remove_temp(self._work)
 
     def __enter__(self) -> "Calibration":
         return self
@@ -571,7 +696,8 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                       codec_options: dict[str, Any] | None = None, texts: int | None = None,
                       seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
                       threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
-                      max_rounds: int = 2, feedback: bool = True, log: Callable[[str], None] | None = None):
+                      max_rounds: int = 2, feedback: bool = True, log: Callable[[str], None] | None = None,
+                      store: UnitStore | None = None):
     """Calibrated hhtl-vq encode of ``model`` into ``out`` (module docstring).
 
     Without ``bpw`` the allocation aims at ``target`` (:class:`Target`): if the
@@ -581,7 +707,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     weight, tensor parts) and the check is reported without a target.
     ``feedback=False`` encodes without error feedback (the same allocation).
     Each round is written next to ``out`` and only the chosen one renamed onto
-    it. Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
+    it. ``store``: where finished units are kept and read back (``--resume``). Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
     the target was met. Raises :class:`GateError` (no runnable model) or
     ImportError (torch/transformers/accelerate missing) before any work."""
     from threadpoolctl import threadpool_limits
@@ -599,10 +725,10 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     out.parent.mkdir(parents=True, exist_ok=True)
     # numpy's BLAS on one thread next to torch's: two thread pools spinning on two cores
     # made small Cholesky factorisations 20-30x slower
-    with threadpool_limits(limits=1, user_api="blas"), \
+    with threadpool_limits(limits=1, user_api="blas"), LocalExecutor(threads, store) as ex, \
             Calibration(model, out, config=config, policy=policy, rules=rules, codec_options=codec_options,
                         texts=texts, seq_len=seq_len, sample_rows=sample_rows, threads=threads,
-                        include_aux=include_aux, check_texts=check_texts, log=log) as cal:
+                        include_aux=include_aux, check_texts=check_texts, log=log, executor=ex) as cal:
         fam = cal.family
         report = CalibrationReport(fam, {} if bpw is not None else target.to_json(fam), None, cal.stats,
                                    tokens=cal.tokens)
@@ -625,7 +751,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                     remove_temp(rounds[-2])
                 sec[f"encode.{rnd}"] = time.perf_counter() - t1
                 t1 = time.perf_counter()
-                check = cal.check(rounds[-1])
+                check = cal.check(rounds[-1], key=f"{allocation_key(alloc)}|{bool(feedback)}")
                 sec[f"check.{rnd}"] = time.perf_counter() - t1
                 met = None if bpw is not None else target.met(fam, check)
                 report.rounds.append({"goal": goal, "predicted": alloc.predicted,

@@ -1,10 +1,8 @@
-"""Encode a checkpoint into one ``.hhtld`` pack, streaming, atomically.
+"""The pack being written: :class:`PackWriter`, streaming, atomically.
 
-Memory follows the largest tensor, never the number of layers: a group's
-shared parts are trained on a bounded sample of its rows (drawn evenly
-across all of its tensors), then its tensors are encoded one at a time,
-block by block, and every array goes to the output's spill file as soon as
-it is made. The manifest (format version 2) records every array's dtype,
+Every array goes to the output's spill file as soon as it is made (encoded
+tensors and groups in any order, then passthrough tensors and side files);
+the executor that runs an encode's units owns one (:mod:`hhtld.pack.executor`). The manifest (format version 2) records every array's dtype,
 shape, offsets and SHA-256 and is itself covered by a digest; it goes through
 the declared schema (``pack/manifest.py``) before it is written. The finished
 pack is opened and checked exactly as a reader checks it (header, digest,
@@ -15,27 +13,22 @@ values) before it is renamed over the target.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import ValidationError
-from tqdm import tqdm
 
 from .._version import __version__
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..checkpoint.rows import TensorRows, row_blocks, sample_across
-from ..classify import DEFAULT_RULES, EncodablePolicy, GroupPlan, Plan, RuleTable, plan_checkpoint
-from ..codecs.base import Codec, ordered_map
-from ..codecs.parallel import check_threads, encode_pool
-from ..codecs.registry import make_codec
-from ..errors import CheckpointError, OptionsError, PackError
+from ..checkpoint import Checkpoint
+from ..checkpoint.rows import TensorRows
+from ..classify import EncodablePolicy, GroupPlan, Plan
+from ..codecs.base import Codec
+from ..errors import CheckpointError, PackError
 from ..format import (
     BF16_BYTES,
-    DEFAULT_SAMPLE_ROWS,
     FLOAT_DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -49,7 +42,6 @@ from ..format import (
     tensor_array_name,
 )
 from ..names import name_problem, path_conflicts, path_problem
-from ..outputs import check_output_file
 from ..stfile import FormatProblem, SafetensorsWriter
 from .manifest import ManifestV2, array_sha256, describe_error, manifest_digest
 
@@ -136,101 +128,6 @@ class EncodeResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-# A group callback: given the encoded group (cosines measured), return None to
-# keep it or new codec options to encode it again (the writer rolls back).
-GroupCheck = Callable[[GroupResult], "dict[str, Any] | None"]
-
-
-def encode_checkpoint(
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    codec: str,
-    codec_options: dict[str, Any] | None = None,
-    policy: EncodablePolicy = EncodablePolicy(),
-    rules: RuleTable = DEFAULT_RULES,
-    include_aux: bool = True,
-    progress: bool = False,
-    group_options: Mapping[str, dict[str, Any]] | None = None,
-    reuse=None,
-    sample_rows: int = DEFAULT_SAMPLE_ROWS,
-    threads: int | None = None,
-    measure: bool = False,
-    check_group: GroupCheck | None = None,
-) -> EncodeResult:
-    """Read ``model`` (file, index or folder), encode every group with ``codec`` (one fixed
-    setting, ``codec_options``), write ``out``. This is the writer under :func:`hhtld.encode`,
-    which chooses the codec (default hhtl-vq), its rate allocation and every default.
-
-    ``group_options`` maps a group key string (``str(GroupKey)``, e.g.
-    ``"encoder/qko/384x384"``) to codec options that override
-    ``codec_options`` for that group (rate allocation chooses them).
-    ``reuse``: an earlier pack (:class:`~hhtld.pack.Pack` or path) of the same
-    model and sample size; a group it holds with the same codec, options and
-    tensors is copied from it byte for byte instead of encoded again (codecs
-    are deterministic, so the bytes are the same).
-    ``sample_rows``: rows each group's shared parts are trained on.
-    ``threads``: worker threads for the row blocks (default: the usable
-    cores); the pack's bytes do not depend on it.
-    ``measure``: give each group's row cosines (``EncodeResult.groups``);
-    ``check_group`` (implies ``measure``) may ask for a group to be encoded
-    again with other options.
-
-    The pack is written to a temporary file next to ``out``, checked, and
-    renamed over it only when complete; the input is only ever read.
-    """
-    t0 = time.perf_counter()
-    ckpt = open_checkpoint(model)
-    out = Path(out)
-    check_output_file(out, [ckpt.weight_path(f) for f in ckpt.files] + [ckpt.aux_path(a) for a in ckpt.aux_files],
-                      what="pack")
-    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < MIN_SAMPLE_ROWS:
-        raise OptionsError(f"sample_rows must be an integer >= {MIN_SAMPLE_ROWS}, got {sample_rows!r}")
-    threads = check_threads(threads)
-    base = make_codec(codec, **(codec_options or {}))
-    group_options = dict(group_options or {})
-    plan = plan_checkpoint(ckpt, policy, rules)
-    check_storable(ckpt, plan, include_aux)
-    measure = measure or check_group is not None
-    if reuse is not None and not hasattr(reuse, "manifest"):
-        from .reader import Pack
-
-        reuse = Pack(reuse)
-    if measure:
-        reuse = None  # cosines are measured while encoding
-
-    pw = PackWriter(out, ckpt, plan)
-    results: list[GroupResult] = []
-    n_encoded = 0
-    try:
-        bar = tqdm(total=len(plan.tensors), unit="tensor", desc="encode", disable=not progress,
-                   dynamic_ncols=True, leave=True)
-        with encode_pool(threads) as pool:
-            for g in plan.groups:
-                bar.set_postfix_str(str(g.key), refresh=True)
-                opts = {**(codec_options or {}), **group_options.get(str(g.key), {})}
-                while True:
-                    genc = make_codec(codec, **opts)
-                    mark = pw.mark()
-                    res = pw.copy_group(reuse, g, genc) if reuse is not None else None
-                    if res is None:
-                        res = pw.encode_group(ckpt, g, genc, sample_rows, pool, measure)
-                    new = check_group(res) if check_group is not None else None
-                    if new is None:
-                        break
-                    pw.rollback(mark)
-                    opts = {**opts, **new}
-                results.append(res)
-                n_encoded += g.n_weights
-                bar.update(len(g.tensors))
-        bar.set_postfix_str("passthrough", refresh=True)
-        pw.finish(base, policy, sample_rows, include_aux, on_tensor=lambda: bar.update(1))
-        bar.close()
-    except BaseException:
-        pw.abort()
-        raise
-    return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan, results)
-
-
 class PackWriter:
     """The manifest being built next to a :class:`SafetensorsWriter`: encoded
     tensors and groups in any order (a group is recorded once its tensors are
@@ -311,37 +208,6 @@ class PackWriter:
         tensor_parts = {t.name: self._pending.pop(t.name) for t in g.tensors}
         self._record(g, genc, eg.params, list(eg.arrays), tensor_parts, extra)
         return n
-
-    def encode_group(self, ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, pool,
-                     measure: bool) -> GroupResult:
-        t0 = time.perf_counter()
-        sources = [TensorRows(ckpt, t) for t in g.tensors]
-        sample = sample_across(sources, sample_rows)
-        if sample.size and float(np.max(np.abs(sample))) > genc.max_abs:  # name the tensor, not only the group
-            for src in sources:
-                for s, e in row_blocks(*src.shape):
-                    genc.check_range(src.block(s, e), src)
-        fit = genc.fit_group(g.key, sample, pool)
-        nbytes = 0
-        cosines: dict[str, np.ndarray] = {}
-        stats = []
-        # several tensors at once (each on one thread), or the blocks of a lone tensor side by side
-        width = pool.width if pool is not None else 1
-        across = pool if len(sources) > 1 else None
-        inside = None if across is not None else pool
-        encoded = ordered_map(lambda src: genc.encode_tensor(fit, src, inside, measure=measure), sources, across,
-                              window=width)
-        for t, et in zip(g.tensors, encoded):
-            nbytes += self.write_tensor(t, et)
-            stats.append(et.stats)
-            if measure:
-                cosines[t.name] = et.cosines
-        eg = genc.finish_group(fit, stats)
-        res = GroupResult(g, genc.name, genc.options(), eg.params, 0, 0.0, cosines)
-        extra = {"row_cosine": row_stats(res.all_cosines())} if measure else None
-        nbytes += self.write_group(g, genc, eg, extra)
-        res.nbytes, res.seconds = nbytes, time.perf_counter() - t0
-        return res
 
     def copy_group(self, reuse, g: GroupPlan, genc: Codec) -> GroupResult | None:
         """Copy group ``g`` from the earlier pack ``reuse`` if it was encoded there
