@@ -138,7 +138,7 @@ def test_decode_threads_give_the_same_values(tmp_path, monkeypatch, codec, opts)
 
 
 def test_the_written_pack_is_checked_before_the_rename(tmp_path, monkeypatch):
-    import hhtld.pack.writer as writer
+    import hhtld.pack.writer as writer  # the reader's check of the written pack
 
     ck = write_layers(tmp_path / "m.safetensors", n_layers=1)
     out = tmp_path / "out" / "m.hhtld"
