@@ -15,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def unit_times_in_a_temporary_folder(tmp_path_factory):
+    """Encodes record their units' times (what `inspect --plan` predicts from) in the
+    user's cache; the tests keep theirs in a folder of their own."""
+    os.environ["HHTLD_CACHE"] = str(tmp_path_factory.mktemp("hhtld-cache"))
+
+
 def load_script(name: str):
     """Import ``scripts/<name>.py`` of this repository as a module (scripts are not a package)."""
     import importlib.util
