@@ -150,7 +150,7 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
     groups = plan_checkpoint(ckpt, c.policy, c.rules)
     width = check_threads(threads)
     if c.path == "calibrated":
-        from .calibrate.pipeline import DEFAULT_SEQ_LEN, TEXTS
+        from .calibrate.pipeline import DEFAULT_SEQ_LEN, FISHER_BATCH, FISHER_TEXTS, TEXTS
 
         try:
             from .checkpoint.config import family_of_config, find_config, load_config_json
@@ -162,9 +162,11 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
             p.notes.append(f"target behaviour needs a runnable model ({e}); the encode falls back to --target rows")
             return p
         texts = calibration_texts or TEXTS[family]
-        tokens = texts * (DEFAULT_SEQ_LEN if family == "causal" else 32)
+        seq = DEFAULT_SEQ_LEN if family == "causal" else 32  # embedding models: short sentences
         head = next((t.name for t in groups.tensors.values() if t.role == "lm_head"), None)
-        return calibrated_plan(groups, width=width, sample_rows=sample_rows, tokens=tokens, head=head)
+        return calibrated_plan(groups, width=width, sample_rows=sample_rows, tokens=texts * seq, head=head,
+                               fisher_tokens=min(texts, FISHER_TEXTS[family]) * seq,
+                               logit_rows=FISHER_BATCH[family] * seq if family == "causal" else 0)
     p = data_free_plan(groups, sample_rows, width, c.codec, c.opts)
     p.path = c.path
     if c.path == "rows":

@@ -164,19 +164,25 @@ def format_plan(info: dict[str, Any]) -> str:
 
     units = info["units"]
     sec = info.get("seconds") or {}
+    basis = info.get("time_basis") or {}
     rows = []
     for kind, n in info["counts"].items():
         mine = [u for u in units if u["kind"] == kind]
         s = sec.get(kind)
+        b = basis.get(kind, {})
+        far = b.get("largest_weights", 0) and b.get("planned_largest_weights", 0) > 10 * b["largest_weights"]
         rows.append([kind, n, info["dependencies"][kind], human_bytes(max(u["memory_bytes"] for u in mine)),
-                     "not measured yet" if s is None else f"{s:.1f} s"])
+                     "not measured yet" if s is None else f"{s:.1f} s",
+                     f"{b['measured']} units" + (f" up to {b['largest_weights']:,} weights (extrapolated)" if far
+                                                 else "") if b.get("measured") else "-"])
     out = [f"plan of the {info['path']} encode: {len(units)} units, at most {info['width']} independent units at once"]
-    out.append(format_table(rows, ["kind", "units", "dependency", "largest (memory)", "predicted time"], {1, 3, 4}))
+    out.append(format_table(rows, ["kind", "units", "dependency", "largest (memory)", "predicted time",
+                                   "measured here"], {1, 3, 4}))
     total = info.get("total_seconds")
     out.append(f"predicted peak of the arrays held at once: {human_bytes(info['peak_memory_bytes'])} (from array "
                "sizes; the libraries' own memory - torch, numba, faiss - comes on top)")
-    out.append("predicted time: " + (f"{total:.0f} s (seconds per weight of each kind of unit, as measured by earlier "
-                                     "encodes on this machine)" if total is not None else
+    out.append("predicted time: " + (f"{total:.0f} s (a fixed cost and a cost per weight for each kind of unit, "
+                                     "fitted to what earlier encodes measured on this machine)" if total is not None else
                                      "unknown until a unit of every kind has run on this machine"))
     out.append("units: " + "; ".join(f"{k} - {UNIT_KINDS[k][1]}" for k in info["counts"]))
     out.extend(f"note: {n}" for n in info["notes"])

@@ -199,8 +199,10 @@ class HessianStore:
         self.tokens[name] = tokens
 
     def get(self, name: str) -> np.ndarray | None:
+        """The Hessian as stored, float32 (the encoder rotates it in float32 and widens it
+        itself; a float64 copy here held 254 MB more per 5632-column tensor in flight)."""
         f = self.files.get(name)
-        return None if f is None else np.load(f).astype(np.float64)
+        return None if f is None else np.load(f)
 
     def described(self, names) -> dict[str, list]:
         """Where the Hessians of ``names`` are (file name, tokens), for :meth:`restore`."""
@@ -227,6 +229,7 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
     tokens = sum(int(b.valid.sum()) for b in batches)
     keep = ex.store if ex is not None else None
     lw.capture(batches)
+    lw.release(lw.outside_blocks())  # the embedding and head (1.1 B: 524 MB float32): the blocks do not read them
     start = 0
     while keep is not None and start < len(lw.blocks):  # blocks an interrupted run analysed
         got = keep.arrays(keep_key("analyse", f"block {start}"))
@@ -284,6 +287,9 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
             stats.update(stats_from(got[0], got[1]["stats"]))
             store.restore(got[1]["hessians"])
         else:
+            norm = lw.final_norm()  # the head reads the final norm's output: only its weights are needed
+            if norm is not None:
+                lw.materialise(lw.keys_under(next(k for k, m in lw.model.named_modules() if m is norm)))
             h, n = _head_hessian(lw, batches)
             stats[hn] = tensor_stats(hn, str(g.key), t.role, TensorRows(ckpt, t).read(), h, n, seed)
             store.put(hn, h, n)
@@ -553,7 +559,7 @@ class Calibration:
                  threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
                  log: Callable[[str], None] | None = None, executor: LocalExecutor | None = None):
         from ..budget.settings import LADDER
-        from ..budget.trials import GroupTrials, sample_group_rows
+        from ..budget.trials import TRIAL_ROWS, GroupTrials, sample_group_rows
         from .layerwise import LayerwiseModel, build_empty, checkpoint_param_map
 
         t0 = time.perf_counter()
@@ -602,7 +608,8 @@ class Calibration:
                     return {s.name: tr(s).rel_mse for s in LADDER}
 
                 k = keep_key("trials", str(g.key))
-                self.rel[str(g.key)] = self._run(Unit("trials", str(g.key), (), g.n_weights), trials,
+                m = min(TRIAL_ROWS, g.n_rows) * g.key.shape[1]
+                self.rel[str(g.key)] = self._run(Unit("trials", str(g.key), (), m), trials,
                                                  load=keep and (lambda k=k: keep.json(k)),
                                                  save=keep and (lambda v, k=k: keep.put_json(k, v)))
             self.seconds["trials"] = time.perf_counter() - t1

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..budget.trials import TRIAL_ROWS
 from ..classify import Plan
 from ..pack.plan import FLOAT32, FLOAT64, EncodePlan, Unit, block_of, unit_memory
 from .allocation import TensorStats
@@ -53,10 +54,12 @@ def allocation_key(alloc) -> str:
 
 
 def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, head: str | None = None,
-                    rounds: int = 1) -> EncodePlan:
+                    rounds: int = 1, fisher_tokens: int = 0, logit_rows: int = 0) -> EncodePlan:
     """The units of a calibrated encode of ``plan`` (module docstring) for its first round:
     blocks from the tensor names, ``tokens`` calibration tokens (the hidden states the
-    analysis carries: ``tokens`` × width float32, three copies)."""
+    analysis carries: ``tokens`` × width float32, three copies), ``fisher_tokens`` those of
+    the Fisher pass (every block's inputs are kept for the backward pass) and
+    ``logit_rows`` the positions whose full-vocabulary logits it holds at once."""
     blocks: dict[int, list] = {}
     encoded = [t for g in plan.groups for t in g.tensors]
     outside = []
@@ -83,12 +86,15 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
     if head is not None:
         units.append(Unit("analyse", "head", prev, 0, carry + outside_bytes))
     analysed = tuple(u.id for u in units)
-    trials = [Unit("trials", str(g.key), (), min(sample_rows, g.n_rows) * g.key.shape[1],
-                   unit_memory("trials", cols=g.key.shape[1], sample_rows=min(sample_rows, g.n_rows)))
+    trials = [Unit("trials", str(g.key), (), min(TRIAL_ROWS, g.n_rows) * g.key.shape[1],
+                   unit_memory("trials", cols=g.key.shape[1], sample_rows=min(TRIAL_ROWS, g.n_rows)))
               for g in plan.groups]
     units += trials
-    units.append(Unit("fisher", "all blocks", analysed, sum(g.n_weights for g in plan.groups),
-                      max((u.memory for u in units if u.kind == "analyse"), default=0) + carry * len(blocks) // 3))
+    vocab = max((t.shape[0] for t in outside if t.encoded and len(t.shape) == 2), default=0)
+    biggest = max((FLOAT32 * sum(int(np.prod(t.shape)) for t in ts) for ts in blocks.values()), default=0)
+    fisher = (2 * biggest + fisher_tokens * hidden * FLOAT32 * (len(blocks) + 2)
+              + 3 * logit_rows * vocab * FLOAT32 + outside_bytes)  # a block and its gradients, every block's inputs
+    units.append(Unit("fisher", "all blocks", analysed, n_encoded, fisher))
     ready = tuple(u.id for u in units)
     for rnd in range(rounds):
         tag = f" (round {rnd + 1})" if rounds > 1 else ""

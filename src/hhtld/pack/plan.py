@@ -32,10 +32,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..outputs import atomic_write_bytes
 
@@ -152,6 +153,13 @@ class EncodePlan:
             sec = self.seconds(timings)
             out["seconds"] = sec
             out["total_seconds"] = None if any(v is None for v in sec.values()) else sum(sec.values())
+            basis = {}
+            for kind in self.counts():
+                big = max((u for u in self.units if u.kind == kind), key=lambda u: u.weights)
+                b = timings.basis(big)
+                b["planned_largest_weights"] = big.weights
+                basis[kind] = b
+            out["time_basis"] = basis
         return out
 
 
@@ -183,41 +191,67 @@ def timings_path() -> Path:
 
 
 class UnitTimings:
-    """Seconds per weight of the units that ran on this machine (per unit for those that
-    touch no weights), by kind and setting: the median of the last :data:`KEEP`
-    measurements of each."""
+    """Seconds of the units that ran on this machine, by kind and setting: the last
+    :data:`KEEP` ``(weights, seconds)`` pairs of each. A unit's time is predicted by a
+    least-squares line ``seconds = a + b · weights`` through the pairs of its kind and
+    setting (or of its kind, when its setting has not run here), ``a, b ≥ 0``: a fixed
+    cost per unit and a cost per weight; a unit far larger than any measured one is an
+    extrapolation (:meth:`basis` says how far)."""
 
     KEEP = 50
 
-    def __init__(self, data: dict[str, list[float]] | None = None):
+    def __init__(self, data: dict[str, list[list[float]]] | None = None):
         self.data = dict(data or {})
-        self._new: dict[str, list[float]] = {}
+        self._new: dict[str, list[list[float]]] = {}
 
     @classmethod
     def load(cls, path: Path | None = None) -> "UnitTimings":
         p = path or timings_path()
         try:
-            data = json.loads(p.read_text())
-            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-                return cls({k: [float(x) for x in v] for k, v in data.items()})
-        except (OSError, ValueError, TypeError):
-            pass
-        return cls()
+            raw = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return cls()
+        data = {}
+        if isinstance(raw, dict):
+            for k, v in raw.items():
+                pairs = [[float(x[0]), float(x[1])] for x in v if isinstance(x, list) and len(x) == 2] \
+                    if isinstance(v, list) else []
+                if pairs:
+                    data[k] = pairs
+        return cls(data)
 
     @staticmethod
     def keys(u: Unit) -> list[str]:
         return [f"{u.kind}/{u.setting}", u.kind] if u.setting else [u.kind]
 
     def add(self, u: Unit, seconds: float) -> None:
-        """One unit's time: per weight, or per unit for a unit that touches no weights."""
         for k in self.keys(u):
-            self._new.setdefault(k, []).append(seconds / u.weights if u.weights > 0 else seconds)
+            self._new.setdefault(k, []).append([float(u.weights), float(seconds)])
 
-    def predict(self, u: Unit) -> float | None:
+    def _pairs(self, u: Unit) -> list[list[float]]:
         for k in self.keys(u):
             if self.data.get(k):
-                return statistics.median(self.data[k]) * (u.weights if u.weights > 0 else 1)
-        return None
+                return self.data[k]
+        return []
+
+    def predict(self, u: Unit) -> float | None:
+        pairs = self._pairs(u)
+        if not pairs:
+            return None
+        w = np.array([p[0] for p in pairs])
+        s = np.array([p[1] for p in pairs])
+        if np.ptp(w) > 0:
+            b, a = np.polyfit(w, s, 1)
+            if a >= 0 and b >= 0:
+                return float(a + b * u.weights)
+        if w.max() > 0 and u.weights > 0:  # one size measured: proportional to the weights
+            return float(np.median(s / np.maximum(w, 1)) * u.weights)
+        return float(np.median(s))
+
+    def basis(self, u: Unit) -> dict[str, Any]:
+        """How a prediction was made: the measured units and their largest size."""
+        pairs = self._pairs(u)
+        return {"measured": len(pairs), "largest_weights": int(max((p[0] for p in pairs), default=0))}
 
     def save(self, path: Path | None = None) -> None:
         """Merge this run's measurements into the file (best effort: a cache)."""

@@ -35,20 +35,22 @@ LAZY_COLS = 128  # columns per lazy update block (rounded up to whole units)
 
 
 def rotated_hessian(h: np.ndarray, model: VqModel) -> np.ndarray:
-    """``R H Rᵀ`` (c, c) float64 for the model's rotation (H itself without one)."""
-    h = np.asarray(h, dtype=np.float64)
+    """``R H Rᵀ`` (c, c) float64 for the model's rotation (H itself without one). The
+    rotation runs in float32 (a float32 H is not copied for it)."""
     if model.signs is None:
-        return h
+        return np.asarray(h, dtype=np.float64)
     # rotate() turns rows: R H Rᵀ = rotate(rotate(H)ᵀ) (H is symmetric)
-    a = rotate(h.astype(np.float32), model.signs, block=model.block).T
-    return rotate(np.ascontiguousarray(a), model.signs, block=model.block).astype(np.float64)
+    a = np.ascontiguousarray(rotate(np.asarray(h, dtype=np.float32), model.signs, block=model.block).T)
+    return rotate(a, model.signs, block=model.block).astype(np.float64)
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     """Upper-triangular ``U`` (c, c) float64 with ``UᵀU = (H + damp · mean(diag H) · I)⁻¹``.
 
-    Inputs that never fire (zero diagonal) get a unit diagonal, as in GPTQ."""
-    h = np.array(h, dtype=np.float64)
+    Inputs that never fire (zero diagonal) get a unit diagonal, as in GPTQ. One copy of
+    ``h`` is made, in LAPACK's (Fortran) order, so that every factorisation runs in place:
+    at most two (c, c) float64 arrays at a time besides the caller's (c = 5632: 254 MB each)."""
+    h = np.array(h, dtype=np.float64, order="F")
     c = h.shape[0]
     d = np.diag(h).copy()
     dead = d <= 0
@@ -56,9 +58,13 @@ def inverse_cholesky(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     mean = float(np.mean(np.diag(h))) if c else 1.0
     h[np.diag_indices(c)] += damp * (mean if mean > 0 else 1.0)
     try:
-        fac = cho_factor(h, lower=True, check_finite=True)
-        hinv = cho_solve(fac, np.eye(c))
-        return cholesky((hinv + hinv.T) / 2, lower=False, check_finite=False)
+        fac = cho_factor(h, lower=True, overwrite_a=True, check_finite=True)
+        hinv = cho_solve(fac, np.eye(c, order="F"), overwrite_b=True)
+        del fac, h
+        sym = np.add(hinv, hinv.T, order="F")  # exactly symmetric; halving is exact
+        del hinv
+        sym /= 2
+        return cholesky(sym, lower=False, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         raise CodecError("the calibration Hessian is not positive definite even after damping; "
                          "use more calibration tokens or a larger damping") from None
