@@ -7,7 +7,7 @@ OUT     := demo-out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-llm test install clean bench bench-causal bench-generate llama-cpp llm fuzz
+.PHONY: demo demo-llm test install clean bench bench-causal bench-generate llama-cpp llm fuzz same-packs
 
 $(STAMP): pyproject.toml setup.py src/hhtld/kernels/_lut.c
 	$(PY) -m venv $(VENV)
@@ -73,6 +73,11 @@ llama-cpp: $(STAMP) llm
 # Running a pack: dense torch vs keep_compressed vs llama.cpp (when built) on SmolLM2; encodes the default pack first
 bench-generate: $(STAMP) llm
 	$(BIN)/python bench/generate.py
+
+# Every option set the tests and benchmarks lean on, encoded by this tree and by REF (default HEAD):
+# byte-identical packs or exit status 1
+same-packs: $(STAMP)
+	$(BIN)/python bench/same_packs.py --ref $(or $(REF),HEAD)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -39,12 +39,13 @@ def layers_ckpt(tmp_path) -> Path:
     return d / "model.safetensors"
 
 
-def interrupt_after(monkeypatch, n: int) -> list[str]:
-    """Make the n+1-th tensor encode raise KeyboardInterrupt (Ctrl-C)."""
-    from hhtld.codecs.vq.codec import HhtlVqCodec
+def interrupt_after(monkeypatch, n: int, codec: str = "hhtl-vq") -> list[str]:
+    """Make the n+1-th tensor encode of ``codec`` raise KeyboardInterrupt (Ctrl-C)."""
+    from hhtld.codecs.registry import make_codec
 
+    cls = type(make_codec(codec))
     seen: list[str] = []
-    real = HhtlVqCodec.encode_tensor
+    real = cls.encode_tensor
 
     def encode_tensor(self, fit, rows, *a, **k):
         if len(seen) >= n:
@@ -52,24 +53,26 @@ def interrupt_after(monkeypatch, n: int) -> list[str]:
         seen.append(rows.name)
         return real(self, fit, rows, *a, **k)
 
-    monkeypatch.setattr(HhtlVqCodec, "encode_tensor", encode_tensor)
+    monkeypatch.setattr(cls, "encode_tensor", encode_tensor)
     return seen
 
 
-def test_an_interrupted_encode_with_resume_continues_to_the_same_pack(layers_ckpt, tmp_path, monkeypatch):
-    whole = encode(layers_ckpt, tmp_path / "whole.hhtld", threads=1, **FIXED)
+@pytest.mark.parametrize("options", [FIXED, dict(codec="hhtl-f32", policy=ALL), dict(codec="hhtl-d", policy=ALL),
+                                     dict(target="rows", policy=ALL)], ids=["vq", "f32", "hhtl-d", "rows"])
+def test_an_interrupted_encode_with_resume_continues_to_the_same_pack(options, layers_ckpt, tmp_path, monkeypatch):
+    whole = encode(layers_ckpt, tmp_path / "whole.hhtld", threads=1, **options)
     assert whole.info["resumed_units"] == 0 and not partial_folder(whole.path).exists()
     out = tmp_path / "m.hhtld"
-    seen = interrupt_after(monkeypatch, 4)
+    seen = interrupt_after(monkeypatch, 4, options.get("codec", "hhtl-vq"))
     with pytest.warns(UserWarning, match=r"4 finished units kept in .*m\.hhtld\.partial; the same command with "
                                          r"--resume continues from them"):
         with pytest.raises(KeyboardInterrupt):
-            encode(layers_ckpt, out, threads=1, resume=True, **FIXED)
+            encode(layers_ckpt, out, threads=1, resume=True, **options)
     assert not out.exists() and len(seen) == 4
     kept = partial_folder(out)
     assert len([p for p in kept.iterdir() if p.suffix == ".safetensors"]) == 4
     monkeypatch.undo()
-    rep = encode(layers_ckpt, out, threads=2, resume=True, **FIXED)  # another thread count: the same units
+    rep = encode(layers_ckpt, out, threads=2, resume=True, **options)  # another thread count: the same units
     assert out.read_bytes() == whole.path.read_bytes()
     assert rep.info["resumed_units"] == 4
     assert f"resumed: 4 finished units of an interrupted encode read back from {kept}" in rep.notes
@@ -223,3 +226,16 @@ def test_inspect_plan_of_the_calibrated_encode_is_a_chain_of_blocks(tmp_path, ca
         main(["inspect", str(model), "--plan", "--target", "nonsense"])
     assert main(["inspect", str(model), "--stages", "4"]) == 1
     assert capsys.readouterr().err.strip().endswith("hhtld: error: --stages applies to --plan")
+
+
+def test_a_damaged_kept_unit_is_done_again(layers_ckpt, tmp_path, monkeypatch):
+    whole = encode(layers_ckpt, tmp_path / "whole.hhtld", threads=1, **FIXED)
+    out = tmp_path / "m.hhtld"
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        encode(layers_ckpt, out, threads=1, resume=True, **FIXED)
+    monkeypatch.undo()
+    units = sorted(p for p in partial_folder(out).iterdir() if p.suffix == ".safetensors")
+    units[0].write_bytes(units[0].read_bytes()[:100])  # cut short, as by a full disk
+    rep = encode(layers_ckpt, out, threads=1, resume=True, **FIXED)
+    assert rep.info["resumed_units"] == 2 and out.read_bytes() == whole.path.read_bytes()

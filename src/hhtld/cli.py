@@ -173,7 +173,8 @@ def cmd_decode(args) -> int:
 def cmd_inspect(args) -> int:
     policy, rules = _policy(args)
     plan_flags = [f for f in ("codec", "stages", "target", "bpw", "calibration_texts", "threads")
-                  if getattr(args, f) is not None] + (["sample_rows"] if args.sample_rows != DEFAULT_SAMPLE_ROWS else [])
+                  if getattr(args, f) is not None]
+    plan_flags += ["sample_rows"] if args.sample_rows != DEFAULT_SAMPLE_ROWS else []
     if args.plan:
         from .encoding import plan
         from .pack.plan import UnitTimings

@@ -181,9 +181,9 @@ def format_plan(info: dict[str, Any]) -> str:
     total = info.get("total_seconds")
     out.append(f"predicted peak of the arrays held at once: {human_bytes(info['peak_memory_bytes'])} (from array "
                "sizes; the libraries' own memory - torch, numba, faiss - comes on top)")
-    out.append("predicted time: " + (f"{total:.0f} s (a fixed cost and a cost per weight for each kind of unit, "
-                                     "fitted to what earlier encodes measured on this machine)" if total is not None else
-                                     "unknown until a unit of every kind has run on this machine"))
+    out.append("predicted time: " + (
+        f"{total:.0f} s (a fixed cost and a cost per weight for each kind of unit, fitted to what earlier encodes "
+        "measured on this machine)" if total is not None else "unknown until a unit of every kind has run here"))
     out.append("units: " + "; ".join(f"{k} - {UNIT_KINDS[k][1]}" for k in info["counts"]))
     out.extend(f"note: {n}" for n in info["notes"])
     return "\n".join(out)

@@ -714,7 +714,8 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     weight, tensor parts) and the check is reported without a target.
     ``feedback=False`` encodes without error feedback (the same allocation).
     Each round is written next to ``out`` and only the chosen one renamed onto
-    it. ``store``: where finished units are kept and read back (``--resume``). Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
+    it. ``store``: where finished units are kept and read back (``--resume``).
+    Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
     the target was met. Raises :class:`GateError` (no runnable model) or
     ImportError (torch/transformers/accelerate missing) before any work."""
     from threadpoolctl import threadpool_limits

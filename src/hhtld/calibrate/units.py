@@ -95,6 +95,8 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
     fisher = (2 * biggest + fisher_tokens * hidden * FLOAT32 * (len(blocks) + 2)
               + 3 * logit_rows * vocab * FLOAT32 + outside_bytes)  # a block and its gradients, every block's inputs
     units.append(Unit("fisher", "all blocks", analysed, n_encoded, fisher))
+    # the check: a block at a time, two streams of hidden states, logits of 128 positions at once
+    check = biggest + 2 * carry // 3 + 3 * 128 * vocab * FLOAT32 + outside_bytes
     ready = tuple(u.id for u in units)
     for rnd in range(rounds):
         tag = f" (round {rnd + 1})" if rounds > 1 else ""
@@ -103,13 +105,13 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
             rows, cols = g.key.shape
             m = min(sample_rows, g.n_rows)
             fit = Unit("fit", f"{g.key}{tag}", ready, m * cols, unit_memory("fit", cols=cols, sample_rows=m))
-            enc = [Unit("encode", f"{t.name}{tag}", (fit.id,), rows * cols, unit_memory("encode", rows, cols, hessian=True))
-                   for t in g.tensors]
+            mem = unit_memory("encode", rows, cols, hessian=True)
+            enc = [Unit("encode", f"{t.name}{tag}", (fit.id,), rows * cols, mem) for t in g.tensors]
             fu = Unit("finish", f"{g.key}{tag}", tuple(u.id for u in enc))
             fin.append(fu.id)
             units += [fit, *enc, fu]
         man = Unit("manifest", f"round {rnd + 1}", tuple(fin), total)
-        units += [man, Unit("check", f"round {rnd + 1}", (man.id,), n_encoded)]
+        units += [man, Unit("check", f"round {rnd + 1}", (man.id,), n_encoded, check)]
     notes = ["the rungs are chosen after the analysis: a group gets one fit and one finish per rung its tensors take",
              "a second round runs only when the first misses its target; it encodes again only the tensors whose "
              "rung changed"]

@@ -103,7 +103,7 @@ def encode_checkpoint(
     if measure:
         reuse = None  # cosines are measured while encoding
 
-    eplan = data_free_plan(plan, sample_rows, encode_width(threads), codec, codec_options, group_options)
+    eplan = data_free_plan(plan, sample_rows, threads, codec, codec_options, group_options)
     results: list[GroupResult] = []
     n_encoded = 0
     with LocalExecutor(threads, store) as ex:
@@ -128,8 +128,8 @@ def encode_checkpoint(
             n_encoded += g.n_weights
             bar.update(len(g.tensors))
         bar.set_postfix_str("passthrough", refresh=True)
-        ex.close_pack(eplan.unit("manifest:manifest"), codec=base, policy=policy, sample_rows=sample_rows, include_aux=include_aux,
-                      on_tensor=lambda: bar.update(1))
+        ex.close_pack(eplan.unit("manifest:manifest"), codec=base, policy=policy, sample_rows=sample_rows,
+                      include_aux=include_aux, on_tensor=lambda: bar.update(1))
         bar.close()
     return EncodeResult(out, ckpt.path, time.perf_counter() - t0, n_encoded, plan, results)
 
@@ -179,11 +179,6 @@ def encode_group(ex: LocalExecutor, ckpt: Checkpoint, g: GroupPlan, genc: Codec,
     nbytes += ex.run(finish_unit, lambda: pw.write_group(g, genc, eg, extra))
     res.nbytes, res.seconds = nbytes, time.perf_counter() - t0
     return res
-
-
-def encode_width(threads: int | None) -> int:
-    """How many independent units run at once with ``threads`` workers."""
-    return check_threads(threads)
 
 
 def setting_label(codec: str, options: Mapping[str, Any]) -> str:

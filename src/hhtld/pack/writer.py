@@ -2,7 +2,8 @@
 
 Every array goes to the output's spill file as soon as it is made (encoded
 tensors and groups in any order, then passthrough tensors and side files);
-the executor that runs an encode's units owns one (:mod:`hhtld.pack.executor`). The manifest (format version 2) records every array's dtype,
+the executor that runs an encode's units owns one (:mod:`hhtld.pack.executor`).
+The manifest (format version 2) records every array's dtype,
 shape, offsets and SHA-256 and is itself covered by a digest; it goes through
 the declared schema (``pack/manifest.py``) before it is written. The finished
 pack is opened and checked exactly as a reader checks it (header, digest,
