@@ -207,7 +207,7 @@ def test_inspect_plan_lists_units_dependencies_memory_and_measured_time(layers_c
     assert main(args[:-1]) == 0
     text = capsys.readouterr().out
     assert text.startswith("plan of the fixed encode: 11 units, at most ")
-    assert "predicted time: " in text and "as measured by earlier encodes on this machine" in text
+    assert "predicted time: " in text and "fitted to what earlier encodes measured on this machine" in text
 
 
 def test_inspect_plan_of_the_calibrated_encode_is_a_chain_of_blocks(tmp_path, capsys):
@@ -239,3 +239,45 @@ def test_a_damaged_kept_unit_is_done_again(layers_ckpt, tmp_path, monkeypatch):
     units[0].write_bytes(units[0].read_bytes()[:100])  # cut short, as by a full disk
     rep = encode(layers_ckpt, out, threads=1, resume=True, **FIXED)
     assert rep.info["resumed_units"] == 2 and out.read_bytes() == whole.path.read_bytes()
+
+
+def test_a_full_disk_keeps_the_units_for_resume(layers_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from hhtld.pack.writer import PackWriter
+
+    whole = encode(layers_ckpt, tmp_path / "whole.hhtld", threads=1, **FIXED)
+    out = tmp_path / "m.hhtld"
+    real, calls = PackWriter.write_tensor, []
+
+    def write_tensor(self, t, et):
+        calls.append(t.name)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, t, et)
+
+    monkeypatch.setattr(PackWriter, "write_tensor", write_tensor)
+    args = ["encode", str(layers_ckpt), "-o", str(out), "--stages", "2:256+4:4096", "--encode-all", "--threads", "1",
+            "-q", "--resume"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("hhtld: note: 5 finished units kept in ") and err[-2].endswith(
+        "m.hhtld.partial; the same command with --resume continues from them")
+    assert err[-1] == "hhtld: error: No space left on device"
+    monkeypatch.undo()
+    assert main(args) == 0 and out.read_bytes() == whole.path.read_bytes()
+
+
+def test_two_encodes_of_one_target_at_once_are_refused(layers_ckpt, tmp_path):
+    from hhtld.outputs import this_process
+
+    out = tmp_path / "m.hhtld"
+    partial_folder(out).mkdir()
+    running = {**this_process(), "pid": os.getppid(), "fingerprint": "x"}  # a live process that is not this one
+    (partial_folder(out) / "state.json").write_text(json.dumps(running))
+    for resume in (False, True):
+        with pytest.raises(OptionsError) as e:
+            encode(layers_ckpt, out, resume=resume, **FIXED)
+        assert str(e.value) == (f"{partial_folder(out)}: another hhtld encode of this target is running (process "
+                                f"{os.getppid()} on {running['host']}); wait for it, or write to another file")
+    assert json.loads((partial_folder(out) / "state.json").read_text()) == running  # untouched

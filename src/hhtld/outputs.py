@@ -127,6 +127,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def held_by_live_process(host: str, pid: int) -> bool:
+    """Whether ``pid`` on ``host`` (as a temporary name or a state file records them) is a
+    live process other than this one (a process on another host is taken as live)."""
+    if host != _host():
+        return True
+    return pid != os.getpid() and _pid_alive(pid)
+
+
+def this_process() -> dict[str, Any]:
+    """``{"host": ..., "pid": ...}`` of this process, as :func:`held_by_live_process` reads them."""
+    return {"host": _host(), "pid": os.getpid()}
+
+
 def sweep_stale(folder: str | os.PathLike) -> list[Path]:
     """Remove the hhtld temporary files and folders in ``folder`` that a process
     on this host left behind when it was killed (its pid is gone). Returns them."""

@@ -34,7 +34,7 @@ import numpy as np
 from .._version import __version__
 from ..codecs.base import EncodedTensor
 from ..errors import OptionsError
-from ..outputs import atomic_write_bytes
+from ..outputs import atomic_write_bytes, held_by_live_process, this_process
 from ..stfile import FormatProblem, SafetensorsWriter, parse_json, read_array, read_header
 
 PARTIAL_SUFFIX = ".partial"
@@ -89,7 +89,6 @@ class UnitStore:
         self.folder = partial_folder(target)
         self.fingerprint = fingerprint
         self.reused = 0
-        self.found = 0  # units the folder held when it was opened
 
     def open(self, resume: bool) -> "UnitStore":
         f = self.folder
@@ -100,20 +99,29 @@ class UnitStore:
             if not state.is_file():
                 raise OptionsError(f"{f}: exists but is not the folder of an interrupted hhtld encode (no {STATE}); "
                                    "move it away")
+            try:
+                old = parse_json(state.read_bytes(), str(state))
+            except (OSError, FormatProblem) as e:
+                raise OptionsError(f"{state}: cannot be read ({e}); remove {f} to start over") from None
+            old = old if isinstance(old, dict) else {}
+            host, pid = old.get("host"), old.get("pid")
+            if isinstance(host, str) and isinstance(pid, int) and held_by_live_process(host, pid):
+                raise OptionsError(f"{f}: another hhtld encode of this target is running (process {pid} on {host}); "
+                                   "wait for it, or write to another file")
             if resume:
-                try:
-                    old = parse_json(state.read_bytes(), str(state))
-                except (OSError, FormatProblem) as e:
-                    raise OptionsError(f"{state}: cannot be read ({e}); remove {f} to start over") from None
-                if not isinstance(old, dict) or old.get("fingerprint") != self.fingerprint:
+                if old.get("fingerprint") != self.fingerprint:
                     raise OptionsError(f"{f}: the interrupted encode kept there was made from another checkpoint, "
                                        "other options or another hhtld version; run without --resume to start over")
-                self.found = sum(1 for p in f.rglob("*") if p.is_file() and p.name != STATE)
+                self._write_state()
                 return self
             shutil.rmtree(f)
         f.mkdir(parents=True)
-        atomic_write_bytes(state, json.dumps({"fingerprint": self.fingerprint, "hhtld": __version__}).encode())
+        self._write_state()
         return self
+
+    def _write_state(self) -> None:
+        atomic_write_bytes(self.folder / STATE, json.dumps({"fingerprint": self.fingerprint, "hhtld": __version__,
+                                                            **this_process()}).encode("utf-8"))
 
     def path(self, key: str, suffix: str) -> Path:
         return self.folder / (unit_file(key) + suffix)
