@@ -88,14 +88,12 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(slow_ckpt, tmp_pa
     p = start_encode(slow_ckpt, out)
     p.kill()
     p.communicate(timeout=60)
-    left = sorted(f.name for f in slow_ckpt.parent.iterdir() if f.name not in ("model.safetensors", "m.hhtld.partial"))
+    left = sorted(f.name for f in slow_ckpt.parent.iterdir() if f.name != "model.safetensors")
     assert left and all(n.startswith(".m.hhtld.hhtld-") and n.endswith(".data") for n in left)
-    assert (slow_ckpt.parent / "m.hhtld.partial" / "state.json").is_file()  # its finished units, for --resume
-    # the next run into the same folder (another target) removes the temporary files, not the units
+    # the next run into the same folder (another target) removes them
     save_file({"w": np.ones((4, 4), np.float32)}, str(tmp_path / "small.safetensors"))
     encode_checkpoint(tmp_path / "small.safetensors", slow_ckpt.parent / "other.hhtld", codec="hhtl-f32")
-    assert sorted(f.name for f in slow_ckpt.parent.iterdir()) == ["m.hhtld.partial", "model.safetensors",
-                                                                  "other.hhtld"]
+    assert sorted(f.name for f in slow_ckpt.parent.iterdir()) == ["model.safetensors", "other.hhtld"]
 
 
 def test_a_decode_never_replaces_a_file_that_appeared_after_its_check(small_ckpt, tmp_path, monkeypatch):

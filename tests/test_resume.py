@@ -87,6 +87,7 @@ def test_without_resume_an_interruption_leaves_nothing_and_old_units_are_removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
         encode(layers_ckpt, out, threads=1, resume=True, **FIXED)
+    assert partial_folder(out).is_dir()
     monkeypatch.undo()
     rep = encode(layers_ckpt, out, threads=1, **FIXED)  # no --resume: start over
     assert rep.info["resumed_units"] == 0
@@ -161,7 +162,7 @@ def test_resume_after_a_kill_at_a_random_moment_gives_the_same_pack(how, tmp_pat
         model = make_tiny_llama(tmp_path / "llama", hidden=64, layers=2)
         opts = ["--calibration-texts", "8", "--max-rounds", "2", "--max-kl", "1e-9"]  # two rounds, both encoded
     whole = tmp_path / "whole.hhtld"
-    p = run_cli(["encode", model, "-o", whole, "-q", *opts], env)
+    p = run_cli(["encode", model, "-o", whole, "-q", "--resume", *opts], env)  # uninterrupted
     started = wait_for_units(p, whole)
     while not whole.exists() and p.poll() is None:
         time.sleep(0.01)
@@ -273,11 +274,24 @@ def test_two_encodes_of_one_target_at_once_are_refused(layers_ckpt, tmp_path):
 
     out = tmp_path / "m.hhtld"
     partial_folder(out).mkdir()
-    running = {**this_process(), "pid": os.getppid(), "fingerprint": "x"}  # a live process that is not this one
+    running = {**this_process(), "pid": os.getppid(), "fingerprint": "x"}  # a live process, not this one
     (partial_folder(out) / "state.json").write_text(json.dumps(running))
     for resume in (False, True):
         with pytest.raises(OptionsError) as e:
             encode(layers_ckpt, out, resume=resume, **FIXED)
         assert str(e.value) == (f"{partial_folder(out)}: another hhtld encode of this target is running (process "
-                                f"{os.getppid()} on {running['host']}); wait for it, or write to another file")
+                                f"{os.getppid()} on {running['host']}); wait for it, or write to another file "
+                                "(if that process is gone, remove the folder)")
     assert json.loads((partial_folder(out) / "state.json").read_text()) == running  # untouched
+
+
+def test_a_damaged_timing_cache_never_fails_an_encode(layers_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HHTLD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "unit-seconds.json").write_text('{"fit": [["x", 1], [100, 0.5]], "encode": 3}')
+    encode(layers_ckpt, tmp_path / "m.hhtld", **FIXED)
+    assert main(["inspect", str(layers_ckpt), "--plan", "--stages", "2:256+4:4096", "--encode-all", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total_seconds"] is not None
+    kept = json.loads((tmp_path / "cache" / "unit-seconds.json").read_text())
+    assert kept["fit"][0] == [100.0, 0.5] and "encode" in kept  # the damaged entries dropped

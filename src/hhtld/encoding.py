@@ -35,11 +35,11 @@ from .calibrate.units import calibrated_plan
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from .codecs.parallel import check_threads
 from .codecs.registry import CODECS, DEFAULT_CODEC
-from .errors import GateError, HhtldError, HhtldNote, OptionsError
+from .errors import CheckpointError, CodecError, GateError, HhtldNote, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS
 from .pack.encode import data_free_plan, encode_checkpoint
 from .pack.plan import EncodePlan
-from .pack.units import UnitStore, fingerprint
+from .pack.units import UnitStore, fingerprint, partial_folder
 from .pack.writer import EncodeResult
 
 PATHS = ("calibrated", "rows", "fixed")
@@ -93,9 +93,8 @@ def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config,
     codec = DEFAULT_CODEC if codec is None else codec
     if codec not in CODECS:
         raise OptionsError(f"unknown codec '{codec}' (known: {', '.join(sorted(CODECS))})")
-    given = named
     opts = dict(codec_options or {})
-    for n, v in given.items():
+    for n, v in named.items():
         if v is not None:
             if n in opts and opts[n] != v:
                 raise OptionsError(f"{n} given twice: {v!r} and codec_options[{n!r}] = {opts[n]!r}")
@@ -150,15 +149,15 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
     groups = plan_checkpoint(ckpt, c.policy, c.rules)
     width = check_threads(threads)
     if c.path == "calibrated":
-        from .calibrate.pipeline import DEFAULT_SEQ_LEN, FISHER_BATCH, FISHER_TEXTS, TEXTS
+        from .calibrate.pipeline import CHECK_SEQ_LEN, CHECK_TEXTS, DEFAULT_SEQ_LEN, FISHER_BATCH, FISHER_TEXTS, TEXTS
+        from .measure.texts import USE_KINDS
 
         try:
             from .checkpoint.config import family_of_config, find_config, load_config_json
 
             family = family_of_config(load_config_json(find_config(config or model)))
         except GateError as e:
-            p = data_free_plan(groups, sample_rows, width, "hhtl-vq", {})
-            p.path = "rows"
+            p = data_free_plan(groups, sample_rows, width, "hhtl-vq", {}, path="rows")
             p.notes.append(f"target behaviour needs a runnable model ({e}); the encode falls back to --target rows")
             return p
         texts = calibration_texts or TEXTS[family]
@@ -166,9 +165,10 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
         head = next((t.name for t in groups.tensors.values() if t.role == "lm_head"), None)
         return calibrated_plan(groups, width=width, sample_rows=sample_rows, tokens=texts * seq, head=head,
                                fisher_tokens=min(texts, FISHER_TEXTS[family]) * seq,
-                               logit_rows=FISHER_BATCH[family] * seq if family == "causal" else 0)
-    p = data_free_plan(groups, sample_rows, width, c.codec, c.opts)
-    p.path = c.path
+                               logit_rows=FISHER_BATCH[family] * seq if family == "causal" else 0,
+                               check_tokens=(CHECK_TEXTS[family] * len(USE_KINDS["check"]) * CHECK_SEQ_LEN
+                                             if family == "causal" else texts * seq))
+    p = data_free_plan(groups, sample_rows, width, c.codec, c.opts, path=c.path)
     if c.path == "rows":
         p.notes.append("the rows target's rungs are chosen from row trials before the encode; a group whose "
                        "decoded rows miss gate 1 is encoded again one rung higher")
@@ -214,33 +214,37 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
                "policy": policy.to_json(), "rules": rules, "thresholds": thresholds, "config": config,
                "calibration_texts": calibration_texts, "max_rounds": max_rounds, "sample_rows": sample_rows,
                "include_aux": include_aux}
-    store = UnitStore(output, fingerprint(ckpt, options))
-    earlier = store.folder.is_dir() and not resume
-    store.open(resume)
     notes: list[str] = []
-    if earlier:
-        notes.append(f"removed the units an interrupted encode of {output} kept in {store.folder} "
-                     "(--resume would have continued from them)")
+    store = None
     try:
+        if not resume and UnitStore.discard_earlier(output):
+            notes.append(f"removed the units an interrupted encode of {output} kept in {partial_folder(output)} "
+                         "(--resume would have continued from them)")
+        # units are kept to resume, and on the calibrated path for its second round
+        if resume or path_kind == "calibrated":
+            store = UnitStore(output, fingerprint(ckpt, options, config)).open(resume)
         res, allocation, path_kind = _run(model, output, path_kind, codec, opts, bpw, policy, rules, config,
                                           thresholds, calibration_texts, max_rounds, sample_rows, threads,
                                           include_aux, progress, log, notes, store)
-    except HhtldError:
-        store.done()  # an error of the input or the options: a second run would meet it again
-        raise
-    except BaseException:
-        if resume and store.folder.is_dir():
-            warnings.warn(store.keep(), HhtldNote, stacklevel=2)
-        else:
+    except (CheckpointError, CodecError, OptionsError):
+        if store is not None:  # an error of the input or the options: a second run would meet it again
             store.done()
         raise
-    if store.reused:
-        notes.append(f"resumed: {store.reused} finished unit{'s' if store.reused != 1 else ''} of an interrupted "
+    except BaseException:
+        if store is not None and store.kept:
+            warnings.warn(store.keep(), HhtldNote, stacklevel=2)
+        elif store is not None:
+            store.done()
+        raise
+    reused = store.reused if store is not None else 0
+    if reused and store.kept:
+        notes.append(f"resumed: {reused} finished unit{'s' if reused != 1 else ''} of an interrupted "
                      f"encode read back from {store.folder}")
-    store.done()
+    if store is not None:
+        store.done()
     rep = _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
     rep.notes = notes + [n for n in rep.notes if n not in notes]
-    rep.info["resumed_units"] = store.reused
+    rep.info["resumed_units"] = reused if store is not None and store.kept else 0
     return rep
 
 

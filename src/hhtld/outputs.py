@@ -7,7 +7,7 @@ or not a regular file (a device, a FIFO, a symlink) is refused up front.
 
 Temporary files and folders have recognisable names,
 ``.<target name>.hhtld-<host>-<pid>-<token><suffix>`` (suffix ``.data``,
-``.tmp``, ``.round`` or ``.calibration``). The process that made one removes
+``.tmp``, ``.round``, ``.calibration`` or ``.units``). The process that made one removes
 it when it finishes, fails or is interrupted (SIGINT; the command line turns
 SIGTERM into the same clean unwind, and removes whatever is still
 registered on the way out). A process killed outright (SIGKILL, the OOM
@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from .errors import OptionsError
 
-TEMP_SUFFIXES = (".data", ".tmp", ".round", ".calibration")
+TEMP_SUFFIXES = (".data", ".tmp", ".round", ".calibration", ".units")
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.hhtld-(?P<host>[A-Za-z0-9_]{1,24})-(?P<pid>[0-9]{1,10})-(?P<token>[0-9a-f]{8})"
                       r"(?P<suffix>" + "|".join(re.escape(s) for s in TEMP_SUFFIXES) + r")$")
 _live: set[Path] = set()  # temporary paths this process made and has not removed yet

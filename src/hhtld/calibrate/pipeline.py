@@ -194,7 +194,10 @@ class HessianStore:
             self.files[name] = self.files[same_as]
         else:
             f = self.folder / f"h-{unit_file(name)}.npy"
-            np.save(f, np.asarray(h, dtype=np.float32))
+            tmp = f.with_name(f".{f.name}.part")  # renamed when whole: a kept unit is never cut short
+            with open(tmp, "wb") as out:
+                np.save(out, np.asarray(h, dtype=np.float32))
+            os.replace(tmp, f)
             self.files[name] = f
         self.tokens[name] = tokens
 
@@ -205,13 +208,22 @@ class HessianStore:
         return None if f is None else np.load(f)
 
     def described(self, names) -> dict[str, list]:
-        """Where the Hessians of ``names`` are (file name, tokens), for :meth:`restore`."""
-        return {n: [self.files[n].name, self.tokens[n]] for n in names if n in self.files}
+        """Where the Hessians of ``names`` are (file name, tokens, bytes), for :meth:`restore`."""
+        return {n: [self.files[n].name, self.tokens[n], self.files[n].stat().st_size] for n in names
+                if n in self.files}
 
-    def restore(self, where: dict[str, list]) -> None:
-        for n, (fname, tokens) in where.items():
-            self.files[n] = self.folder / fname
-            self.tokens[n] = int(tokens)
+    def restore(self, where: dict[str, list]) -> bool:
+        """Take the Hessians :meth:`described`; False (nothing taken) if a file is missing or
+        not of its recorded size."""
+        try:
+            ok = all((self.folder / f).stat().st_size == int(size) for f, _, size in where.values())
+        except (OSError, ValueError, TypeError):
+            ok = False
+        if ok:
+            for n, (fname, tokens, _) in where.items():
+                self.files[n] = self.folder / fname
+                self.tokens[n] = int(tokens)
+        return ok
 
 
 def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 0,
@@ -233,10 +245,9 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
     start = 0
     while keep is not None and start < len(lw.blocks):  # blocks an interrupted run analysed
         got = keep.arrays(keep_key("analyse", f"block {start}"))
-        if got is None:
+        if got is None or not store.restore(got[1]["hessians"]):
             break
         stats.update(stats_from(got[0], got[1]["stats"]))
-        store.restore(got[1]["hessians"])
         start += 1
     if start:  # the hidden states the last of them left (kept before its stats)
         carry = keep.arrays(keep_key("analyse", f"carry {start - 1}"))
@@ -283,9 +294,8 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
     if hn is not None and hn in tplans and hn not in stats:
         g, t = tplans[hn]
         got = keep.arrays(keep_key("analyse", "head")) if keep is not None else None
-        if got is not None:
+        if got is not None and store.restore(got[1]["hessians"]):
             stats.update(stats_from(got[0], got[1]["stats"]))
-            store.restore(got[1]["hessians"])
         else:
             norm = lw.final_norm()  # the head reads the final norm's output: only its weights are needed
             if norm is not None:
@@ -343,7 +353,8 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
     results: dict[str, dict[str, Any]] = {}
     order = [t for g in plan.groups for t in g.tensors]
     hessian = {t.name: store is not None and t.name in store.files for t in order}
-    units = [Unit("encode", t.name, (), t.row_shape[0] * t.row_shape[1], setting=rung[t.name].name) for t in order]
+    units = [Unit("encode", t.name, (), t.row_shape[0] * t.row_shape[1],
+                  setting=("feedback " if hessian[t.name] else "") + rung[t.name].name) for t in order]
     keys = [tensor_unit_key(t, sub_of[t.name].codec, True, hessian[t.name]) for t in order]
 
     def encode(i, pool):
@@ -529,6 +540,13 @@ def change_of(family: str, check: dict) -> float:
     return float(check["kl_mean"]) if family == "causal" else float(1.0 - check["cos_mean"])
 
 
+def _kept_json(keep: UnitStore | None, key: str) -> tuple[Callable | None, Callable | None]:
+    """(load, save) of a unit whose result is JSON, kept under ``key`` (None, None: nothing kept)."""
+    if keep is None:
+        return None, None
+    return (lambda: keep.json(key)), (lambda v: keep.put_json(key, v))
+
+
 def _fisher_arrays(f: dict) -> tuple[dict[str, np.ndarray], dict]:
     names = sorted(f["rows"])
     return ({f"rows.{i}": np.asarray(f["rows"][n]) for i, n in enumerate(names)},
@@ -607,11 +625,9 @@ class Calibration:
                     tr = GroupTrials(sample_group_rows(self.ckpt, g), seed=seed)
                     return {s.name: tr(s).rel_mse for s in LADDER}
 
-                k = keep_key("trials", str(g.key))
                 m = min(TRIAL_ROWS, g.n_rows) * g.key.shape[1]
                 self.rel[str(g.key)] = self._run(Unit("trials", str(g.key), (), m), trials,
-                                                 load=keep and (lambda k=k: keep.json(k)),
-                                                 save=keep and (lambda v, k=k: keep.put_json(k, v)))
+                                                 *_kept_json(keep, keep_key("trials", str(g.key))))
             self.seconds["trials"] = time.perf_counter() - t1
             for g in self.plan.groups:
                 for t in g.tensors:
@@ -620,11 +636,11 @@ class Calibration:
             t1 = time.perf_counter()
             fb = calibration_batches(tok, self.family, min(self.n_texts, FISHER_TEXTS[self.family]), seq_len,
                                      batch=FISHER_BATCH[self.family])
+            k = keep_key("fisher", "all blocks")
+            kept = (None, None) if keep is None else (lambda: _fisher_from(keep.arrays(k)),
+                                                      lambda f: keep.put_arrays(k, *_fisher_arrays(f)))
             fis = self._run(Unit("fisher", "all blocks", (), self.total_weights),
-                            lambda: fisher_diagonals(self.lw, fb, self.family, set(stats), seed=seed),
-                            load=keep and (lambda: _fisher_from(keep.arrays(keep_key("fisher", "all blocks")))),
-                            save=keep and (lambda f: keep.put_arrays(keep_key("fisher", "all blocks"),
-                                                                     *_fisher_arrays(f))))
+                            lambda: fisher_diagonals(self.lw, fb, self.family, set(stats), seed=seed), *kept)
             for n, st in stats.items():
                 st.set_sensitivity(fis["rows"].get(n), fis["table"].get(n))
             self.stats = list(stats.values())
@@ -641,7 +657,7 @@ class Calibration:
     def _run(self, unit: Unit, fn, load=None, save=None):
         if self.ex is None:
             return fn()
-        return self.ex.run(unit, fn, load=load or None, save=save or None)
+        return self.ex.run(unit, fn, load=load, save=save)
 
     def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
         """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""
@@ -683,9 +699,8 @@ class Calibration:
                         for n in p.encoded_names()}
             return layerwise_compare(self.lw, self.check_batches, replaced, self.family, self.check_kinds)
 
-        k = keep_key("check", key or "")
-        return self._run(Unit("check", "round", (), self.total_weights), run, load=keep and (lambda: keep.json(k)),
-                         save=keep and (lambda v: keep.put_json(k, v)))
+        return self._run(Unit("check", "round", (), self.total_weights), run,
+                         *_kept_json(keep, keep_key("check", key or "")))
 
     def close(self) -> None:
         if self._work is not None:

@@ -54,12 +54,14 @@ def allocation_key(alloc) -> str:
 
 
 def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, head: str | None = None,
-                    rounds: int = 1, fisher_tokens: int = 0, logit_rows: int = 0) -> EncodePlan:
+                    rounds: int = 1, fisher_tokens: int = 0, logit_rows: int = 0,
+                    check_tokens: int = 0) -> EncodePlan:
     """The units of a calibrated encode of ``plan`` (module docstring) for its first round:
     blocks from the tensor names, ``tokens`` calibration tokens (the hidden states the
     analysis carries: ``tokens`` × width float32, three copies), ``fisher_tokens`` those of
     the Fisher pass (every block's inputs are kept for the backward pass) and
-    ``logit_rows`` the positions whose full-vocabulary logits it holds at once."""
+    ``logit_rows`` the positions whose full-vocabulary logits it holds at once and
+    ``check_tokens`` those of the check (two streams of hidden states)."""
     blocks: dict[int, list] = {}
     encoded = [t for g in plan.groups for t in g.tensors]
     outside = []
@@ -80,11 +82,12 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
         ts = blocks[i]
         w = sum(int(np.prod(t.shape)) for t in ts)
         hess = sum(t.row_shape[1] ** 2 * FLOAT64 for t in ts if t.encoded)
-        u = Unit("analyse", f"block {i}", prev, w, FLOAT32 * w + hess + carry + outside_bytes)  # weights: as timed
+        u = Unit("analyse", f"block {i}", prev, w, FLOAT32 * w + hess + carry)
         units.append(u)
         prev = (u.id,)
     if head is not None:
-        units.append(Unit("analyse", "head", prev, 0, carry + outside_bytes))
+        cols = plan.tensors[head].row_shape[1]
+        units.append(Unit("analyse", "head", prev, 0, carry + cols * cols * FLOAT64))
     analysed = tuple(u.id for u in units)
     trials = [Unit("trials", str(g.key), (), min(TRIAL_ROWS, g.n_rows) * g.key.shape[1],
                    unit_memory("trials", cols=g.key.shape[1], sample_rows=min(TRIAL_ROWS, g.n_rows)))
@@ -96,7 +99,7 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
               + 3 * logit_rows * vocab * FLOAT32 + outside_bytes)  # a block and its gradients, every block's inputs
     units.append(Unit("fisher", "all blocks", analysed, n_encoded, fisher))
     # the check: a block at a time, two streams of hidden states, logits of 128 positions at once
-    check = biggest + 2 * carry // 3 + 3 * 128 * vocab * FLOAT32 + outside_bytes
+    check = biggest + 2 * check_tokens * hidden * FLOAT32 + 3 * 128 * vocab * FLOAT32 + outside_bytes
     ready = tuple(u.id for u in units)
     for rnd in range(rounds):
         tag = f" (round {rnd + 1})" if rounds > 1 else ""
@@ -106,7 +109,7 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
             m = min(sample_rows, g.n_rows)
             fit = Unit("fit", f"{g.key}{tag}", ready, m * cols, unit_memory("fit", cols=cols, sample_rows=m))
             mem = unit_memory("encode", rows, cols, hessian=True)
-            enc = [Unit("encode", f"{t.name}{tag}", (fit.id,), rows * cols, mem) for t in g.tensors]
+            enc = [Unit("encode", f"{t.name}{tag}", (fit.id,), rows * cols, mem, "feedback") for t in g.tensors]
             fu = Unit("finish", f"{g.key}{tag}", tuple(u.id for u in enc))
             fin.append(fu.id)
             units += [fit, *enc, fu]

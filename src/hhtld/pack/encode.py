@@ -103,7 +103,8 @@ def encode_checkpoint(
     if measure:
         reuse = None  # cosines are measured while encoding
 
-    eplan = data_free_plan(plan, sample_rows, threads, codec, codec_options, group_options)
+    eplan = data_free_plan(plan, sample_rows, threads, codec, codec_options, group_options,
+                           "rows" if check_group is not None else "fixed")
     results: list[GroupResult] = []
     n_encoded = 0
     with LocalExecutor(threads, store) as ex:
@@ -189,7 +190,7 @@ def setting_label(codec: str, options: Mapping[str, Any]) -> str:
 
 
 def data_free_plan(plan: Plan, sample_rows: int, width: int, codec: str, codec_options: Mapping[str, Any] | None,
-                   group_options: Mapping[str, dict[str, Any]] | None = None) -> EncodePlan:
+                   group_options: Mapping[str, dict[str, Any]] | None = None, path: str = "fixed") -> EncodePlan:
     """The units of a data-free encode (fixed setting or rows allocation): per group a
     fit on its row sample, an encode per tensor and the group's finish; then the
     manifest (with the passthrough tensors)."""
@@ -205,8 +206,7 @@ def data_free_plan(plan: Plan, sample_rows: int, width: int, codec: str, codec_o
         units += [fit, *enc, Unit("finish", str(g.key), tuple(u.id for u in enc))]
     total = sum(int(np.prod(t.shape)) for t in plan.tensors.values())
     units.append(Unit("manifest", "manifest", tuple(u.id for u in units if u.kind == "finish"), total))
-    return EncodePlan("fixed", units, width)
-
+    return EncodePlan(path, units, check_threads(width))
 
 
 __all__ = ["data_free_plan", "encode_checkpoint", "encode_group", "tensor_unit_key"]

@@ -30,9 +30,8 @@ from .writer import PackWriter
 class LocalExecutor:
     """Runs units on this machine (module docstring). A context manager: the pool
     opens on entry; on exit after an error the pack being written is aborted (nothing
-    partial at the target), the kept units stay for ``--resume`` (or go, for an error in
-    the input itself, which another run would meet again), and the measured unit times
-    are saved."""
+    partial at the target; what becomes of the kept units is the caller's decision), and
+    the measured unit times are saved."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
                  timings: UnitTimings | None = None):
@@ -99,31 +98,31 @@ class LocalExecutor:
         kept under with the store. ``fn(i, pool)`` gets None, or with ``threads_inside``
         (a lone unit) the pool for its own blocks, the units then running one by one."""
         store = self.store if keys is not None else None
-        todo = []
-        kept = {}
-        for i in range(len(units)):
-            got = store.tensor(keys[i]) if store is not None else None
-            if got is None:
-                todo.append(i)
-            else:
-                kept[i] = got
+        todo = [i for i in range(len(units)) if store is None or not store.has(keys[i])]
 
-        def timed(i):
+        def timed(i, pool):
             t0 = time.perf_counter()
-            out = fn(i, self.pool if threads_inside else None)
+            out = fn(i, pool)
             return out, time.perf_counter() - t0
 
-        runs = ordered_map(timed, todo, None if threads_inside else self.pool, window=self.width)
+        runs = ordered_map(lambda i: timed(i, self.pool if threads_inside else None), todo,
+                           None if threads_inside else self.pool, window=self.width)
         pending = iter(zip(todo, runs))
+        wanted = set(todo)
         for i in range(len(units)):
-            if i in kept:
-                yield i, kept.pop(i)
-                continue
-            j, (out, sec) = next(pending)
-            self.timings.add(units[j], sec)
+            if i not in wanted:
+                got = store.tensor(keys[i])  # read when its turn comes: one kept unit in memory at a time
+                if got is not None:
+                    yield i, got
+                    continue
+                out, sec = timed(i, self.pool)  # damaged: done again, here
+            else:
+                j, (out, sec) = next(pending)
+                assert j == i
+            self.timings.add(units[i], sec)
             if store is not None:
-                store.put_tensor(keys[j], out)
-            yield j, out
+                store.put_tensor(keys[i], out)
+            yield i, out
 
 
 __all__ = ["LocalExecutor"]

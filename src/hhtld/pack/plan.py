@@ -11,8 +11,10 @@ memory. Two kinds of dependency exist, and only two:
 * **independent** — the unit reads only finished inputs (its group's fit, its
   Hessian, the checkpoint) and may run beside any other independent unit: the rung
   trials of every group, the fit of each group (at each rung), the encode of each
-  tensor. The executor runs them on its workers and takes their results in plan
-  order, so the pack's bytes never depend on how many ran at once.
+  tensor. The local executor runs the tensor encodes side by side on its workers
+  (:data:`SIDE_BY_SIDE`) and the fits and trials one at a time, each spreading its own
+  work over the workers; it takes results in plan order, so the pack's bytes never
+  depend on how many ran at once.
 
 Writes (a tensor's arrays, a group's shared arrays and manifest entry, passthrough
 tensors, the manifest) are done by the executor itself, in plan order, as results
@@ -23,8 +25,8 @@ are the first round's units, not encoded again.
 
 Predictions (``hhtld inspect MODEL --plan``): memory from the arrays each unit holds
 at once (:func:`unit_memory`; the libraries' own memory — torch, numba, faiss — is not
-counted), time from what units of the same kind measured on this machine
-(:class:`UnitTimings`), or none before a unit of that kind has run here.
+counted), time from a line fitted to what units of the same kind (and setting) took on
+this machine (:class:`UnitTimings`), or none before a unit of that kind has run here.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ UNIT_KINDS: dict[str, tuple[str, str]] = {
                           "reader's checks of every array; the rename over the target"),
     "check": ("chain", "run the original model and the written pack on the check texts (calibrated path)"),
 }
+# Kinds the local executor runs side by side (at most ``width`` at once); the others run one at
+# a time, their own work spread over the workers (a fit's k-means, the analysis's torch).
+SIDE_BY_SIDE = ("encode",)
 BLOCK_RE = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 FLOAT32 = 4
 FLOAT64 = 8
@@ -99,11 +104,12 @@ class EncodePlan:
     units: list[Unit]
     width: int = 1
     notes: list[str] = field(default_factory=list)
+    _index: dict[str, Unit] = field(default_factory=dict, repr=False)
 
     def unit(self, uid: str) -> Unit:
-        if not hasattr(self, "_by_id"):
-            self._by_id = {u.id: u for u in self.units}
-        return self._by_id[uid]
+        if len(self._index) != len(self.units):
+            self._index = {u.id: u for u in self.units}
+        return self._index[uid]
 
     def group_units(self, g) -> tuple[Unit, list[Unit], Unit]:
         """A data-free group's fit, tensor encodes and finish."""
@@ -117,20 +123,15 @@ class EncodePlan:
         return out
 
     def peak_memory(self) -> int:
-        """Predicted arrays held at once: the largest chain unit, or the largest
-        ``width`` independent units of one kind side by side."""
-        best = max((u.memory for u in self.units if u.chain), default=0)
-        by_kind: dict[str, list[int]] = {}
-        for u in self.units:
-            if not u.chain:
-                by_kind.setdefault(u.kind, []).append(u.memory)
-        for mems in by_kind.values():
-            best = max(best, sum(sorted(mems, reverse=True)[: self.width]))
-        return best
+        """Predicted arrays held at once: the largest unit, or the largest ``width``
+        tensor encodes side by side."""
+        best = max((u.memory for u in self.units), default=0)
+        mems = sorted((u.memory for u in self.units if u.kind in SIDE_BY_SIDE), reverse=True)
+        return max(best, sum(mems[: self.width]))
 
     def seconds(self, timings: "UnitTimings") -> dict[str, float | None]:
-        """Predicted seconds per kind (None: no unit of that kind measured here yet),
-        independent units divided among ``width`` workers."""
+        """Predicted seconds per kind (None: no unit of that kind measured here yet), the
+        tensor encodes divided among ``width`` workers."""
         out: dict[str, float | None] = {}
         for kind in self.counts():
             total = 0.0
@@ -142,7 +143,7 @@ class EncodePlan:
                     total = None
                     break
                 total += s
-            out[kind] = None if total is None else total / (1 if UNIT_KINDS[kind][0] == "chain" else self.width)
+            out[kind] = None if total is None else total / (self.width if kind in SIDE_BY_SIDE else 1)
         return out
 
     def to_json(self, timings: "UnitTimings | None" = None) -> dict[str, Any]:
@@ -211,18 +212,22 @@ class UnitTimings:
             raw = json.loads(p.read_text())
         except (OSError, ValueError):
             return cls()
-        data = {}
-        if isinstance(raw, dict):
-            for k, v in raw.items():
-                pairs = [[float(x[0]), float(x[1])] for x in v if isinstance(x, list) and len(x) == 2] \
-                    if isinstance(v, list) else []
-                if pairs:
-                    data[k] = pairs
+        data: dict[str, list[list[float]]] = {}
+        for k, v in (raw.items() if isinstance(raw, dict) else ()):
+            for x in v if isinstance(v, list) else ():
+                try:
+                    pair = [float(x[0]), float(x[1])]
+                except (TypeError, ValueError, IndexError, KeyError):
+                    continue  # a damaged entry of a cache: skipped
+                if len(x) == 2 and all(np.isfinite(pair)) and min(pair) >= 0:
+                    data.setdefault(str(k), []).append(pair)
         return cls(data)
 
     @staticmethod
     def keys(u: Unit) -> list[str]:
-        return [f"{u.kind}/{u.setting}", u.kind] if u.setting else [u.kind]
+        """Most specific first: ``encode/feedback vq4.0``, ``encode/feedback``, ``encode``."""
+        words = u.setting.split()
+        return [f"{u.kind}/{' '.join(words[:n])}" for n in range(len(words), 0, -1)] + [u.kind]
 
     def add(self, u: Unit, seconds: float) -> None:
         for k in self.keys(u):
@@ -263,7 +268,7 @@ class UnitTimings:
             merged[k] = (merged.get(k, []) + v)[-self.KEEP:]
         try:
             atomic_write_bytes(p, json.dumps(merged, sort_keys=True).encode("utf-8"))
-        except OSError:
+        except Exception:  # noqa: BLE001 - a cache: never the reason an encode fails
             pass
         self._new = {}
 
