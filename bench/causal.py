@@ -528,6 +528,10 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
                          f"{', '.join(map(str, HHTLD_BPW))} with and without error feedback (packs in bench/out/causal)")
     ap.add_argument("--hhtld-bpw", default=None, metavar="B,B,...",
                     help=f"with --hhtld: the calibrated budgets (default {','.join(map(str, HHTLD_BPW))}; --quick 4.0,5.0)")
+    ap.add_argument("--llama-cpp", default=None, metavar="T,T,...",
+                    help="also llama.cpp's quantisations with an importance matrix on the calibration passages "
+                         "(bench/llama_quants.py; builds the tools into .cache/llama.cpp), e.g. "
+                         "Q3_K_M,Q4_K_M,IQ4_XS,Q5_K_M,Q6_K,Q8_0")
     ap.add_argument("--model", default=None, help="the SmolLM2 folder (default: make llm's, made when missing)")
     ap.add_argument("--out", default=None, help="output stem (default bench/causal; --quick bench/out/causal-quick)")
     args = ap.parse_args(argv)
@@ -551,6 +555,10 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
     for spec in args.pack:
         label, _, path = spec.rpartition("=")
         extra.append(pack_candidate(path, ckpt, label or None))
+    if args.llama_cpp:
+        from llama_quants import candidates as llama_candidates
+
+        extra += llama_candidates(model, matrices(ckpt), Candidate, args.llama_cpp.split(","))
     if args.hhtld:
         bpws = (tuple(float(b) for b in args.hhtld_bpw.split(",")) if args.hhtld_bpw
                 else (4.0, 5.0) if args.quick else HHTLD_BPW)

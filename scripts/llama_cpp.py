@@ -1,4 +1,4 @@
-"""Build llama.cpp's benchmark tools (``llama-bench``, ``llama-quantize``) from the
+"""Build llama.cpp's benchmark tools (``llama-bench``, ``llama-quantize``, ``llama-imatrix``) from the
 llama-cpp-python sdist on PyPI (its ``vendor/llama.cpp``), for bench/generate.py.
 
 An optional benchmark extra (``make llama-cpp``), never a dependency of hhtld:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     root = cache / "llama.cpp"
     model = Path(args.model) if args.model else cache / "smollm2-135m-instruct"
     bin_dir = root / "build" / "bin"
-    tools = {t: bin_dir / t for t in ("llama-bench", "llama-quantize")}
+    tools = {t: bin_dir / t for t in ("llama-bench", "llama-quantize", "llama-imatrix")}
     try:
         if not all(p.exists() for p in tools.values()):
             sdist_dir = root / "sdist"
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
             build = root / "build"
             run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"])
-            run(["cmake", "--build", build, "--config", "Release", "-j", str(args.jobs), "--target", "llama-bench",
-                 "llama-quantize"])
+            run(["cmake", "--build", build, "--config", "Release", "-j", str(args.jobs), "--target", *tools])
         ggufs = root / "gguf"
         ggufs.mkdir(parents=True, exist_ok=True)
         f16 = ggufs / "smollm2-135m-f16.gguf"
