@@ -199,7 +199,7 @@ class UnitTimings:
     cost per unit and a cost per weight; a unit far larger than any measured one is an
     extrapolation (:meth:`basis` says how far)."""
 
-    KEEP = 50
+    KEEP = 500
 
     def __init__(self, data: dict[str, list[list[float]]] | None = None):
         self.data = dict(data or {})
