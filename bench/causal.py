@@ -343,6 +343,8 @@ GPTQ = {
     "gptq4_g128_emb8": ("GPTQ 4b g128 + emb int8/row", 4, 128, "rtn8_row"),
     "gptq4_g64_emb8": ("GPTQ 4b g64 + emb int8/row", 4, 64, "rtn8_row"),
     "gptq4_g128_emb4": ("GPTQ 4b g128 + emb RTN int4 g128", 4, 128, "rtn4_g128"),
+    "gptq3_g128_emb8": ("GPTQ 3b g128 + emb int8/row", 3, 128, "rtn8_row"),
+    "gptq3_g128_emb4": ("GPTQ 3b g128 + emb RTN int4 g128", 3, 128, "rtn4_g128"),
 }
 QUICK = ("rtn4_g128", "rtn8_row", "q4_0", "gptq4_g128_emb8")
 
