@@ -672,8 +672,7 @@ class Calibration:
             results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, ex,
                                   self.codec_options, self.sample_rows, self.log, self._fits)
         except BaseException:
-            ex.writer.abort()
-            ex.writer = None
+            ex.abort_pack()
             raise
         total = sum(int(np.prod(t.shape)) for t in self.plan.tensors.values())
         ex.close_pack(Unit("manifest", "manifest", (), total), codec=make_codec("hhtl-vq", **self.codec_options),

@@ -53,8 +53,8 @@ class LocalExecutor:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is not None and self.writer is not None:
-                self.writer.abort()
+            if exc_type is not None:
+                self.abort_pack()
         finally:
             self._pool_cm.__exit__(exc_type, exc, tb)
             self.pool = None
@@ -65,6 +65,12 @@ class LocalExecutor:
         """The pack this executor writes (one at a time; the previous one must be finished)."""
         self.writer = PackWriter(Path(out), ckpt, plan)
         return self.writer
+
+    def abort_pack(self) -> None:
+        """Drop the pack being written (nothing is left at its target)."""
+        w, self.writer = self.writer, None
+        if w is not None:
+            w.abort()
 
     def close_pack(self, unit: Unit, **finish) -> Path:
         """The ``manifest`` unit: passthrough tensors, side files, the manifest, the checked

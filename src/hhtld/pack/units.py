@@ -216,14 +216,6 @@ class UnitStore:
         return (f"{n} finished unit{'s' if n != 1 else ''} kept in {self.folder}; the same command with --resume "
                 "continues from them")
 
-    def put_file(self, name: str, write) -> Path:
-        """A file of a unit written by ``write(path)`` to a temporary name, then renamed."""
-        final = self.folder / name
-        tmp = self.folder / f".{name}.part"
-        write(tmp)
-        os.replace(tmp, final)
-        return final
-
     def _write(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         w = SafetensorsWriter(self.path(key, ".safetensors"), {_META: json.dumps(meta)})
         try:
