@@ -154,6 +154,45 @@ def test_calibrated_encode_writes_the_same_pack_for_any_thread_count(llama, tmp_
     assert sorted(x.name for x in tmp_path.iterdir()) == ["t1.hhtld", "t2.hhtld"]  # no leftovers
 
 
+def test_the_tuning_moves_only_gains_reports_every_block_and_never_makes_one_worse(llama, tmp_path):
+    """The block step and the global step change nothing but the stored gains (codes,
+    palettes, norms the same bytes), never raise the loss they report, and the pack says so."""
+    from hhtld import load
+    from hhtld.calibrate.distill import DistillOptions
+    from hhtld.calibrate.pipeline import encode_calibrated
+    from hhtld.calibrate.tuning import TuneOptions
+    from hhtld.classify.shapes import from_row_matrix
+    from hhtld.inspection import format_inspect, inspect_pack
+    from hhtld.pack import open_pack
+
+    kw = dict(bpw=3.0, policy=ALL, texts=8, seq_len=32)
+    _, plain = encode_calibrated(llama, tmp_path / "plain.hhtld", tune=None, **kw)
+    _, tuned = encode_calibrated(llama, tmp_path / "tuned.hhtld", tune=TuneOptions(steps=10, lr=3e-3),
+                                 distill=DistillOptions(steps=4), **kw)
+    a, b = open_pack(tmp_path / "plain.hhtld"), open_pack(tmp_path / "tuned.hhtld")
+    arrays_a, arrays_b = a.manifest["arrays"], b.manifest["arrays"]
+    assert set(arrays_a) == set(arrays_b)
+    changed = {n for n in arrays_a if arrays_a[n]["sha256"] != arrays_b[n]["sha256"]}
+    assert changed and all(n.endswith("::gain") for n in changed), sorted(changed)[:3]
+    # per block: loss after <= before; the global step too; the summary is in the manifest
+    t = tuned.tuning
+    assert [x["block"] for x in t["per_block"]] == [0, 1]
+    assert all(x["loss_after"] <= x["loss_before"] for x in t["per_block"])
+    assert any(x["loss_after"] < x["loss_before"] for x in t["per_block"])
+    assert t["global_step"]["loss_after"] <= t["global_step"]["loss_before"]
+    cal = b.manifest["calibration"]["tuning"]
+    assert cal["parts"] == ["gain"] and cal["block_step"]["blocks"] == 2 and "per_block" not in cal
+    assert "block step: the gain of" in format_inspect(inspect_pack(tmp_path / "tuned.hhtld"))
+    assert "no block step" in format_inspect(inspect_pack(tmp_path / "plain.hhtld"))
+    assert tuned.check["kl_mean"] < plain.check["kl_mean"]
+    # the tuned pack decodes to what hhtld.load computes from the same stored parts
+    model = load(tmp_path / "tuned.hhtld", dtype="float32")
+    params = dict(model.named_parameters())
+    for n in b.encoded_names():
+        want = from_row_matrix(b.rows(n), b.info(n)["shape"], bool(b.info(n).get("transposed")))
+        np.testing.assert_array_equal(params[n].detach().float().numpy(), want)
+
+
 def test_error_feedback_lowers_the_measured_kl(llama, tmp_path):
     from hhtld.calibrate.pipeline import encode_calibrated
 

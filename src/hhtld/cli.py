@@ -97,7 +97,8 @@ def cmd_encode(args) -> int:
     rep = encode(args.model, args.output, target=args.target, bpw=args.bpw, codec=args.codec, stages=args.stages,
                  k=args.k, leaf_lanes=args.leaf_lanes, rotate=args.rotate, gain=args.gain, seed=args.seed,
                  policy=policy if given else None, rules=rules, config=args.config, thresholds=thresholds,
-                 calibration_texts=args.calibration_texts, max_rounds=args.max_rounds,
+                 calibration_texts=args.calibration_texts, max_rounds=args.max_rounds, tune_steps=args.tune_steps,
+                 global_steps=args.global_steps,
                  sample_rows=args.sample_rows, threads=args.threads, include_aux=not args.no_aux_files,
                  progress=not args.quiet, log=None if (args.json or args.quiet) else print, resume=args.resume)
     for note in rep.notes:  # notes go to stderr whatever the output format
@@ -363,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-rounds", type=int, default=None, metavar="N",
                     help="encode again (analysis reused) while the check misses the target, at most N times "
                          "(default 2)")
+    tg.add_argument("--tune-steps", type=int, default=None, metavar="N",
+                    help="the block step after each round's encode: at most N Adam steps per block tuning the "
+                         "row gains to the original block's outputs (default 20; 0: none)")
+    tg.add_argument("--global-steps", type=int, default=None, metavar="N",
+                    help="the global step after it: N Adam steps tuning every row gain to the original model's "
+                         "outputs (default: on for models up to 1 GiB of float32 weights; 0: none)")
     tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
                     help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
                          "256 sentences for embedding models)")

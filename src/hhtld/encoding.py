@@ -29,8 +29,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from .budget.allocate import TARGETS, Allocation, check_budget_options, check_pack_output, encode_rows
 from .checkpoint import open_checkpoint
+from .calibrate.distill import DistillOptions
+from .calibrate.tuning import TuneOptions
 from .calibrate.units import calibrated_plan
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from .codecs.parallel import check_threads
@@ -84,10 +88,12 @@ class _Resolved:
     policy: EncodablePolicy
     rules: RuleTable
     max_rounds: int
+    tune_steps: int
+    global_steps: int | None
 
 
 def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
-             max_rounds, **named) -> _Resolved:
+             max_rounds, tune_steps=None, global_steps=None, **named) -> _Resolved:
     """The path the options choose, every option checked (:class:`OptionsError`) and every
     default filled in, before anything is read or written."""
     codec = DEFAULT_CODEC if codec is None else codec
@@ -120,7 +126,8 @@ def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config,
             raise OptionsError("--target/--bpw allocate the hhtl-vq codec; they do not apply to "
                                f"{'a fixed --stages setting' if codec == 'hhtl-vq' else 'codec ' + codec}")
         path_kind = "fixed"
-    behaviour_only = {"config": config, "calibration_texts": calibration_texts, "max_rounds": max_rounds}
+    behaviour_only = {"config": config, "calibration_texts": calibration_texts, "max_rounds": max_rounds,
+                      "tune_steps": tune_steps, "global_steps": global_steps}
     if path_kind == "fixed" and thresholds is not None:
         behaviour_only["thresholds"] = thresholds
     unused = [n for n, v in behaviour_only.items() if v is not None]
@@ -130,21 +137,26 @@ def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config,
         raise OptionsError(f"{flag} applies to --target behaviour, not to {what}")
     max_rounds = 2 if max_rounds is None else max_rounds
     check_budget_options(bpw, max_rounds)
+    tune_steps = TuneOptions().steps if tune_steps is None else tune_steps
+    TuneOptions(steps=tune_steps)  # refuses a bad count
+    if global_steps is not None:
+        DistillOptions(steps=global_steps)
     if policy is None:
         policy = EncodablePolicy(encode_all=True) if path_kind == "calibrated" else EncodablePolicy()
-    return _Resolved(path_kind, codec, opts, target, policy, rules, max_rounds)
+    return _Resolved(path_kind, codec, opts, target, policy, rules, max_rounds, tune_steps, global_steps)
 
 
 def plan(model, *, target: str | None = None, bpw: float | None = None, codec: str | None = None,
          stages: str | None = None, policy: EncodablePolicy | None = None, rules: RuleTable | None = None,
          group_by: str = "role", config=None, calibration_texts: int | None = None, max_rounds: int | None = None,
-         sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None) -> EncodePlan:
+         sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None,
+         tune_steps: int | None = None, global_steps: int | None = None) -> EncodePlan:
     """The units :func:`encode` would run with these options (:mod:`hhtld.pack.plan`), read
     from the checkpoint's headers and config only: nothing is run or written. The
     calibrated path's rungs are chosen after its analysis, so its plan holds one fit and
     one finish per group and says so; a second round is not planned."""
     c = _resolve(target, bpw, codec, None, policy, rules, group_by, config, None, calibration_texts, max_rounds,
-                 stages=stages)
+                 tune_steps, global_steps, stages=stages)
     ckpt = open_checkpoint(model)
     groups = plan_checkpoint(ckpt, c.policy, c.rules)
     width = check_threads(threads)
@@ -182,7 +194,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
            config=None, thresholds=None, calibration_texts: int | None = None, max_rounds: int | None = None,
            sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
            progress: bool = False, log: Callable[[str], None] | None = None,
-           codec_options: dict[str, Any] | None = None, resume: bool = False) -> EncodeReport:
+           codec_options: dict[str, Any] | None = None, resume: bool = False,
+           tune_steps: int | None = None, global_steps: int | None = None) -> EncodeReport:
     """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
     pack ``output``, written atomically; see the module for the paths the options choose.
 
@@ -194,7 +207,11 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     ``group_by`` (``role`` or ``input``) the grouping; ``thresholds``
     (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
     ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
-    gates too; given on another path they are refused); ``threads`` the worker threads (the pack is
+    gates too; given on another path they are refused); ``tune_steps`` the block step's
+    Adam steps per block after each round's encode (default 20; 0: no block step;
+    :mod:`hhtld.calibrate.tuning`) and ``global_steps`` those of the global step after it
+    (:mod:`hhtld.calibrate.distill`; default: on for models whose float32 weights fit
+    its memory bound, with a note otherwise; 0: none), behaviour target only; ``threads`` the worker threads (the pack is
     the same for any number); ``codec_options`` any other option of the codec (its
     ``defaults``), beside the named ones.
 
@@ -205,7 +222,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     interrupted run leaves nothing and an earlier run's units are removed."""
     t0 = time.perf_counter()
     c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
-                 max_rounds, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate, gain=gain, seed=seed)
+                 max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate, gain=gain,
+                 seed=seed)
     path_kind, codec, opts, target, policy, rules, max_rounds = (c.path, c.codec, c.opts, c.target, c.policy,
                                                                  c.rules, c.max_rounds)
     ckpt = open_checkpoint(model)
@@ -213,7 +231,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     options = {"path": path_kind, "codec": codec, "codec_options": opts, "target": target, "bpw": bpw,
                "policy": policy.to_json(), "rules": rules, "thresholds": thresholds, "config": config,
                "calibration_texts": calibration_texts, "max_rounds": max_rounds, "sample_rows": sample_rows,
-               "include_aux": include_aux}
+               "include_aux": include_aux, "tune_steps": c.tune_steps if path_kind == "calibrated" else None,
+               "global_steps": c.global_steps}
     notes: list[str] = []
     store = None
     try:
@@ -225,7 +244,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
             store = UnitStore(output, fingerprint(ckpt, options, config)).open(resume)
         res, allocation, path_kind = _run(model, output, path_kind, codec, opts, bpw, policy, rules, config,
                                           thresholds, calibration_texts, max_rounds, sample_rows, threads,
-                                          include_aux, progress, log, notes, store)
+                                          include_aux, progress, log, notes, store, c.tune_steps, c.global_steps)
     except (CheckpointError, CodecError, OptionsError):
         if store is not None:  # an error of the input or the options: a second run would meet it again
             store.done()
@@ -249,7 +268,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
 
 
 def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thresholds, calibration_texts,
-         max_rounds, sample_rows, threads, include_aux, progress, log, notes, store):
+         max_rounds, sample_rows, threads, include_aux, progress, log, notes, store, tune_steps, global_steps):
     """The chosen path: (the writer's result, the allocation or None, the path taken)."""
     if path_kind == "fixed":
         res = encode_checkpoint(model, output, codec=codec, codec_options=opts, policy=policy, rules=rules,
@@ -259,7 +278,8 @@ def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thre
     kw = dict(policy=policy, rules=rules, codec_options=opts, include_aux=include_aux, sample_rows=sample_rows,
               threads=threads, log=log, store=store)
     if path_kind == "calibrated":
-        done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes, **kw)
+        done = _calibrated(model, output, bpw, config, thresholds, calibration_texts, max_rounds, notes,
+                           tune_steps=tune_steps, global_steps=global_steps, **kw)
         if done is not None:
             return (*done, path_kind)
     res, allocation = encode_rows(model, output, bpw=bpw, thresholds=thresholds, progress=progress,
@@ -268,7 +288,7 @@ def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thre
 
 
 def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes, *, policy, rules, codec_options,
-                include_aux, sample_rows, threads, log, store):
+                include_aux, sample_rows, threads, log, store, tune_steps, global_steps):
     """The calibrated encode (:mod:`hhtld.calibrate`) as (result, allocation), or None (with a
     note) when the model cannot be run here."""
     from .measure.targets import Thresholds
@@ -290,11 +310,28 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
     res, report = encode_calibrated(model, output, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
                                     codec_options=codec_options, texts=texts, sample_rows=sample_rows,
                                     threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log,
-                                    store=store)
+                                    store=store, tune=TuneOptions(steps=tune_steps) if tune_steps else None,
+                                    distill=_global_step(model, global_steps, notes))
     alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
                        checks=[r["check"] for r in report.rounds], seconds=report.seconds)
     alloc.predicted = {"output_change": report.allocation.predicted}
     return res, alloc
+
+
+def _global_step(model, steps: int | None, notes: list[str]) -> DistillOptions | None:
+    """The global step's options: ``steps`` as given (0: none), or by default the step when the
+    model's float32 weights fit its memory bound (a note says why it did not run otherwise)."""
+    from .calibrate.distill import MAX_BYTES
+
+    if steps is not None:
+        return DistillOptions(steps=steps) if steps else None
+    ckpt = open_checkpoint(model)
+    size = 4 * sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
+    if size > MAX_BYTES:
+        notes.append(f"the global step holds the whole model in float32 ({size / 2**30:.1f} GiB, above "
+                     f"{MAX_BYTES / 2**30:.0f} GiB) and did not run; --global-steps N runs it anyway")
+        return None
+    return DistillOptions()
 
 
 def _report(res: EncodeResult, allocation: Allocation | None, policy: EncodablePolicy, path_kind: str,

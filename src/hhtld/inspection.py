@@ -101,6 +101,7 @@ def inspect_pack(path, check: bool = False) -> dict[str, Any]:
         "groups": groups,
         "passthrough": {"tensors": len(pt), "bytes": b["total"]["passthrough"]},
         "aux_files": p.aux_files(),
+        **({"calibration": p.manifest["calibration"]} if isinstance(p.manifest.get("calibration"), dict) else {}),
         **({"checked_arrays": checked} if check else {}),
     }
 
@@ -150,11 +151,29 @@ def format_inspect(info: dict[str, Any]) -> str:
             out.append(format_table(rows, ["group", "spearman", "mean |err|", "max |err|", "pairs"], {1, 2, 3, 4}))
         cats = ", ".join(f"{c} {human_bytes(n)}" for c, n in info["bytes_by_category"].items() if n)
         out.append(f"bytes: {cats}")
+        if info.get("calibration"):
+            out.append(_calibration_line(info["calibration"]))
         if "checked_arrays" in info:
             out.append(f"check: all {info['checked_arrays']} stored arrays match their hashes and declared values")
         out.append(f"pack {human_bytes(info['file_bytes'])}; source {human_bytes(info['source']['bf16_bytes'])} at bf16 "
                    f"→ ratio {info['ratio_vs_bf16']:.2f}:1 (weights only, side files excluded)")
     return "\n".join(out)
+
+
+def _calibration_line(cal: dict[str, Any]) -> str:
+    """How a calibrated pack was made, in one line: tokens, error feedback, the block step."""
+    tokens = cal.get("tokens")
+    line = (f"calibrated on {tokens} tokens of {cal.get('texts')} texts" if tokens else "calibrated") + \
+        (", error feedback" if cal.get("feedback") else ", no error feedback")
+    tune = cal.get("tuning")
+    if isinstance(tune, dict):
+        parts = "/".join(tune.get("parts") or [])
+        line += (f"; block step: the {parts} of {tune.get('blocks_tuned')} of {tune.get('blocks')} blocks tuned to the "
+                 f"original blocks' outputs (summed block loss {tune.get('loss_before', 0):.4g} → "
+                 f"{tune.get('loss_after', 0):.4g}); norms and biases as in the checkpoint")
+    else:
+        line += "; no block step"
+    return line
 
 
 def format_plan(info: dict[str, Any]) -> str:

@@ -49,6 +49,8 @@ from ..pack.units import UnitStore, unit_file
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
 from .layerwise import head_name
+from .distill import DistillOptions, DistillReport
+from .tuning import BlockTuning, TuneKeep, TuneOptions
 from .units import allocation_key, keep_key, stats_arrays, stats_from
 
 # How much calibration text, by family: texts for the Hessians, texts for the Fisher
@@ -83,6 +85,7 @@ class CalibrationReport:
     tokens: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tensor: rung, cosines, output error
+    tuning: dict[str, Any] | None = None  # the block step of the written round (loss per block before and after)
 
     def to_json(self) -> dict:
         groups: dict[str, dict[str, int]] = {}
@@ -92,7 +95,7 @@ class CalibrationReport:
         return {"family": self.family, "target": self.target, "met": self.met, "check": self.check,
                 "rounds": self.rounds, "notes": self.notes, "seconds": self.seconds, "calibration_tokens": self.tokens,
                 "bpw_tensors": round(self.allocation.bits / max(1, self.allocation.weights), 4),
-                "predicted_error": self.allocation.predicted, "rungs_per_group": groups,
+                "predicted_error": self.allocation.predicted, "rungs_per_group": groups, "tuning": self.tuning,
                 "tensors": [c.to_json() for c in self.allocation.choices.values()]}
 
 
@@ -615,6 +618,7 @@ class Calibration:
         try:
             t1 = time.perf_counter()
             self.store = HessianStore(self._work if keep is None else keep.folder / "hessians")
+            self.batches = batches  # the tuning runs on them again
             stats, info = analyse(self.lw, self.ckpt, self.plan, batches, self.store, log=log, seed=seed, ex=executor)
             self.tokens = info["tokens"]
             self.seconds["analyse"] = time.perf_counter() - t1
@@ -659,29 +663,114 @@ class Calibration:
             return fn()
         return self.ex.run(unit, fn, load=load, save=save)
 
-    def encode(self, out, alloc: TensorAllocation, feedback: bool = True) -> dict[str, Any]:
-        """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results."""
+    def encode(self, out, alloc: TensorAllocation, feedback: bool = True, tune: TuneOptions | None = None,
+               distill: DistillOptions | None = None) -> dict[str, Any]:
+        """Write the pack of allocation ``alloc`` to ``out`` (atomically); per-tensor results,
+        and under ``"tuning"`` what the block step (``tune``) and the global step
+        (``distill``) did."""
         if self.ex is None:
             with LocalExecutor(self.threads) as ex:
-                return self._encode(ex, out, alloc, feedback)
-        return self._encode(self.ex, out, alloc, feedback)
+                return self._encode(ex, out, alloc, feedback, tune, distill)
+        return self._encode(self.ex, out, alloc, feedback, tune, distill)
 
-    def _encode(self, ex: LocalExecutor, out, alloc: TensorAllocation, feedback: bool) -> dict[str, Any]:
-        ex.open_pack(Path(out), self.ckpt, self.plan)
-        try:
-            results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, ex,
-                                  self.codec_options, self.sample_rows, self.log, self._fits)
-        except BaseException:
-            ex.abort_pack()
-            raise
+    def _finish(self, ex: LocalExecutor, name: str, extra: dict[str, Any]) -> None:
         total = sum(int(np.prod(t.shape)) for t in self.plan.tensors.values())
-        ex.close_pack(Unit("manifest", "manifest", (), total), codec=make_codec("hhtl-vq", **self.codec_options),
-                      policy=self.policy,
-                      sample_rows=self.sample_rows, include_aux=self.include_aux,
-                      extra={"calibration": {"family": self.family, "tokens": self.tokens, "texts": self.n_texts,
-                                             "seq_len": self.seq_len if self.family == "causal" else None,
-                                             "feedback": bool(feedback)}})
-        return results
+        ex.close_pack(Unit("manifest", name, (), total), codec=make_codec("hhtl-vq", **self.codec_options),
+                      policy=self.policy, sample_rows=self.sample_rows, include_aux=self.include_aux,
+                      extra={"calibration": extra})
+
+    def _encode(self, ex: LocalExecutor, out, alloc: TensorAllocation, feedback: bool,
+                tune: TuneOptions | None, distill: DistillOptions | None) -> dict[str, Any]:
+        from ..format import tensor_array_name
+        from ..pack.reader import Pack
+
+        info = {"family": self.family, "tokens": self.tokens, "texts": self.n_texts,
+                "seq_len": self.seq_len if self.family == "causal" else None, "feedback": bool(feedback)}
+        first = Path(out)
+        if tune is not None or distill is not None:  # the encoded round, before its gains are tuned
+            fd, first = make_temp_file(Path(out), ".untuned")
+            os.close(fd)
+        try:
+            ex.open_pack(first, self.ckpt, self.plan)
+            try:
+                results = encode_pass(self.ckpt, self.plan, alloc, self.store if feedback else None, ex,
+                                      self.codec_options, self.sample_rows, self.log, self._fits)
+            except BaseException:
+                ex.abort_pack()
+                raise
+            self._finish(ex, "manifest", info)
+            if first == Path(out):
+                return results
+            untuned = Pack(first)
+            tuning = self._tune(ex, untuned, allocation_key(alloc) + f"|{bool(feedback)}", tune, distill)
+            ex.open_pack(Path(out), self.ckpt, self.plan)
+            try:
+                ex.writer.copy_encoded(untuned, {tensor_array_name(n, "gain"): g
+                                                 for n, g in tuning.pop("gains").items()})
+            except BaseException:
+                ex.abort_pack()
+                raise
+            del untuned
+            self._finish(ex, "manifest (tuned)", {**info, "tuning": {k: v for k, v in tuning.items()
+                                                                       if k != "per_block"}})
+            results["tuning"] = tuning
+            return results
+        finally:
+            if first != Path(out):
+                remove_temp(first)
+
+    def _tune(self, ex: LocalExecutor, untuned, key: str, tune: TuneOptions | None,
+              distill: DistillOptions | None) -> dict[str, Any]:
+        """The block step, then the global step, on the gains of the pack ``untuned``: the
+        gains to store (``"gains"``) and what each step measured."""
+        from .distill import distill_gains
+        from .tuning import tune_pack_gains
+
+        out: dict[str, Any] = {"parts": ["gain"]}
+        gains: dict[str, np.ndarray] = {}
+        if tune is not None:
+            gains, blocks = tune_pack_gains(
+                self.lw, untuned, self.batches, tune, log=self.log,
+                run_unit=lambda i, fn: ex.run(Unit("tune", f"block {i}", (), self.lw_block_weights(i)), fn),
+                keep=None if ex.store is None else _tune_keep(ex.store, key))
+            out["block_step"] = {**tune.to_json(), "blocks": len(blocks), "blocks_tuned": sum(b.kept for b in blocks),
+                                 "loss_before": float(sum(b.loss_before for b in blocks)),
+                                 "loss_after": float(sum(b.loss_after for b in blocks)),
+                                 "seconds": round(sum(b.seconds for b in blocks), 2)}
+            out["per_block"] = [b.to_json() for b in blocks]
+        if distill is not None:
+            k = keep_key("distil", "all tensors", key)
+            keep = ex.store
+
+            def load():
+                got = keep.arrays(k)
+                if got is None:
+                    return None
+                return ({n: np.array(got[0][f"g{j}"]) for j, n in enumerate(got[1]["names"])},
+                        DistillReport(**{f: got[1]["report"][f] for f in DistillReport.__dataclass_fields__}))
+
+            def save(res):
+                names = sorted(res[0])
+                keep.put_arrays(k, {f"g{j}": res[0][n] for j, n in enumerate(names)},
+                                {"names": names, "report": vars(res[1])})
+
+            weights = sum(int(np.prod(t.shape)) for g in self.plan.groups for t in g.tensors)
+            start = dict(gains)
+            got, rep = ex.run(Unit("distil", "all tensors", (), weights),
+                              lambda: distill_gains(self.lw, untuned, self.batches, self.family, distill, start,
+                                                    log=self.log),
+                              load=None if keep is None else load, save=None if keep is None else save)
+            gains.update(got)
+            out["global_step"] = {**distill.to_json(), **rep.to_json()}
+            if self.log:
+                log_line = (f"  global step: {rep.loss} {rep.loss_before:.4g} -> {rep.loss_after:.4g} "
+                            f"({rep.steps} steps, {rep.seconds:.0f} s{'' if rep.kept else ', not kept'})")
+                self.log(log_line)
+        out["gains"] = gains
+        return out
+
+    def lw_block_weights(self, i: int) -> int:
+        return sum(self.lw.numel(k) for k in self.lw.keys_under(self.lw.block_prefix(i)))
 
     def check(self, pack, key: str | None = None) -> dict[str, float]:
         """The pack against the original model on the check texts (per kind for causal LMs);
@@ -712,13 +801,49 @@ class Calibration:
         self.close()
 
 
+def _tune_keep(store: UnitStore, round_key: str) -> TuneKeep:
+    """The block step's finished blocks in the unit store: per block its gains and record,
+    and the two streams of the last finished block (an earlier block's are removed)."""
+
+    def key(kind: str, i: int) -> str:
+        return keep_key("tune", f"{kind} {i}", round_key)
+
+    def load(i: int):
+        got = store.arrays(key("block", i))
+        if got is None:
+            return None
+        arrays, meta = got
+        return {n: np.array(arrays[f"g{j}"]) for j, n in enumerate(meta["names"])}, BlockTuning.from_json(meta["record"])
+
+    def carry(i: int):
+        got = store.arrays(key("carry", i))
+        if got is None:
+            return None
+        a = got[0]
+        n = got[1]["batches"]
+        return [a[f"o{j}"] for j in range(n)], [a[f"p{j}"] for j in range(n)]
+
+    def save(i: int, gains, rec: BlockTuning, original, pack) -> None:
+        arrays = {f"o{j}": h.numpy() for j, h in enumerate(original)}
+        arrays.update({f"p{j}": h.numpy() for j, h in enumerate(pack)})
+        store.put_arrays(key("carry", i), arrays, {"batches": len(original)})
+        names = sorted(gains)
+        store.put_arrays(key("block", i), {f"g{j}": gains[n] for j, n in enumerate(names)},
+                         {"names": names, "record": rec.to_json()})
+        if i:
+            store.path(key("carry", i - 1), ".safetensors").unlink(missing_ok=True)
+
+    return TuneKeep(load, carry, save)
+
+
 def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | None = None, config=None,
                       policy: EncodablePolicy = EncodablePolicy(), rules: RuleTable = DEFAULT_RULES,
                       codec_options: dict[str, Any] | None = None, texts: int | None = None,
                       seq_len: int = DEFAULT_SEQ_LEN, sample_rows: int = DEFAULT_SAMPLE_ROWS,
                       threads: int | None = None, include_aux: bool = True, check_texts: int | None = None,
                       max_rounds: int = 2, feedback: bool = True, log: Callable[[str], None] | None = None,
-                      store: UnitStore | None = None):
+                      store: UnitStore | None = None, tune: TuneOptions | None = TuneOptions(),
+                      distill: DistillOptions | None = None):
     """Calibrated hhtl-vq encode of ``model`` into ``out`` (module docstring).
 
     Without ``bpw`` the allocation aims at ``target`` (:class:`Target`): if the
@@ -726,7 +851,9 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     check measured and the tensors are encoded again (analysis reused), up to
     ``max_rounds``. With ``bpw`` one round spends that budget (bits per encoded
     weight, tensor parts) and the check is reported without a target.
-    ``feedback=False`` encodes without error feedback (the same allocation).
+    ``feedback=False`` encodes without error feedback (the same allocation); ``tune``:
+    the block step after each round's encode (:mod:`hhtld.calibrate.tuning`), None for none;
+    ``distill``: the global step after it (:mod:`hhtld.calibrate.distill`), None for none.
     Each round is written next to ``out`` and only the chosen one renamed onto
     it. ``store``: where finished units are kept and read back (``--resume``).
     Returns (EncodeResult, CalibrationReport); ``report.met`` says whether
@@ -768,17 +895,22 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                 fd, tmp = make_temp_file(out, ".round")
                 os.close(fd)
                 rounds.append(tmp)
-                results = cal.encode(rounds[-1], alloc, feedback=feedback)
+                results = cal.encode(rounds[-1], alloc, feedback=feedback, tune=tune, distill=distill)
+                tuning = results.pop("tuning", None)
                 if len(rounds) > 1:
                     remove_temp(rounds[-2])
                 sec[f"encode.{rnd}"] = time.perf_counter() - t1
+                if tuning is not None:
+                    sec[f"tune.{rnd}"] = sum(tuning.get(k, {}).get("seconds", 0.0) for k in ("block_step", "global_step"))
                 t1 = time.perf_counter()
                 check = cal.check(rounds[-1], key=f"{allocation_key(alloc)}|{bool(feedback)}")
                 sec[f"check.{rnd}"] = time.perf_counter() - t1
                 met = None if bpw is not None else target.met(fam, check)
                 report.rounds.append({"goal": goal, "predicted": alloc.predicted,
                                       "bpw_tensors": round(alloc.bits / cal.total_weights, 4), "check": check,
-                                      "met": met})
+                                      "met": met, "tuning": None if tuning is None else
+                                      {k: v for k, v in tuning.items() if k != "per_block"}})
+                report.tuning = tuning
                 report.allocation, report.check, report.met, report.results = alloc, check, met, results
                 if log:
                     flat = {k: v for k, v in check.items() if k != "kinds"}

@@ -14,6 +14,10 @@ The units, in order (:data:`hhtld.pack.plan.UNIT_KINDS` says what each does):
    A tensor whose rung is the same in the next round is not encoded again: its
    encode depends only on the checkpoint, its rung, its group's sample and its
    Hessian, so the kept result is the one the round would compute.
+5. per round with the block step: ``tune`` block 0 … n−1 — a **chain** (block ``i`` reads
+   the hidden states the tuned blocks before it produced) —, then the pack written again
+   with the tuned gains (a second ``manifest``) and its ``check``. Kept per block: its
+   gains and what the step measured; the two streams of the last finished block.
 """
 
 from __future__ import annotations
@@ -55,13 +59,15 @@ def allocation_key(alloc) -> str:
 
 def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, head: str | None = None,
                     rounds: int = 1, fisher_tokens: int = 0, logit_rows: int = 0,
-                    check_tokens: int = 0) -> EncodePlan:
+                    check_tokens: int = 0, tune_steps: int = 0) -> EncodePlan:
     """The units of a calibrated encode of ``plan`` (module docstring) for its first round:
     blocks from the tensor names, ``tokens`` calibration tokens (the hidden states the
     analysis carries: ``tokens`` × width float32, three copies), ``fisher_tokens`` those of
     the Fisher pass (every block's inputs are kept for the backward pass) and
     ``logit_rows`` the positions whose full-vocabulary logits it holds at once and
-    ``check_tokens`` those of the check (two streams of hidden states)."""
+    ``check_tokens`` those of the check (two streams of hidden states); ``tune_steps``: the
+    block step after each round's encode (one chain unit per block, then the pack written
+    again with the tuned gains)."""
     blocks: dict[int, list] = {}
     encoded = [t for g in plan.groups for t in g.tensors]
     outside = []
@@ -114,11 +120,31 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
             fin.append(fu.id)
             units += [fit, *enc, fu]
         man = Unit("manifest", f"round {rnd + 1}", tuple(fin), total)
-        units += [man, Unit("check", f"round {rnd + 1}", (man.id,), n_encoded, check)]
+        units.append(man)
+        if tune_steps:
+            prev = (man.id,)
+            for i in sorted(blocks):
+                w = sum(int(np.prod(t.shape)) for t in blocks[i])
+                # the block's weights, original and decoded; three streams; a step's activations
+                u = Unit("tune", f"block {i}{tag}", prev, w, 2 * FLOAT32 * w + carry + _step_memory(blocks[i], tokens))
+                units.append(u)
+                prev = (u.id,)
+            man = Unit("manifest", f"round {rnd + 1}, tuned gains", prev, total)
+            units.append(man)
+        units.append(Unit("check", f"round {rnd + 1}", (man.id,), n_encoded, check))
     notes = ["the rungs are chosen after the analysis: a group gets one fit and one finish per rung its tensors take",
              "a second round runs only when the first misses its target; it encodes again only the tensors whose "
              "rung changed"]
     return EncodePlan("calibrated", units, width, notes)
+
+
+def _step_memory(tensors, tokens: int) -> int:
+    """A block step's activations: every linear layer's input and output for the tokens of
+    one step (``TuneOptions.tokens``, at most the calibration's), kept for the backward pass."""
+    from .tuning import TuneOptions
+
+    n = min(tokens, TuneOptions().tokens) if tokens else TuneOptions().tokens
+    return sum(n * (t.row_shape[0] + t.row_shape[1]) * FLOAT32 for t in tensors if t.encoded)
 
 
 def keep_key(kind: str, name: str, extra: Any = "") -> str:

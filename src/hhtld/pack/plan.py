@@ -52,6 +52,10 @@ UNIT_KINDS: dict[str, tuple[str, str]] = {
     "fit": ("independent", "train a group's shared parts (palettes, leaf basis) at one setting on its row sample"),
     "encode": ("independent", "encode one tensor against its group's fit (with error feedback against its Hessian "
                               "on the calibrated path); its arrays are written in plan order"),
+    "tune": ("chain", "the block step: tune one block's row gains so that the block run with its decoded weights "
+                      "gives the original block's outputs (codes fixed; its inputs from the tuned blocks before it)"),
+    "distil": ("chain", "the global step: tune every tensor's row gains so that the whole model with its decoded "
+                        "weights gives the original's outputs on the calibration texts"),
     "finish": ("chain", "write a group's shared arrays and its manifest entry (after its tensors)"),
     "manifest": ("chain", "copy the tensors that are not encoded byte for byte, the side files, the manifest; the "
                           "reader's checks of every array; the rename over the target"),

@@ -230,6 +230,34 @@ class PackWriter:
         self._record(g, genc, old["params"], list(old["parts"]), tensor_parts)
         return GroupResult(g, genc.name, genc.options(), old["params"], nbytes, time.perf_counter() - t0, reused=True)
 
+    def copy_encoded(self, reuse, replace: dict[str, np.ndarray] | None = None) -> None:
+        """Every encoded group of the earlier pack ``reuse`` (written from the same
+        checkpoint and plan), array by array in its order, with its manifest entries;
+        ``replace`` (stored array name → array): arrays written instead of the earlier
+        pack's, of the same stored dtype and shape."""
+        replace = replace or {}
+        unknown = set(replace) - set(reuse.manifest["arrays"])
+        if unknown:
+            raise PackError(f"{reuse.path}: no stored array '{sorted(unknown)[0]}' to replace")
+        for old in reuse.groups:
+            for name in old["tensors"]:
+                info = reuse.info(name)
+                for part in info["parts"]:
+                    stored = tensor_array_name(name, part)
+                    arr = reuse.array(stored)
+                    new = replace.get(stored)
+                    if new is not None:
+                        if new.dtype != arr.dtype or new.shape != arr.shape:
+                            raise PackError(f"{reuse.path}: array '{stored}' replaced by {new.dtype} "
+                                            f"{list(new.shape)}, but it is stored as {arr.dtype} {list(arr.shape)}")
+                        arr = new
+                    self.add(stored, arr)
+                self.tensors[name].update({k: info[k] for k in ("kind", "group", "transposed", "row_shape",
+                                                                "params", "parts") if k in info})
+            for part in old["parts"]:
+                self.add(group_array_name(old["index"], part), reuse.array(group_array_name(old["index"], part)))
+            self.groups.append(json.loads(json.dumps(old)))
+
     # -- passthrough and side files ------------------------------------------------------------
     def add_passthrough(self, ckpt: Checkpoint, tp) -> None:
         raw = ckpt.read_raw(tp.name)
