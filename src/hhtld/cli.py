@@ -366,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 2)")
     tg.add_argument("--tune-steps", type=int, default=None, metavar="N",
                     help="the block step after each round's encode: at most N Adam steps per block tuning the "
-                         "row gains to the original block's outputs (default 20; 0: none)")
+                         "row gains to the original block's outputs (default 10; 0: none)")
     tg.add_argument("--global-steps", type=int, default=None, metavar="N",
-                    help="the global step after it: N Adam steps tuning every row gain to the original model's "
-                         "outputs (default: on for models up to 1 GiB of float32 weights; 0: none)")
+                    help="the global step after it: at most N Adam steps tuning the blocks' row gains to the "
+                         "original model's outputs, judged on calibration texts it does not train on (holds the "
+                         "whole model; default none)")
     tg.add_argument("--calibration-texts", type=int, default=None, metavar="N",
                     help="calibration texts (default: 32 prose passages of 256 tokens for causal LMs, "
                          "256 sentences for embedding models)")

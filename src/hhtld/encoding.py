@@ -179,7 +179,9 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
                                fisher_tokens=min(texts, FISHER_TEXTS[family]) * seq,
                                logit_rows=FISHER_BATCH[family] * seq if family == "causal" else 0,
                                check_tokens=(CHECK_TEXTS[family] * len(USE_KINDS["check"]) * CHECK_SEQ_LEN
-                                             if family == "causal" else texts * seq))
+                                             if family == "causal" else texts * seq),
+                               tune_steps=c.tune_steps, texts=texts,
+                               global_steps=c.global_steps or 0)
     p = data_free_plan(groups, sample_rows, width, c.codec, c.opts, path=c.path)
     if c.path == "rows":
         p.notes.append("the rows target's rungs are chosen from row trials before the encode; a group whose "
@@ -208,10 +210,9 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
     ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
     gates too; given on another path they are refused); ``tune_steps`` the block step's
-    Adam steps per block after each round's encode (default 20; 0: no block step;
+    Adam steps per block after each round's encode (default 10; 0: no block step;
     :mod:`hhtld.calibrate.tuning`) and ``global_steps`` those of the global step after it
-    (:mod:`hhtld.calibrate.distill`; default: on for models whose float32 weights fit
-    its memory bound, with a note otherwise; 0: none), behaviour target only; ``threads`` the worker threads (the pack is
+    (:mod:`hhtld.calibrate.distill`; default none), behaviour target only; ``threads`` the worker threads (the pack is
     the same for any number); ``codec_options`` any other option of the codec (its
     ``defaults``), beside the named ones.
 
@@ -222,8 +223,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     interrupted run leaves nothing and an earlier run's units are removed."""
     t0 = time.perf_counter()
     c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
-                 max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate, gain=gain,
-                 seed=seed)
+                 max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate,
+                 gain=gain, seed=seed)
     path_kind, codec, opts, target, policy, rules, max_rounds = (c.path, c.codec, c.opts, c.target, c.policy,
                                                                  c.rules, c.max_rounds)
     ckpt = open_checkpoint(model)
@@ -319,19 +320,18 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
 
 
 def _global_step(model, steps: int | None, notes: list[str]) -> DistillOptions | None:
-    """The global step's options: ``steps`` as given (0: none), or by default the step when the
-    model's float32 weights fit its memory bound (a note says why it did not run otherwise)."""
+    """The global step's options: ``steps`` as given (None or 0: none); a note says what it
+    holds for a model above its memory bound."""
     from .calibrate.distill import MAX_BYTES
 
-    if steps is not None:
-        return DistillOptions(steps=steps) if steps else None
+    if not steps:
+        return None
     ckpt = open_checkpoint(model)
     size = 4 * sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
     if size > MAX_BYTES:
-        notes.append(f"the global step holds the whole model in float32 ({size / 2**30:.1f} GiB, above "
-                     f"{MAX_BYTES / 2**30:.0f} GiB) and did not run; --global-steps N runs it anyway")
-        return None
-    return DistillOptions()
+        notes.append(f"the global step holds the whole model in float32 ({size / 2**30:.1f} GiB) and one batch's "
+                     "activations")
+    return DistillOptions(steps=steps)
 
 
 def _report(res: EncodeResult, allocation: Allocation | None, policy: EncodablePolicy, path_kind: str,

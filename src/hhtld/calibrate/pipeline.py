@@ -711,8 +711,10 @@ class Calibration:
                 ex.abort_pack()
                 raise
             del untuned
-            self._finish(ex, "manifest (tuned)", {**info, "tuning": {k: v for k, v in tuning.items()
-                                                                       if k != "per_block"}})
+            # the manifest holds what the bytes depend on: the figures, never the times
+            summary = {k: ({f: x for f, x in v.items() if f != "seconds"} if isinstance(v, dict) else v)
+                       for k, v in tuning.items() if k != "per_block"}
+            self._finish(ex, "manifest (tuned)", {**info, "tuning": summary})
             results["tuning"] = tuning
             return results
         finally:
@@ -813,7 +815,8 @@ def _tune_keep(store: UnitStore, round_key: str) -> TuneKeep:
         if got is None:
             return None
         arrays, meta = got
-        return {n: np.array(arrays[f"g{j}"]) for j, n in enumerate(meta["names"])}, BlockTuning.from_json(meta["record"])
+        gains = {n: np.array(arrays[f"g{j}"]) for j, n in enumerate(meta["names"])}
+        return gains, BlockTuning.from_json(meta["record"])
 
     def carry(i: int):
         got = store.arrays(key("carry", i))
@@ -901,7 +904,8 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                     remove_temp(rounds[-2])
                 sec[f"encode.{rnd}"] = time.perf_counter() - t1
                 if tuning is not None:
-                    sec[f"tune.{rnd}"] = sum(tuning.get(k, {}).get("seconds", 0.0) for k in ("block_step", "global_step"))
+                    sec[f"tune.{rnd}"] = sum(tuning.get(k, {}).get("seconds", 0.0)
+                                             for k in ("block_step", "global_step"))
                 t1 = time.perf_counter()
                 check = cal.check(rounds[-1], key=f"{allocation_key(alloc)}|{bool(feedback)}")
                 sec[f"check.{rnd}"] = time.perf_counter() - t1

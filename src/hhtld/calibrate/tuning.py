@@ -46,9 +46,9 @@ class TuneOptions:
     ``lr`` on ``tokens`` calibration tokens each; a pass over the batches that lowers
     the loss by less than ``min_gain`` (relative) ends it."""
 
-    steps: int = 20
+    steps: int = 10
     tokens: int = 2048
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_gain: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -307,5 +307,5 @@ def tune_pack_gains(lw, pack, batches, opts: TuneOptions, *, log: Callable[[str]
     return gains, report
 
 
-__all__ = ["TUNE_THREADS", "BlockTuning", "Scaled", "TuneKeep", "TuneOptions", "gain_ratio", "stored_gain", "tune_block",
-           "tune_pack_gains"]
+__all__ = ["TUNE_THREADS", "BlockTuning", "Scaled", "TorchThreads", "TuneKeep", "TuneOptions", "gain_ratio",
+           "stored_gain", "tune_block", "tune_pack_gains"]

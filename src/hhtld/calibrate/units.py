@@ -15,9 +15,10 @@ The units, in order (:data:`hhtld.pack.plan.UNIT_KINDS` says what each does):
    encode depends only on the checkpoint, its rung, its group's sample and its
    Hessian, so the kept result is the one the round would compute.
 5. per round with the block step: ``tune`` block 0 … n−1 — a **chain** (block ``i`` reads
-   the hidden states the tuned blocks before it produced) —, then the pack written again
-   with the tuned gains (a second ``manifest``) and its ``check``. Kept per block: its
-   gains and what the step measured; the two streams of the last finished block.
+   the hidden states the tuned blocks before it produced) —, the global step ``distil``
+   (one unit: the whole model), then the pack written again with the tuned gains (a
+   second ``manifest``) and its ``check``. Kept per block: its gains and what the step
+   measured; the two streams of the last finished block; the global step's gains.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from ..budget.trials import TRIAL_ROWS
 from ..classify import Plan
 from ..pack.plan import FLOAT32, FLOAT64, EncodePlan, Unit, block_of, unit_memory
 from .allocation import TensorStats
+from .distill import DistillOptions
+from .tuning import TuneOptions
 
 _STAT_FIELDS = ("rows", "cols", "output_energy", "ldl_trace", "trace", "sensitivity")
 
@@ -59,15 +62,18 @@ def allocation_key(alloc) -> str:
 
 def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, head: str | None = None,
                     rounds: int = 1, fisher_tokens: int = 0, logit_rows: int = 0,
-                    check_tokens: int = 0, tune_steps: int = 0) -> EncodePlan:
+                    check_tokens: int = 0, tune_steps: int = 0, global_steps: int = 0,
+                    texts: int = 1) -> EncodePlan:
     """The units of a calibrated encode of ``plan`` (module docstring) for its first round:
     blocks from the tensor names, ``tokens`` calibration tokens (the hidden states the
     analysis carries: ``tokens`` × width float32, three copies), ``fisher_tokens`` those of
     the Fisher pass (every block's inputs are kept for the backward pass) and
     ``logit_rows`` the positions whose full-vocabulary logits it holds at once and
-    ``check_tokens`` those of the check (two streams of hidden states); ``tune_steps``: the
-    block step after each round's encode (one chain unit per block, then the pack written
-    again with the tuned gains)."""
+    ``check_tokens`` those of the check (two streams of hidden states), ``texts`` the
+    calibration texts ``tokens`` come from; ``tune_steps``: the
+    block step after each round's encode (one chain unit per block) and ``global_steps`` the
+    global step after it (one unit holding the whole model), then the pack written again
+    with the tuned gains."""
     blocks: dict[int, list] = {}
     encoded = [t for g in plan.groups for t in g.tensors]
     outside = []
@@ -121,12 +127,22 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
             units += [fit, *enc, fu]
         man = Unit("manifest", f"round {rnd + 1}", tuple(fin), total)
         units.append(man)
-        if tune_steps:
+        if tune_steps or global_steps:
             prev = (man.id,)
-            for i in sorted(blocks):
+            for i in sorted(blocks) if tune_steps else ():
                 w = sum(int(np.prod(t.shape)) for t in blocks[i])
                 # the block's weights, original and decoded; three streams; a step's activations
-                u = Unit("tune", f"block {i}{tag}", prev, w, 2 * FLOAT32 * w + carry + _step_memory(blocks[i], tokens))
+                step = min(tokens, TuneOptions().tokens) if tokens else TuneOptions().tokens
+                u = Unit("tune", f"block {i}{tag}", prev, w, 2 * FLOAT32 * w + carry + _step_memory(blocks[i], step))
+                units.append(u)
+                prev = (u.id,)
+            if global_steps:
+                # the whole model in float32 twice (decoded, and the scaled copy the step differentiates)
+                # and one step's activations of every block
+                step = DistillOptions().texts * (tokens // max(1, texts))
+                acts = sum(_step_memory(ts, step) for ts in blocks.values())
+                u = Unit("distil", f"all tensors{tag}", prev, n_encoded, 2 * FLOAT32 * total + acts
+                         + 3 * step * vocab * FLOAT32)
                 units.append(u)
                 prev = (u.id,)
             man = Unit("manifest", f"round {rnd + 1}, tuned gains", prev, total)
@@ -139,12 +155,9 @@ def calibrated_plan(plan: Plan, *, width: int, sample_rows: int, tokens: int, he
 
 
 def _step_memory(tensors, tokens: int) -> int:
-    """A block step's activations: every linear layer's input and output for the tokens of
-    one step (``TuneOptions.tokens``, at most the calibration's), kept for the backward pass."""
-    from .tuning import TuneOptions
-
-    n = min(tokens, TuneOptions().tokens) if tokens else TuneOptions().tokens
-    return sum(n * (t.row_shape[0] + t.row_shape[1]) * FLOAT32 for t in tensors if t.encoded)
+    """A step's activations: every linear layer's input and output for ``tokens`` tokens,
+    kept for the backward pass."""
+    return sum(tokens * (t.row_shape[0] + t.row_shape[1]) * FLOAT32 for t in tensors if t.encoded)
 
 
 def keep_key(kind: str, name: str, extra: Any = "") -> str:
