@@ -393,27 +393,52 @@ def pack_candidate(path: str | os.PathLike, ckpt: Checkpoint, label: str | None 
 HHTLD_BPW = (3.5, 4.0, 4.5, 5.0, 6.0)  # calibrated budgets (bits per weight of the tensors' own parts)
 
 
-VARIANTS = ("tuned", "feedback", "plain")
+VARIANTS = ("tuned", "global", "feedback", "plain")
 
 
 def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW, variants=VARIANTS,
-                     log: Callable[[str], None] = print) -> list[Candidate]:
+                     log: Callable[[str], None] = print, budgets_only: bool = False) -> list[Candidate]:
     """hhtld's rows, encoded here into ``folder``: the default (``--target behaviour``:
     calibrated, KL <= 0.02 on every kind of check text, tuned), the data-free ``--target
     rows``, and the calibrated encode at fixed budgets (one calibration, reused) in the
-    ``variants``: ``tuned`` (error feedback, then the block and global steps, as the
-    default does), ``feedback`` (error feedback, no tuning), ``plain`` (neither). Every
-    matrix is encoded (``--encode-all``)."""
+    ``variants``: ``tuned`` (error feedback, then the block step, as the default does),
+    ``global`` (and the global step after it), ``feedback`` (error feedback, no tuning),
+    ``plain`` (neither). Every
+    matrix is encoded (``--encode-all``). ``budgets_only``: the fixed budgets alone."""
     from threadpoolctl import threadpool_limits
 
     from hhtld.classify import EncodablePolicy
-    from hhtld import encode
     from hhtld.calibrate.distill import DistillOptions
     from hhtld.calibrate.pipeline import Calibration
     from hhtld.calibrate.tuning import TuneOptions
 
     pol = EncodablePolicy(encode_all=True)
     folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    if not budgets_only:
+        out += _default_and_rows(model, ckpt, folder, pol, log)
+    labels = {"tuned": "", "global": " (+ global step)", "feedback": " (error feedback, no tuning)",
+              "plain": " (no error feedback, no tuning)"}
+    with threadpool_limits(limits=1, user_api="blas"), Calibration(model, folder, policy=pol, log=log) as cal:
+        for b in bpws:
+            alloc = cal.allocate(bpw=b)
+            for v in variants:
+                t0 = time.perf_counter()
+                name = f"bpw{b}-{v}"
+                cal.encode(folder / f"{name}.hhtld", alloc, feedback=v != "plain",
+                           tune=TuneOptions() if v in ("tuned", "global") else None,
+                           distill=DistillOptions() if v == "global" else None)
+                out.append(pack_candidate(folder / f"{name}.hhtld", ckpt,
+                                          f"hhtld --target behaviour --bpw {b}{labels[v]}"))
+                out[-1].note = f"calibrated allocation, predicted KL {alloc.predicted:.4f}"
+                out[-1].seconds = time.perf_counter() - t0
+    return out
+
+
+def _default_and_rows(model, ckpt, folder, pol, log) -> list[Candidate]:
+    """The default encode and the data-free ``--target rows``, as rows."""
+    from hhtld import encode
+
     out = []
     t0 = time.perf_counter()
     al = encode(model, folder / "default.hhtld", target="behaviour", policy=pol, log=log).allocation
@@ -426,20 +451,6 @@ def hhtld_candidates(model: Path, ckpt: Checkpoint, folder: Path, bpws=HHTLD_BPW
     al = encode(model, folder / "rows.hhtld", target="rows", policy=pol, log=log).allocation
     out.append(pack_candidate(folder / "rows.hhtld", ckpt, "hhtld --target rows (data-free)"))
     out[-1].note, out[-1].seconds = "data-free; causal minimum rungs", time.perf_counter() - t0
-    labels = {"tuned": "", "feedback": " (error feedback, no tuning)", "plain": " (no error feedback, no tuning)"}
-    with threadpool_limits(limits=1, user_api="blas"), Calibration(model, folder, policy=pol, log=log) as cal:
-        for b in bpws:
-            alloc = cal.allocate(bpw=b)
-            for v in variants:
-                t0 = time.perf_counter()
-                name = f"bpw{b}-{v}"
-                tuned = v == "tuned"
-                cal.encode(folder / f"{name}.hhtld", alloc, feedback=v != "plain",
-                           tune=TuneOptions() if tuned else None, distill=DistillOptions() if tuned else None)
-                out.append(pack_candidate(folder / f"{name}.hhtld", ckpt,
-                                          f"hhtld --target behaviour --bpw {b}{labels[v]}"))
-                out[-1].note = f"calibrated allocation, predicted KL {alloc.predicted:.4f}"
-                out[-1].seconds = time.perf_counter() - t0
     return out
 
 
@@ -539,8 +550,10 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
                     help="also encode and evaluate hhtld: the default, --target rows, and calibrated --bpw "
                          f"{', '.join(map(str, HHTLD_BPW))} with and without error feedback (packs in bench/out/causal)")
     ap.add_argument("--hhtld-variants", default=",".join(VARIANTS), metavar="V,V,...",
-                    help="with --hhtld: the fixed-budget packs to make (tuned: as the default; feedback: error "
-                         "feedback, no tuning; plain: neither; default all three)")
+                    help="with --hhtld: the fixed-budget packs to make (tuned: as the default; global: and the "
+                         "global step; feedback: error feedback, no tuning; plain: neither; default all four)")
+    ap.add_argument("--hhtld-budgets-only", action="store_true",
+                    help="with --hhtld: only the fixed budgets (not the default and --target rows encodes)")
     ap.add_argument("--hhtld-bpw", default=None, metavar="B,B,...",
                     help=f"with --hhtld: the calibrated budgets (default {','.join(map(str, HHTLD_BPW))}; --quick 4.0,5.0)")
     ap.add_argument("--llama-cpp", default=None, metavar="T,T,...",
@@ -581,7 +594,8 @@ def main(argv: list[str] | None = None, candidates: list[Candidate] = ()) -> dic
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
             ap.error(f"--hhtld-variants: unknown variant {bad[0]!r} (known: {', '.join(VARIANTS)})")
-        extra += hhtld_candidates(model, ckpt, HERE / "out" / "causal", bpws, variants)
+        extra += hhtld_candidates(model, ckpt, HERE / "out" / "causal", bpws, variants,
+                                  budgets_only=args.hhtld_budgets_only)
     res = run(model, methods, n_texts, n_calib, extra)
     command = "python bench/causal.py" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
     res["command"] = command

@@ -265,3 +265,17 @@ def test_calibrated_encode_of_the_real_smollm2(smollm2_dir, tmp_path):
     held = compare_causal(runner, texts, None, PackSource(out, runner.checkpoint),
                           kinds=[k for k in USE_KINDS["heldout"] for _ in range(2)])
     assert held["kl_mean"] < 0.1 and held["ppl_ratio"] < 1.1, held["kinds"]
+
+
+def test_a_round_is_taken_only_within_the_check_margin():
+    """The tuned default's round 1 checked at KL 0.0195 / ratio 1.0193 and missed the held-out
+    notes kind (0.0232): within the target, but not within its margin, so a second round runs."""
+    from hhtld.calibrate.pipeline import CHECK_MARGIN, Target
+
+    t = Target()
+    edge = {"kl_mean": 0.0195, "ppl_ratio": 1.0193}
+    assert t.met("causal", edge) and not t.met("causal", edge, CHECK_MARGIN["causal"])
+    assert t.met("causal", {"kl_mean": 0.0159, "ppl_ratio": 1.0159}, CHECK_MARGIN["causal"])
+    assert not t.met("causal", {"kl_mean": 0.01, "ppl_ratio": 1.0161}, CHECK_MARGIN["causal"])
+    emb = {"top1": 0.95, "cos_mean": 0.995}
+    assert t.met("embedding", emb, CHECK_MARGIN["embedding"])

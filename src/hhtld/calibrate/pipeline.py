@@ -15,13 +15,18 @@
    the decoded weights, and the next block sees its output. Embedding and
    output tables are encoded last (an output head against the Hessian of the
    final hidden states).
-4. **Check.** The written pack against the original model on the check
+4. **Tuning.** With the codes chosen, the per-row gains are tuned: block by
+   block to the original block's outputs (:mod:`hhtld.calibrate.tuning`),
+   then, when asked, end to end (:mod:`hhtld.calibrate.distill`).
+5. **Check.** The written pack against the original model on the check
    passages (causal LMs: passages of the calibration kinds that calibration
    did not use, plus a kind it never sees; each kind on its own), mean
    next-token KL and perplexity ratio, met only when every kind meets them;
    top-1 retrieval and embedding cosine on the calibration sentences
-   (embedding models). A target that is not met is reported as missed; the
-   pack is still written.
+   (embedding models). A round is taken when every kind meets the target
+   within :data:`CHECK_MARGIN` (room for kinds of text the check never
+   sees); otherwise the next round aims lower. A target that is not met is
+   reported as missed; the pack is still written.
 """
 
 from __future__ import annotations
@@ -516,9 +521,12 @@ class Target:
             return self.max_kl
         return min(1.0 - self.min_cosine, EMBED_TOP1_CHANGE)
 
-    def met(self, family: str, check: dict) -> bool:
+    def met(self, family: str, check: dict, margin: float = 1.0) -> bool:
+        """Whether ``check`` meets the target; ``margin`` < 1: with that share of the allowed
+        KL and perplexity excess (causal LMs; embedding models' figures take no margin)."""
         if family == "causal":
-            return check["kl_mean"] <= self.max_kl and check["ppl_ratio"] <= self.max_ppl_ratio
+            return (check["kl_mean"] <= margin * self.max_kl
+                    and check["ppl_ratio"] - 1.0 <= margin * (self.max_ppl_ratio - 1.0))
         return check["top1"] >= self.min_top1 and check["cos_mean"] >= self.min_cosine
 
     def to_json(self, family: str) -> dict:
@@ -536,6 +544,12 @@ class Target:
 SHARE = {"causal": 0.6, "embedding": 0.7}
 EMBED_TOP1_CHANGE = 0.0015  # 1 − cos of sentence embeddings that kept ≥ 95 % top-1 retrieval on MiniLM
 RETIGHTEN = 0.6  # a round that met the change but missed top-1 / perplexity aims this much lower
+# A round is taken when its check meets the target within this share of the allowed KL and
+# perplexity excess: the held-out text includes a kind the check never sees. Measured on
+# SmolLM2-135M: the tuned default's round 1 checked at KL 0.0195 / ratio 1.0193 (worst kinds)
+# and gave 0.0232 (notes, never seen) / 1.0206 on the held-out passages — 1.19x the KL; the
+# untuned default 0.0117 / 1.0148 on the check, 0.0119 / 1.0108 held out.
+CHECK_MARGIN = {"causal": 0.8, "embedding": 1.0}
 
 
 def change_of(family: str, check: dict) -> float:
@@ -910,9 +924,10 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                 check = cal.check(rounds[-1], key=f"{allocation_key(alloc)}|{bool(feedback)}")
                 sec[f"check.{rnd}"] = time.perf_counter() - t1
                 met = None if bpw is not None else target.met(fam, check)
+                safe = None if bpw is not None else target.met(fam, check, CHECK_MARGIN[fam])
                 report.rounds.append({"goal": goal, "predicted": alloc.predicted,
                                       "bpw_tensors": round(alloc.bits / cal.total_weights, 4), "check": check,
-                                      "met": met, "tuning": None if tuning is None else
+                                      "met": met, "within_margin": safe, "tuning": None if tuning is None else
                                       {k: v for k, v in tuning.items() if k != "per_block"}})
                 report.tuning = tuning
                 report.allocation, report.check, report.met, report.results = alloc, check, met, results
@@ -924,7 +939,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
                         log(f"  {kind}: KL {v['kl_mean']:.4g}, perplexity ratio {v['ppl_ratio']:.4f}, "
                             f"top-1 {100 * v['top1']:.1f}%" if fam == "causal" else
                             f"  {kind}: top-1 retrieval {100 * v['top1']:.1f}%, cosine {v['cos_mean']:.4f}")
-                if met is None or met or rnd + 1 == max_rounds:
+                if met is None or safe or rnd + 1 == max_rounds:
                     break
                 measured = change_of(fam, check)
                 ratio = measured / alloc.predicted if alloc.predicted > 0 else 1.0
@@ -939,6 +954,9 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     if report.met is False:
         report.notes.append("the behaviour target was not met on every kind of check text after "
                             f"{len(report.rounds)} round{'s' if len(report.rounds) != 1 else ''}")
+    elif report.met and not report.rounds[-1]["within_margin"]:
+        report.notes.append(f"the check met the behaviour target but not within its margin ({CHECK_MARGIN[fam]:g} "
+                            "of the allowed change): text of other kinds may miss it")
     sec["total"] = time.perf_counter() - t0
     report.seconds = {k: round(v, 2) for k, v in sec.items()}
     return EncodeResult(out, ckpt.path, sec["total"], cal.total_weights, plan), report
