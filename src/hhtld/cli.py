@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 2)")
     tg.add_argument("--tune-steps", type=int, default=None, metavar="N",
                     help="the block step after each round's encode: at most N Adam steps per block tuning the "
-                         "row gains to the original block's outputs (default 10; 0: none)")
+                         "row gains to the original block's outputs (default 10 for causal LMs; 0, none, for "
+                         "embedding models, whose check ranks the calibration sentences themselves)")
     tg.add_argument("--global-steps", type=int, default=None, metavar="N",
                     help="the global step after it: at most N Adam steps tuning the blocks' row gains to the "
                          "original model's outputs, judged on calibration texts it does not train on (holds the "

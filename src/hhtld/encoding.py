@@ -88,7 +88,7 @@ class _Resolved:
     policy: EncodablePolicy
     rules: RuleTable
     max_rounds: int
-    tune_steps: int
+    tune_steps: int | None  # None: by family (default_tune_steps)
     global_steps: int | None
 
 
@@ -137,8 +137,8 @@ def _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config,
         raise OptionsError(f"{flag} applies to --target behaviour, not to {what}")
     max_rounds = 2 if max_rounds is None else max_rounds
     check_budget_options(bpw, max_rounds)
-    tune_steps = TuneOptions().steps if tune_steps is None else tune_steps
-    TuneOptions(steps=tune_steps)  # refuses a bad count
+    if tune_steps is not None:
+        TuneOptions(steps=tune_steps)  # refuses a bad count
     if global_steps is not None:
         DistillOptions(steps=global_steps)
     if policy is None:
@@ -180,7 +180,8 @@ def plan(model, *, target: str | None = None, bpw: float | None = None, codec: s
                                logit_rows=FISHER_BATCH[family] * seq if family == "causal" else 0,
                                check_tokens=(CHECK_TEXTS[family] * len(USE_KINDS["check"]) * CHECK_SEQ_LEN
                                              if family == "causal" else texts * seq),
-                               tune_steps=c.tune_steps, texts=texts,
+                               tune_steps=default_tune_steps(family) if c.tune_steps is None else c.tune_steps,
+                               texts=texts,
                                global_steps=c.global_steps or 0)
     p = data_free_plan(groups, sample_rows, width, c.codec, c.opts, path=c.path)
     if c.path == "rows":
@@ -210,7 +211,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     (:class:`hhtld.gates.Thresholds`), ``config``, ``calibration_texts`` and
     ``max_rounds`` (default 2) the behaviour target (``thresholds`` the rows target's row
     gates too; given on another path they are refused); ``tune_steps`` the block step's
-    Adam steps per block after each round's encode (default 10; 0: no block step;
+    Adam steps per block after each round's encode (default 10 for causal LMs, 0 — none —
+    for embedding models: :func:`default_tune_steps`;
     :mod:`hhtld.calibrate.tuning`) and ``global_steps`` those of the global step after it
     (:mod:`hhtld.calibrate.distill`; default none), behaviour target only; ``threads`` the worker threads (the pack is
     the same for any number); ``codec_options`` any other option of the codec (its
@@ -298,7 +300,7 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
         from .calibrate.layerwise import build_empty
         from .calibrate.pipeline import Target, encode_calibrated
 
-        build_empty(model, config)  # fails fast (no config, no tokenizer, no torch) before any work
+        family = build_empty(model, config)[2]  # fails fast (no config, no tokenizer, no torch) before any work
     except GateError as e:
         notes.append(f"target behaviour needs a runnable model ({e}); falling back to --target rows")
         return None
@@ -311,12 +313,25 @@ def _calibrated(model, output, bpw, config, thresholds, texts, max_rounds, notes
     res, report = encode_calibrated(model, output, target=tgt, bpw=bpw, config=config, policy=policy, rules=rules,
                                     codec_options=codec_options, texts=texts, sample_rows=sample_rows,
                                     threads=threads, include_aux=include_aux, max_rounds=max_rounds, log=log,
-                                    store=store, tune=TuneOptions(steps=tune_steps) if tune_steps else None,
+                                    store=store, tune=_block_step(tune_steps, family),
                                     distill=_global_step(model, global_steps, notes))
     alloc = Allocation("behaviour", {}, notes + report.notes, calibration=report, met=report.met,
                        checks=[r["check"] for r in report.rounds], seconds=report.seconds)
     alloc.predicted = {"output_change": report.allocation.predicted}
     return res, alloc
+
+
+def default_tune_steps(family: str) -> int:
+    """The block step's default by family: on for causal LMs; off for embedding models, whose
+    check ranks the calibration sentences themselves (a pack tuned on them would be checked
+    on the text it was fitted to: MiniLM's tuned round passed its check at 95.3 % top-1 and
+    kept 93.0 % on held-out dialogue)."""
+    return TuneOptions().steps if family == "causal" else 0
+
+
+def _block_step(steps: int | None, family: str) -> TuneOptions | None:
+    steps = default_tune_steps(family) if steps is None else steps
+    return TuneOptions(steps=steps) if steps else None
 
 
 def _global_step(model, steps: int | None, notes: list[str]) -> DistillOptions | None:
