@@ -869,7 +869,8 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     ``max_rounds``. With ``bpw`` one round spends that budget (bits per encoded
     weight, tensor parts) and the check is reported without a target.
     ``feedback=False`` encodes without error feedback (the same allocation); ``tune``:
-    the block step after each round's encode (:mod:`hhtld.calibrate.tuning`), None for none;
+    the block step after each round's encode (:mod:`hhtld.calibrate.tuning`), None for none
+    (:func:`hhtld.encode` passes None for embedding models by default);
     ``distill``: the global step after it (:mod:`hhtld.calibrate.distill`), None for none.
     Each round is written next to ``out`` and only the chosen one renamed onto
     it. ``store``: where finished units are kept and read back (``--resume``).
