@@ -36,8 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import OptionsError
-from .tuning import TUNE_THREADS, TorchThreads, gain_ratio, stored_gain
+from .tuning import TUNE_THREADS, TorchThreads, check_options, gain_ratio, stored_gain
 
 TOP_K = 64  # the original's most likely tokens kept per position
 MAX_BYTES = 1 << 30  # float32 weights above which a note says what the global step holds
@@ -56,12 +55,7 @@ class DistillOptions:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name, lo in (("steps", 0), ("texts", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise OptionsError(f"global step: {name} must be an integer ≥ {lo}, got {v!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr >= 0:
-            raise OptionsError(f"global step: lr must be a number ≥ 0, got {self.lr!r}")
+        check_options(self, "global step", {"steps": 0, "texts": 1}, ("lr",))
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "texts": self.texts, "lr": self.lr}

@@ -108,6 +108,10 @@ class LayerwiseModel:
         """Elements of parameter ``key`` (materialised or not)."""
         return int(self._param(key).numel())
 
+    def block_numel(self, i: int) -> int:
+        """Elements of block i's parameters (materialised or not)."""
+        return sum(self.numel(k) for k in self.keys_under(self.block_prefix(i)))
+
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k, _ in self.model.named_parameters(remove_duplicate=False)
                 if k == prefix or k.startswith(prefix + ".")]

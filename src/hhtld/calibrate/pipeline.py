@@ -291,7 +291,7 @@ def analyse(lw, ckpt, plan, batches, store: HessianStore, log=None, seed: int = 
             keep.path(keep_key("analyse", f"carry {i - 1}"), ".safetensors").unlink(missing_ok=True)
 
     for i in range(start, len(lw.blocks)):
-        unit = Unit("analyse", f"block {i}", (), sum(lw.numel(k) for k in lw.keys_under(lw.block_prefix(i))))
+        unit = Unit("analyse", f"block {i}", (), lw.block_numel(i))
         if ex is None:
             block(i)
         else:
@@ -747,7 +747,7 @@ class Calibration:
         if tune is not None:
             gains, blocks = tune_pack_gains(
                 self.lw, untuned, self.batches, tune, log=self.log,
-                run_unit=lambda i, fn: ex.run(Unit("tune", f"block {i}", (), self.lw_block_weights(i)), fn),
+                run_unit=lambda i, fn: ex.run(Unit("tune", f"block {i}", (), self.lw.block_numel(i)), fn),
                 keep=None if ex.store is None else _tune_keep(ex.store, key))
             out["block_step"] = {**tune.to_json(), "blocks": len(blocks), "blocks_tuned": sum(b.kept for b in blocks),
                                  "loss_before": float(sum(b.loss_before for b in blocks)),
@@ -784,9 +784,6 @@ class Calibration:
                 self.log(log_line)
         out["gains"] = gains
         return out
-
-    def lw_block_weights(self, i: int) -> int:
-        return sum(self.lw.numel(k) for k in self.lw.keys_under(self.lw.block_prefix(i)))
 
     def check(self, pack, key: str | None = None) -> dict[str, float]:
         """The pack against the original model on the check texts (per kind for causal LMs);

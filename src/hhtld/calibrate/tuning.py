@@ -40,6 +40,19 @@ from ..errors import OptionsError
 TUNE_THREADS = 2  # torch's threads inside the step: fixed, so the pack does not depend on --threads
 
 
+def check_options(opts, what: str, counts: dict[str, int], numbers: tuple[str, ...]) -> None:
+    """Refuse (:class:`OptionsError`, naming ``what``) a field of ``opts`` in ``counts`` that is
+    not an integer at least its bound, or one in ``numbers`` that is not a number ≥ 0."""
+    for name, lo in counts.items():
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise OptionsError(f"{what}: {name} must be an integer ≥ {lo}, got {v!r}")
+    for name in numbers:
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise OptionsError(f"{what}: {name} must be a number ≥ 0, got {v!r}")
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """How long the block step may run: at most ``steps`` Adam steps of learning rate
@@ -52,14 +65,7 @@ class TuneOptions:
     min_gain: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name, lo in (("steps", 0), ("tokens", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise OptionsError(f"tuning: {name} must be an integer ≥ {lo}, got {v!r}")
-        for name in ("lr", "min_gain"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise OptionsError(f"tuning: {name} must be a number ≥ 0, got {v!r}")
+        check_options(self, "tuning", {"steps": 0, "tokens": 1}, ("lr", "min_gain"))
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "lr": self.lr, "min_gain": self.min_gain}
@@ -307,5 +313,5 @@ def tune_pack_gains(lw, pack, batches, opts: TuneOptions, *, log: Callable[[str]
     return gains, report
 
 
-__all__ = ["TUNE_THREADS", "BlockTuning", "Scaled", "TorchThreads", "TuneKeep", "TuneOptions", "gain_ratio",
-           "stored_gain", "tune_block", "tune_pack_gains"]
+__all__ = ["TUNE_THREADS", "BlockTuning", "Scaled", "TorchThreads", "TuneKeep", "TuneOptions", "check_options",
+           "gain_ratio", "stored_gain", "tune_block", "tune_pack_gains"]
