@@ -280,6 +280,43 @@ def _check_materialised(model, where: Path) -> None:
         raise LoadError(f"{where}: {len(meta)} tensor(s) of the model were left unfilled: {_listed(meta)}")
 
 
+def fill_model(p: Pack, net, dtype, device, keep_compressed: bool, cache_layers: int, codec_space: bool,
+               strict: bool, tables: str = "int16", trainable: bool = True) -> LoadInfo:
+    """Fill ``net`` (built empty: parameters on ``meta``) from pack ``p``: every pack
+    tensor decoded into its parameter or buffer, or with ``keep_compressed`` kept as
+    its stored parts in hhtld's compressed modules (swapped in at the end). Tied
+    parameters stay one tensor. ``trainable=False``: every parameter without grad."""
+    import torch
+
+    slots, info = plan_fill(p, net, strict)
+    comp = None
+    if keep_compressed:
+        from .compress_model import CompressPlan
+
+        comp = CompressPlan(p, net, dtype, cache_layers, device, codec_space, tables)
+    with torch.no_grad():
+        for slot in slots:
+            if comp is not None and comp.take(slot):
+                info.compressed.append(slot.source)
+                continue
+            value = decode_tensor(p, slot.source, device)
+            if slot.is_param:
+                old = net.get_parameter(slot.keys[0])
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                grad = trainable and old.requires_grad and value.is_floating_point()
+                value = torch.nn.Parameter(value, requires_grad=grad)
+            else:
+                old = net.get_buffer(slot.keys[0])
+                value = value.to(dtype=old.dtype)
+            for key in slot.keys:
+                _set_tensor(net, key, value, slot.is_param)
+            info.decoded.append(slot.source)
+        if comp is not None:
+            comp.install()
+    return info
+
+
 # -- the public calls ----------------------------------------------------------------------------
 def load(pack: str | os.PathLike | Pack, *, config=None, family: str | None = None, auto_class=None,
          dtype=None, device=None, keep_compressed: bool = False, cache_layers: int = 0, codec_space: bool = True,
@@ -339,32 +376,8 @@ def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, devic
     auto, fam = resolve_auto_class(cfg_dict, family, auto_class)
     build_dtype = dtype or _dominant_float_dtype(p)
     net = build_empty(auto, cfg, build_dtype, attn_implementation, p.path)
-    slots, info = plan_fill(p, net, strict)
+    info = fill_model(p, net, dtype, device, keep_compressed, cache_layers, codec_space, strict, tables)
     info.family = fam
-    comp = None
-    if keep_compressed:
-        from .compress_model import CompressPlan
-
-        comp = CompressPlan(p, net, dtype, cache_layers, device, codec_space, tables)
-    with torch.no_grad():
-        for slot in slots:
-            if comp is not None and comp.take(slot):
-                info.compressed.append(slot.source)
-                continue
-            value = decode_tensor(p, slot.source, device)
-            if slot.is_param:
-                old = net.get_parameter(slot.keys[0])
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
-                value = torch.nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
-            else:
-                old = net.get_buffer(slot.keys[0])
-                value = value.to(dtype=old.dtype)
-            for key in slot.keys:
-                _set_tensor(net, key, value, slot.is_param)
-            info.decoded.append(slot.source)
-        if comp is not None:
-            comp.install()
     if device is not None:
         net.to(device)
     _check_materialised(net, p.path)
