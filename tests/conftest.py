@@ -52,6 +52,31 @@ def minilm_dir() -> Path:
     return Path(g.get_model_path())
 
 
+@pytest.fixture(scope="session")
+def smollm2_pack(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 at ``--encode-all --stages 2`` (one data-free rung, about 4 bits a weight;
+    ``--encode-all`` so the 192-row k/v projections are encoded too)."""
+    from hhtld.classify import EncodablePolicy
+    from hhtld.pack import encode_checkpoint
+
+    pack = tmp_path_factory.mktemp("smollm2-pack") / "smollm2.hhtld"
+    encode_checkpoint(smollm2_dir, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
+                      codec_options={"stages": "2"}, threads=1)
+    return pack
+
+
+@pytest.fixture(scope="session")
+def minilm_pack(minilm_dir, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 at ``--encode-all --stages 2+4`` (one data-free rung)."""
+    from hhtld.classify import EncodablePolicy
+    from hhtld.pack import encode_checkpoint
+
+    pack = tmp_path_factory.mktemp("minilm-pack") / "minilm.hhtld"
+    encode_checkpoint(minilm_dir, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
+                      codec_options={"stages": "2+4"})
+    return pack
+
+
 def small_bert_tensors(seed: int = 0, rows: int = 600, cols: int = 64) -> dict[str, np.ndarray]:
     """BERT-like names: two layers of 'up' matrices, an embedding table, biases, an I64 buffer."""
     rng = np.random.default_rng(seed)

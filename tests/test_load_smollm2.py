@@ -14,8 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hhtld  # noqa: E402
-from hhtld.classify import EncodablePolicy  # noqa: E402
-from hhtld.pack import Pack, decode_pack, encode_checkpoint  # noqa: E402
+from hhtld.pack import Pack, decode_pack  # noqa: E402
 from hhtld.loader.compressed import CompressedEmbedding, CompressedLinear  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -33,14 +32,9 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def packs(smollm2_dir, tmp_path_factory):
-    """(pack, decoded folder): SmolLM2 at ``--encode-all --stages 2`` (one rung, about 4 bits a weight;
-    ``--encode-all`` so the 192-row k/v projections are encoded too)."""
-    root = tmp_path_factory.mktemp("smollm2-load")
-    pack = root / "smollm2.hhtld"
-    encode_checkpoint(smollm2_dir, pack, policy=EncodablePolicy(encode_all=True), codec="hhtl-vq",
-                      codec_options={"stages": "2"}, threads=1)
-    return pack, decode_pack(pack, root / "decoded").out_dir
+def packs(smollm2_pack, tmp_path_factory):
+    """(pack, decoded folder) of the session's SmolLM2 pack (conftest.py)."""
+    return smollm2_pack, decode_pack(smollm2_pack, tmp_path_factory.mktemp("smollm2-load") / "decoded").out_dir
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,13 @@ from .inspection import inspect_path as inspect
 from .gates import verify
 from .probe import probe_attention
 from .loader import embed, generate, load, load_sentence_transformer, load_tokenizer, weight_memory
+from .loader.hf_folder import export_hf
 
 __all__ = [
     "__version__",
     # the verbs
     "open_checkpoint", "encode", "decode", "open", "inspect", "verify", "probe_attention",
-    "load", "load_tokenizer", "load_sentence_transformer", "embed", "generate", "weight_memory",
+    "load", "load_tokenizer", "load_sentence_transformer", "embed", "generate", "weight_memory", "export_hf",
     # the errors
     "ArchitectureError", "CheckpointError", "CodecError", "GateError", "HhtldError", "LoadError",
     "MissingDependencyError", "NoConfigError", "OptionsError", "PackError", "TensorMismatchError",

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -80,6 +81,11 @@ def _check_outputs(args) -> None:
     plots = getattr(args, "plots", None)
     if plots and Path(plots).exists() and not Path(plots).is_dir():
         raise OptionsError(f"{plots}: exists and is not a folder; --plots takes a folder")
+    hf_dir = getattr(args, "hf_dir", None)
+    if hf_dir:
+        from .loader.hf_folder import check_hf_dir
+
+        check_hf_dir(hf_dir)
 
 
 def cmd_encode(args) -> int:
@@ -111,6 +117,10 @@ def cmd_encode(args) -> int:
     if rep.met is False:
         print(f"hhtld: target not met: {_target_line(rep.allocation)}; the pack was written (exit status 3)",
               file=sys.stderr)
+    if args.hf_dir:
+        from .loader.hf_folder import export_hf
+
+        rep.info["hf_dir"] = str(export_hf(args.output, args.hf_dir, command=args.command_line))
     if args.json:
         _emit_json(rep.info, args.json)
     else:
@@ -219,6 +229,36 @@ def cmd_verify(args) -> int:
         if args.json not in (True, "-"):
             print(f"wrote {len(paths)} plot(s) to {args.plots}")
     return 0 if (report.passed or args.no_fail) else 2
+
+
+def cmd_export_hf(args) -> int:
+    from .loader.hf_folder import check_verify_report, export_hf
+
+    report = None
+    if args.verify_json:
+        try:
+            report = json.loads(Path(args.verify_json).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OptionsError(f"{args.verify_json}: not a readable verify report ({e})") from None
+        from .pack import open_pack
+
+        check_verify_report(report, open_pack(args.pack), args.verify_json)
+    elif args.verify:
+        from .gates import verify
+
+        report = verify(args.verify, args.pack, texts=args.texts, progress=not args.quiet).to_json()
+    out = export_hf(args.pack, args.dir, verify_report=report, command=args.command_line)
+    files = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file())
+    if report is not None and not report["passed"]:
+        print("hhtld: note: not every gate of the verify report passed; the model card says which", file=sys.stderr)
+    summary = {"folder": str(out), "files": files, "verified": report is not None,
+               "passed": None if report is None else report["passed"]}
+    if args.json:
+        _emit_json(summary, args.json)
+    if args.json not in (True, "-"):
+        print(f"wrote {out} ({len(files)} files; model card: "
+              f"{'the verify report' if report is not None else 'no behaviour measured'})")
+    return 0
 
 
 def cmd_probe_attention(args) -> int:
@@ -393,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the finished units an interrupted encode of the same model with the same "
                         "options kept in OUTPUT.partial/ (the same pack as an uninterrupted run), and keep them if "
                         "this run is interrupted too; without it nothing partial is left")
+    e.add_argument("--hf-dir", default=None, metavar="DIR",
+                   help="also write the pack as a Hugging Face folder DIR (as hhtld export-hf, without a verify "
+                        "report)")
     e.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) the result as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no group table")
     _add_policy_args(e)
@@ -505,6 +548,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-cosine", type=float, metavar="X", help="gate 4: mean embedding cosine (default 0.995)")
     t.add_argument("--max-kl", type=float, metavar="X", help="gate 4: mean next-token KL in nats (default 0.02)")
     v.set_defaults(func=cmd_verify)
+
+    x = sub.add_parser("export-hf", help="write a pack as a Hugging Face folder (from_pretrained after import hhtld.hf)",
+                       description="Write PACK as a Hugging Face model folder DIR: config.json with a "
+                                   "quantization_config, the carried tokenizer and side files, the pack, and a model "
+                                   "card. Load it with `import hhtld.hf` and from_pretrained / pipeline / "
+                                   "SentenceTransformer.")
+    x.add_argument("pack", help="the .hhtld pack")
+    x.add_argument("dir", help="the folder to write (new, or empty)")
+    src = x.add_mutually_exclusive_group()
+    src.add_argument("--verify-json", metavar="FILE", help="the JSON of `hhtld verify MODEL PACK --json FILE`: its "
+                                                           "gates and figures per kind of text go into the card")
+    src.add_argument("--verify", metavar="MODEL", help="run hhtld verify against the original MODEL first "
+                                                       "(the card carries its figures)")
+    x.add_argument("--texts", type=int, default=None, metavar="N", help="with --verify: as verify --texts")
+    x.add_argument("--json", nargs="?", const=True, metavar="FILE", help="print (or write to FILE) what was written")
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_export_hf)
     return p
 
 
@@ -558,6 +618,7 @@ def _notes_to_stderr():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "hhtld " + shlex.join(sys.argv[1:] if argv is None else argv)
     with _notes_to_stderr(), _terminate_cleanly():
         try:
             return _run(args)

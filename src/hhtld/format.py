@@ -176,6 +176,20 @@ DTYPE_BYTES = {
     "F64": 8,
 }
 
+# --- a pack in a Hugging Face folder (``hhtld export-hf``, ``import hhtld.hf``) ------------
+HF_QUANT_METHOD = "hhtld"  # config.json's quantization_config.quant_method
+# The pack's file name in the folder: transformers opens a checkpoint with safetensors only
+# when its name ends in .safetensors, and reads it only when the registered quantizer names it.
+HF_PACK_NAME = "hhtld-pack.safetensors"
+# What config.json's "transformers_weights" names: a file that is never written. Plain
+# transformers (without ``import hhtld.hf``) opens it and stops with this name in its error;
+# the registered quantizer names the pack instead.
+HF_WEIGHTS_STANDIN = "import-hhtld.hf-to-load-this-folder.safetensors"
+HF_SOURCE_CARD = "README.source.md"  # the source model's own README.md, kept beside hhtld's card
+HF_EXPORT_KEEPS_OUT = ("README.md", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")  # carried side files the folder does not take as they are
+
+
 # --- byte-accounting categories of stored parts (gate 3 breakdown) ----------
 CATEGORIES = ("entries", "leaf", "palettes", "bases", "tables", "manifest", "passthrough", "aux_files")
 PART_CATEGORY = {

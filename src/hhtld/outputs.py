@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from .errors import OptionsError
 
-TEMP_SUFFIXES = (".data", ".tmp", ".round", ".untuned", ".calibration", ".units")
+TEMP_SUFFIXES = (".data", ".tmp", ".round", ".untuned", ".calibration", ".units", ".export")
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.hhtld-(?P<host>[A-Za-z0-9_]{1,24})-(?P<pid>[0-9]{1,10})-(?P<token>[0-9a-f]{8})"
                       r"(?P<suffix>" + "|".join(re.escape(s) for s in TEMP_SUFFIXES) + r")$")
 _live: set[Path] = set()  # temporary paths this process made and has not removed yet

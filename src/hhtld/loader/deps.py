@@ -16,14 +16,16 @@ _EXTRAS = {
 }
 
 
-def require(module: str, what: str) -> ModuleType:
+def require(module: str, what: str, extra: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` naming the extra.
 
-    ``what`` says what needed it, e.g. ``"hhtld.load"``."""
+    ``what`` says what needed it, e.g. ``"hhtld.load"``; ``extra``: the extra to name
+    (default the one that installs ``module``)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        dist, extra = _EXTRAS.get(module, (module, "load"))
+        dist, default = _EXTRAS.get(module, (module, "load"))
+        extra = extra or default
         raise MissingDependencyError(
             f"{what} needs {dist}, which is not installed ({e}); install it with pip install 'hhtld[{extra}]'"
         ) from None

@@ -25,7 +25,7 @@ from ..names import state_dict_candidates
 from ..kernels.vq import TABLES
 from ..pack.reader import DECODE_WORK, Pack
 from .deps import require, torch_and_transformers
-from .sidefiles import carried_config, has_file, open_pack_arg, read_json, side_files
+from .sidefiles import carried_config, dominant_float_dtype, has_file, open_pack_arg, read_json, side_files
 from .tensors import torch_dtype, to_torch
 
 BLOCK_BYTES = 8 << 20  # encoded tensors are decoded in blocks of rows of about this many float32 bytes
@@ -126,11 +126,8 @@ def family_of(pack, config=None) -> str:
 # -- empty construction ---------------------------------------------------------------
 def _dominant_float_dtype(pack: Pack):
     """The torch dtype holding most float elements of the pack (None if none)."""
-    count: dict[str, int] = {}
-    for t in pack.tensors.values():
-        if t["dtype"] in ("F32", "F16", "BF16", "F64"):
-            count[t["dtype"]] = count.get(t["dtype"], 0) + int(np.prod(t["shape"]))
-    return torch_dtype(max(count, key=count.get)) if count else None
+    name = dominant_float_dtype(pack)
+    return torch_dtype(name) if name else None
 
 
 def build_empty(auto, cfg, dtype, attn_implementation: str | None, where: Path):

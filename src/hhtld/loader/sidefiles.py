@@ -21,6 +21,19 @@ def open_pack_arg(pack: str | os.PathLike | Pack) -> Pack:
     return pack if isinstance(pack, Pack) else Pack(pack)
 
 
+def dominant_float_dtype(pack: Pack) -> str | None:
+    """The safetensors dtype (``F32``, ``BF16``, ...) holding most float elements of the
+    pack's tensors, None when it has none."""
+    count: dict[str, int] = {}
+    for t in pack.tensors.values():
+        if t["dtype"] in ("F32", "F16", "BF16", "F64"):
+            n = 1
+            for d in t["shape"]:
+                n *= int(d)
+            count[t["dtype"]] = count.get(t["dtype"], 0) + n
+    return max(count, key=count.get) if count else None
+
+
 def has_file(pack: Pack, rel: str) -> bool:
     return rel in pack.aux_files()
 
