@@ -371,3 +371,21 @@ def test_runner_without_tokenizer_says_so(llama, tmp_path):
         shutil.copy(llama / f, folder / f)
     with pytest.raises(GateError, match=r"no usable tokenizer next to the config"):
         ModelRunner.from_model(folder)
+
+
+def test_export_hf_with_verify_puts_the_figures_per_kind_in_the_model_card(llama, pack, tmp_path, capsys):
+    from hhtld.loader.model_card import figure, percent
+
+    assert main(["export-hf", str(pack), str(tmp_path / "hf"), "--verify", str(llama), "--texts", "2", "-q",
+                 "--json", str(tmp_path / "out.json")]) == 0
+    capsys.readouterr()
+    rep = verify(llama, pack, texts=2)  # the same measurement again: the card shows its figures
+    card = (tmp_path / "hf" / "README.md").read_text()
+    for g in rep.gates:
+        assert f"| {g.gate} | {g.name} | {g.value} | {g.target} | {'PASS' if g.passed else 'FAIL'} |" in card
+    for kind, v in rep.gate(4).measured["kinds"].items():
+        row = (f"| {kind} | {v['texts']} | {figure(v['kl_mean'])} | {figure(v['kl_p99'])} | {figure(v['ppl_a'])} | "
+               f"{figure(v['ppl_b'])} | {figure(v['ppl_ratio'])} | {percent(v['top1'])} |")
+        assert row in card
+    assert "from transformers import AutoModelForCausalLM" in card
+    assert json.loads((tmp_path / "out.json").read_text())["verified"] is True
