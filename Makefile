@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py src/hhtld/kernels/_lut.c
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a local file here), so transformers does not pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[verify,load,sentence-transformers,hf,dev,llm]'
+	$(BIN)/pip install -q -e '.[verify,load,sentence-transformers,hf,ray,dev,llm]'
 	touch $(STAMP)
 
 install: $(STAMP)

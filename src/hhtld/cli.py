@@ -106,7 +106,8 @@ def cmd_encode(args) -> int:
                  calibration_texts=args.calibration_texts, max_rounds=args.max_rounds, tune_steps=args.tune_steps,
                  global_steps=args.global_steps,
                  sample_rows=args.sample_rows, threads=args.threads, include_aux=not args.no_aux_files,
-                 progress=not args.quiet, log=None if (args.json or args.quiet) else print, resume=args.resume)
+                 progress=not args.quiet, log=None if (args.json or args.quiet) else print, resume=args.resume,
+                 executor=args.executor, ray_address=args.ray_address)
     for note in rep.notes:  # notes go to stderr whatever the output format
         print(f"hhtld: note: {note}", file=sys.stderr)
     small = [t for t in rep.result.plan.passthrough if t.reason == "below size thresholds"]
@@ -433,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the finished units an interrupted encode of the same model with the same "
                         "options kept in OUTPUT.partial/ (the same pack as an uninterrupted run), and keep them if "
                         "this run is interrupted too; without it nothing partial is left")
+    e.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the tensor encodes run: 'local' threads (default) or 'ray', a Ray cluster "
+                        "(pip install 'hhtld[ray]'; a local one of --threads workers unless --ray-address); the "
+                        "pack is the same bytes")
+    e.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the address of a running cluster (e.g. ray://host:10001 or auto)")
     e.add_argument("--hf-dir", default=None, metavar="DIR",
                    help="also write the pack as a Hugging Face folder DIR (as hhtld export-hf, without a verify "
                         "report)")

@@ -38,6 +38,7 @@ from .calibrate.tuning import TuneOptions
 from .calibrate.units import calibrated_plan
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from .codecs.parallel import check_threads
+from .pack.executor import EXECUTORS, ExecutorChoice, executor_choice
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import CheckpointError, CodecError, GateError, HhtldNote, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS
@@ -198,7 +199,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
            sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None, include_aux: bool = True,
            progress: bool = False, log: Callable[[str], None] | None = None,
            codec_options: dict[str, Any] | None = None, resume: bool = False,
-           tune_steps: int | None = None, global_steps: int | None = None) -> EncodeReport:
+           tune_steps: int | None = None, global_steps: int | None = None, executor: str = "local",
+           ray_address: str | None = None) -> EncodeReport:
     """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
     pack ``output``, written atomically; see the module for the paths the options choose.
 
@@ -224,6 +226,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     byte for byte), and keep them if this run is interrupted too; without it, an
     interrupted run leaves nothing and an earlier run's units are removed."""
     t0 = time.perf_counter()
+    choice = _executor_choice(executor, ray_address, threads)
     c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
                  max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate,
                  gain=gain, seed=seed)
@@ -245,9 +248,11 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
         # units are kept to resume, and on the calibrated path for its second round
         if resume or path_kind == "calibrated":
             store = UnitStore(output, fingerprint(ckpt, options, config)).open(resume)
-        res, allocation, path_kind = _run(model, output, path_kind, codec, opts, bpw, policy, rules, config,
-                                          thresholds, calibration_texts, max_rounds, sample_rows, threads,
-                                          include_aux, progress, log, notes, store, c.tune_steps, c.global_steps)
+        with executor_choice(choice):
+            res, allocation, path_kind = _run(model, output, path_kind, codec, opts, bpw, policy, rules, config,
+                                              thresholds, calibration_texts, max_rounds, sample_rows, threads,
+                                              include_aux, progress, log, notes, store, c.tune_steps,
+                                              c.global_steps)
     except (CheckpointError, CodecError, OptionsError):
         if store is not None:  # an error of the input or the options: a second run would meet it again
             store.done()
@@ -268,6 +273,14 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     rep.notes = notes + [n for n in rep.notes if n not in notes]
     rep.info["resumed_units"] = reused if store is not None and store.kept else 0
     return rep
+
+
+def _executor_choice(executor: str, ray_address: str | None, threads: int | None) -> ExecutorChoice:
+    if executor not in EXECUTORS:
+        raise OptionsError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if ray_address is not None and executor != "ray":
+        raise OptionsError("a Ray address is for --executor ray")
+    return ExecutorChoice(executor, ray_address, check_threads(threads))
 
 
 def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thresholds, calibration_texts,

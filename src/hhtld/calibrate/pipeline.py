@@ -48,7 +48,7 @@ from ..errors import GateError, OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
 from ..pack.encode import tensor_unit_key
-from ..pack.executor import LocalExecutor
+from ..pack.executor import LocalExecutor, make_executor
 from ..pack.plan import Unit
 from ..pack.units import UnitStore, unit_file
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
@@ -683,7 +683,7 @@ class Calibration:
         and under ``"tuning"`` what the block step (``tune``) and the global step
         (``distill``) did."""
         if self.ex is None:
-            with LocalExecutor(self.threads) as ex:
+            with make_executor(self.threads) as ex:
                 return self._encode(ex, out, alloc, feedback, tune, distill)
         return self._encode(self.ex, out, alloc, feedback, tune, distill)
 
@@ -889,7 +889,7 @@ def encode_calibrated(model, out, *, target: Target | None = None, bpw: float | 
     out.parent.mkdir(parents=True, exist_ok=True)
     # numpy's BLAS on one thread next to torch's: two thread pools spinning on two cores
     # made small Cholesky factorisations 20-30x slower
-    with threadpool_limits(limits=1, user_api="blas"), LocalExecutor(threads, store) as ex, \
+    with threadpool_limits(limits=1, user_api="blas"), make_executor(threads, store) as ex, \
             Calibration(model, out, config=config, policy=policy, rules=rules, codec_options=codec_options,
                         texts=texts, seq_len=seq_len, sample_rows=sample_rows, threads=threads,
                         include_aux=include_aux, check_texts=check_texts, log=log, executor=ex) as cal:

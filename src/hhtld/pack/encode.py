@@ -29,7 +29,7 @@ from ..codecs.registry import make_codec
 from ..errors import OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import check_output_file
-from .executor import LocalExecutor
+from .executor import LocalExecutor, make_executor
 from .plan import EncodePlan, Unit, unit_memory
 from .units import UnitStore
 from .writer import MIN_SAMPLE_ROWS, EncodeResult, GroupResult, check_storable, row_stats
@@ -107,7 +107,7 @@ def encode_checkpoint(
                            "rows" if check_group is not None else "fixed")
     results: list[GroupResult] = []
     n_encoded = 0
-    with LocalExecutor(threads, store) as ex:
+    with make_executor(threads, store) as ex:
         pw = ex.open_pack(out, ckpt, plan)
         bar = tqdm(total=len(plan.tensors), unit="tensor", desc="encode", disable=not progress,
                    dynamic_ncols=True, leave=True)

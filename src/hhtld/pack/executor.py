@@ -17,6 +17,9 @@ same order.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -105,15 +108,7 @@ class LocalExecutor:
         (a lone unit) the pool for its own blocks, the units then running one by one."""
         store = self.store if keys is not None else None
         todo = [i for i in range(len(units)) if store is None or not store.has(keys[i])]
-
-        def timed(i, pool):
-            t0 = time.perf_counter()
-            out = fn(i, pool)
-            return out, time.perf_counter() - t0
-
-        runs = ordered_map(lambda i: timed(i, self.pool if threads_inside else None), todo,
-                           None if threads_inside else self.pool, window=self.width)
-        pending = iter(zip(todo, runs))
+        pending = iter(zip(todo, self._run_all(units, todo, fn, threads_inside)))
         wanted = set(todo)
         for i in range(len(units)):
             if i not in wanted:
@@ -121,7 +116,7 @@ class LocalExecutor:
                 if got is not None:
                     yield i, got
                     continue
-                out, sec = timed(i, self.pool)  # damaged: done again, here
+                out, sec = _timed(fn, i, self.pool)  # damaged: done again, here
             else:
                 j, (out, sec) = next(pending)
                 assert j == i
@@ -130,5 +125,54 @@ class LocalExecutor:
                 store.put_tensor(keys[i], out)
             yield i, out
 
+    def _run_all(self, units: Sequence[Unit], todo: list[int], fn: Callable[[int, Any], Any],
+                 threads_inside: bool) -> Iterator[tuple[Any, float]]:
+        """``(fn(i, pool), seconds)`` for every ``i`` of ``todo``, in order (what another
+        executor replaces to run them elsewhere)."""
+        return ordered_map(lambda i: _timed(fn, i, self.pool if threads_inside else None), todo,
+                           None if threads_inside else self.pool, window=self.width)
 
-__all__ = ["LocalExecutor"]
+
+def _timed(fn: Callable[[int, Any], Any], i: int, pool) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(i, pool)
+    return out, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """Where an encode runs its units: ``local`` (threads here) or ``ray`` (a Ray cluster at
+    ``address``, or a local one of ``workers`` workers when None)."""
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+
+
+EXECUTORS = ("local", "ray")
+_CHOICE: ContextVar[ExecutorChoice] = ContextVar("hhtld_executor", default=ExecutorChoice())
+
+
+@contextmanager
+def executor_choice(choice: ExecutorChoice) -> Iterator[None]:
+    """Within it, :func:`make_executor` makes executors of ``choice``."""
+    token = _CHOICE.set(choice)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+def make_executor(threads: int | None = None, store: UnitStore | None = None,
+                  timings: UnitTimings | None = None) -> LocalExecutor:
+    """The executor an encode runs on: the local one, or within :func:`executor_choice` of
+    ``ray`` a :class:`~hhtld.pack.ray_executor.RayExecutor` (``threads``: its width)."""
+    choice = _CHOICE.get()
+    if choice.kind == "local":
+        return LocalExecutor(threads, store, timings)
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(threads, store, timings, address=choice.address, workers=choice.workers)
+
+
+__all__ = ["EXECUTORS", "ExecutorChoice", "LocalExecutor", "executor_choice", "make_executor"]

@@ -1,0 +1,172 @@
+"""The Ray executor: an encode plan's independent units on a Ray cluster.
+
+``hhtld encode ... --executor ray [--ray-address ADDR]`` (extra ``ray``). The driver —
+this process — plans, runs the chain units (group fits, finishes, the calibrated
+analysis and tuning, the manifest) and is the only writer of the pack; the independent
+units (tensor encodes) go to Ray tasks, at most twice the cluster's width in flight.
+A task gets the unit's function, which holds the checkpoint's *path and headers* and
+the group's fitted parts, never weights: each worker reads its own rows of the
+checkpoint (the file must be reachable at the same path on every node, as a model
+folder on shared storage is) and hands back the encoded parts. Results are taken in
+plan order, so the writes — and the pack's bytes — are those of the local executor,
+whatever the number of workers (tested). Without ``address`` a local cluster of
+``workers`` (default: the usable cores) is started and stopped with the encode.
+
+Faults: a task whose worker is lost, or that raises anything but an
+:class:`~hhtld.errors.HhtldError`, is run once more on another worker
+(``RETRIES``); a second failure ends the encode with one :class:`ExecutorError`
+naming the unit. An ``HhtldError`` (a bad tensor, a bad option) would fail again
+the same way: it is not retried and reaches the caller as it is. On an interrupt
+or an error the tasks in flight are cancelled and the pack is aborted as with the
+local executor (nothing partial at the target; ``--resume`` continues from the
+units kept so far, which the driver keeps as results arrive).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from ..errors import HhtldError, MissingDependencyError, first_line
+from .executor import LocalExecutor
+from .plan import Unit, UnitTimings
+from .units import UnitStore
+
+RETRIES = 1  # a failed or lost unit runs once more, on another worker
+IN_FLIGHT = 2  # tasks in flight per worker: the next one waits on a worker, not on the driver
+# tasks run on one thread each (the cluster's width is the parallelism); faiss's OpenMP
+# pool would otherwise take every core of the node in every worker
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "HHTLD_DECODE_THREADS": "1"}
+
+
+class ExecutorError(HhtldError):
+    """A unit of an encode failed on the cluster twice (the message names the unit)."""
+
+
+def _ray():
+    try:
+        import ray  # noqa: PLC0415
+    except ImportError as e:
+        raise MissingDependencyError(f"--executor ray needs ray, which is not installed ({e}); install it with "
+                                     "pip install 'hhtld[ray]'") from None
+    return ray
+
+
+def _unit_task(fn: Callable[[int, Any], Any], i: int) -> tuple[str, Any, float]:
+    """What a Ray task runs: ``("ok", fn(i, None), seconds)``, or ``("error", e, 0)`` for an
+    HhtldError (returned, not raised: Ray retries what is raised)."""
+    t0 = time.perf_counter()
+    try:
+        out = fn(i, None)
+    except HhtldError as e:
+        return "error", e, 0.0
+    return "ok", out, time.perf_counter() - t0
+
+
+class RayExecutor(LocalExecutor):
+    """Runs the independent units on Ray (module docstring); chain units and the writes
+    stay here. ``threads``: the width of a local cluster (and of this process's pool for
+    the chain units); ``address``: an existing cluster's; ``workers``: a local cluster's
+    worker count (default ``threads``)."""
+
+    def __init__(self, threads: int | None = None, store: UnitStore | None = None,
+                 timings: UnitTimings | None = None, address: str | None = None, workers: int | None = None):
+        super().__init__(threads, store, timings)
+        self.address = address
+        self.workers = workers or self.threads
+        self.bytes_back = 0  # what the tasks handed back (encoded parts), for the benchmarks
+        self._started = False
+        self._task = None
+        self._cluster_width = 1
+
+    def __enter__(self) -> "RayExecutor":
+        ray = _ray()
+        if not ray.is_initialized():
+            env = {"env_vars": dict(WORKER_ENV)}
+            try:
+                if self.address:
+                    ray.init(address=self.address, runtime_env=env, log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(num_cpus=self.workers, include_dashboard=False, runtime_env=env, log_to_driver=False,
+                             configure_logging=False)
+            except Exception as e:  # ray's own errors: a wrong address, a cluster that does not answer
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+                raise ExecutorError(f"cannot start or reach {where}: {type(e).__name__}: {first_line(e)}") from None
+            self._started = True
+        self._cluster_width = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(_unit_task)
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            if self._started:
+                _ray().shutdown()
+                self._started = False
+
+    @property
+    def cluster_width(self) -> int:
+        return self._cluster_width
+
+    def _run_all(self, units: Sequence[Unit], todo: list[int], fn: Callable[[int, Any], Any],
+                 threads_inside: bool) -> Iterator[tuple[Any, float]]:
+        ray = _ray()
+        fn_ref = ray.put(fn)  # once per call: the function and what it holds (a group's fit, the tensors' plans)
+        waiting = iter(todo)
+        flight: collections.deque = collections.deque()
+
+        def submit() -> None:
+            j = next(waiting, None)
+            if j is not None:
+                flight.append((j, self._task.options(name=units[j].id).remote(fn_ref, j)))
+
+        try:
+            for _ in range(IN_FLIGHT * self._cluster_width):
+                submit()
+            while flight:
+                j, ref = flight.popleft()
+                status, out, sec = self._result(ray, units[j], ref)
+                submit()
+                if status == "error":
+                    raise out
+                self.bytes_back += _nbytes(out)
+                yield out, sec
+        finally:
+            for _, ref in flight:  # an error or an interrupt: nothing more runs for this encode
+                ray.cancel(ref, force=True)
+
+    @staticmethod
+    def _result(ray, unit: Unit, ref) -> tuple[str, Any, float]:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None) or e
+            raise ExecutorError(f"unit '{unit.id}' failed on two workers: {type(cause).__name__}: "
+                                f"{first_line(cause)}") from None
+        except ray.exceptions.RayError as e:  # the worker (or its node) was lost, twice
+            raise ExecutorError(f"unit '{unit.id}' failed on two workers: its worker was lost "
+                                f"({type(e).__name__}: {first_line(e)})") from None
+
+
+def _nbytes(out: Any) -> int:
+    """Bytes of the numpy arrays in a unit's result (an encoded tensor)."""
+    import numpy as np
+
+    seen = 0
+    stack = [out]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, np.ndarray):
+            seen += x.nbytes
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif hasattr(x, "__dict__"):
+            stack.extend(vars(x).values())
+    return seen
+
+
+__all__ = ["IN_FLIGHT", "RETRIES", "ExecutorError", "RayExecutor"]
