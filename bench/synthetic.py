@@ -17,6 +17,7 @@ deep       1024    2816          32      16     16        8000
 =========  ======  ============  ======  =====  ========  ================
 
     python bench/synthetic.py --size 1.1b --out DIR
+    python bench/synthetic.py --size 7b --layers 2 --tokenizer --out DIR   # its first 2 blocks only
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ml_dtypes
@@ -89,9 +90,10 @@ SIZES = {
 }
 
 
-def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
-    """Write the checkpoint of ``size`` into folder ``out`` (skipped when its index exists)."""
-    shape = SIZES[size]
+def write_checkpoint(size: str, out: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """Write the checkpoint of ``size`` into folder ``out`` (skipped when its index exists);
+    ``layers``: only that many blocks (the shapes of ``size`` otherwise), to profile its first blocks."""
+    shape = SIZES[size] if layers is None else replace(SIZES[size], layers=layers)
     out.mkdir(parents=True, exist_ok=True)
     index = out / "model.safetensors.index.json"
     if index.is_file():
@@ -155,11 +157,13 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizer", action="store_true", help="also write a word-level tokenizer (to run it on text)")
+    ap.add_argument("--layers", type=int, default=None, metavar="N", help="only the first N blocks of that shape")
     args = ap.parse_args()
-    p = write_checkpoint(args.size, args.out)
+    p = write_checkpoint(args.size, args.out, layers=args.layers)
     if args.tokenizer:
         write_tokenizer(p, SIZES[args.size].vocab)
-    print(f"{p}: {SIZES[args.size].n_weights / 1e9:.3f} B weights")
+    shape = SIZES[args.size] if args.layers is None else replace(SIZES[args.size], layers=args.layers)
+    print(f"{p}: {shape.n_weights / 1e9:.3f} B weights")
 
 
 if __name__ == "__main__":

@@ -272,6 +272,8 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     rep = _report(res, allocation, policy, path_kind, time.perf_counter() - t0)
     rep.notes = notes + [n for n in rep.notes if n not in notes]
     rep.info["resumed_units"] = reused if store is not None and store.kept else 0
+    rep.info["executor"] = {"kind": choice.kind, **({"address": choice.address} if choice.address else {}),
+                            **choice.stats}
     return rep
 
 

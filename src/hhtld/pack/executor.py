@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -147,6 +147,7 @@ class ExecutorChoice:
     kind: str = "local"
     address: str | None = None
     workers: int | None = None
+    stats: dict = field(default_factory=dict, compare=False)  # what the executors of an encode counted
 
 
 EXECUTORS = ("local", "ray")
@@ -172,7 +173,7 @@ def make_executor(threads: int | None = None, store: UnitStore | None = None,
         return LocalExecutor(threads, store, timings)
     from .ray_executor import RayExecutor
 
-    return RayExecutor(threads, store, timings, address=choice.address, workers=choice.workers)
+    return RayExecutor(threads, store, timings, address=choice.address, workers=choice.workers, stats=choice.stats)
 
 
 __all__ = ["EXECUTORS", "ExecutorChoice", "LocalExecutor", "executor_choice", "make_executor"]

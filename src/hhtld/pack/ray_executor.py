@@ -71,11 +71,14 @@ class RayExecutor(LocalExecutor):
     worker count (default ``threads``)."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
-                 timings: UnitTimings | None = None, address: str | None = None, workers: int | None = None):
+                 timings: UnitTimings | None = None, address: str | None = None, workers: int | None = None,
+                 stats: dict | None = None):
         super().__init__(threads, store, timings)
         self.address = address
         self.workers = workers or self.threads
         self.bytes_back = 0  # what the tasks handed back (encoded parts), for the benchmarks
+        self.tasks = 0
+        self.stats = stats if stats is not None else {}
         self._started = False
         self._task = None
         self._cluster_width = 1
@@ -99,6 +102,10 @@ class RayExecutor(LocalExecutor):
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        st = self.stats
+        st["workers"] = self._cluster_width
+        st["tasks"] = st.get("tasks", 0) + self.tasks
+        st["bytes_back"] = st.get("bytes_back", 0) + self.bytes_back
         try:
             super().__exit__(exc_type, exc, tb)
         finally:
@@ -132,6 +139,7 @@ class RayExecutor(LocalExecutor):
                 if status == "error":
                     raise out
                 self.bytes_back += _nbytes(out)
+                self.tasks += 1
                 yield out, sec
         finally:
             for _, ref in flight:  # an error or an interrupt: nothing more runs for this encode
