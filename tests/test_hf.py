@@ -255,3 +255,21 @@ def test_export_hf_command_and_encode_hf_dir(minilm_pack, minilm_report, small_f
                  "--codec", "hhtl-f32", "-q"]) == 0
     assert (tmp_path / "d" / HF_PACK_NAME).read_bytes() == (tmp_path / "s.hhtld").read_bytes()
     assert "No behaviour was measured" in (tmp_path / "d" / "README.md").read_text()
+
+
+def test_config_options_and_the_transformers_version_are_checked(monkeypatch):
+    from hhtld import MissingDependencyError
+    from hhtld.loader import hf_quantizer
+
+    with pytest.raises(LoadError) as e:
+        hhtld.hf.HhtldConfig(pack="../pack.safetensors")
+    assert str(e.value) == "quantization_config.pack must be a *.safetensors file name in the folder, got " \
+                           "'../pack.safetensors'"
+    with pytest.raises(LoadError) as e:
+        hhtld.hf.HhtldConfig(tables="int4")
+    assert str(e.value) == "quantization_config.tables must be one of int16, float32, got 'int4'"
+    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    with pytest.raises(MissingDependencyError) as e:
+        hf_quantizer.register()
+    assert str(e.value) == ("hhtld.hf works with transformers 5.25.x (it follows transformers' loading steps), "
+                            "found 5.99.0: pip install 'hhtld[hf]'")

@@ -62,8 +62,8 @@ class HhtldConfig(QuantizationConfigMixin):
     """``quantization_config`` of a pack's folder. ``pack``: the pack's file name in the
     folder; ``format_version``, ``codec``, ``bits_per_weight``: what the folder holds (for
     reading; the pack itself is the reference). Loading options, as ``hhtld.load``'s:
-    ``codec_space``, ``tables``, ``cache_layers`` (pass an ``HhtldConfig`` as
-    ``quantization_config=`` to change them)."""
+    ``codec_space``, ``tables``, ``cache_layers`` (absent from an exported config.json:
+    the defaults; a key added there changes how the folder loads)."""
 
     def __init__(self, pack: str = HF_PACK_NAME, format_version: int | None = None, codec: str | None = None,
                  bits_per_weight: float | None = None, codec_space: bool = True, tables: str = "int16",
