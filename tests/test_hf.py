@@ -268,7 +268,7 @@ def test_config_options_and_the_transformers_version_are_checked(monkeypatch):
     with pytest.raises(LoadError) as e:
         hhtld.hf.HhtldConfig(tables="int4")
     assert str(e.value) == "quantization_config.tables must be one of int16, float32, got 'int4'"
-    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(hf_quantizer.transformers, "__version__", "5.99.0")  # the module object hhtld.hf reads
     with pytest.raises(MissingDependencyError) as e:
         hf_quantizer.register()
     assert str(e.value) == ("hhtld.hf works with transformers 5.25.x (it follows transformers' loading steps), "

@@ -27,7 +27,7 @@ LAYERS = [
     {"encoding"},
     {"gates", "probe"},
     {"loader"},
-    {"cli"},
+    {"cli", "hf"},
     {"__init__", "__main__"},
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
@@ -139,7 +139,7 @@ def test_no_private_name_is_imported_from_another_module():
 
 def test_the_root_holds_the_verbs_and_the_errors():
     verbs = {"open_checkpoint", "encode", "decode", "open", "inspect", "verify", "probe_attention", "load",
-             "load_tokenizer", "load_sentence_transformer", "embed", "generate", "weight_memory"}
+             "load_tokenizer", "load_sentence_transformer", "embed", "generate", "weight_memory", "export_hf"}
     errors = {n for n in hhtld.__all__ if n.endswith("Error")}
     assert set(hhtld.__all__) == verbs | errors | {"__version__"}
     assert all(issubclass(getattr(hhtld, e), hhtld.HhtldError) for e in errors)

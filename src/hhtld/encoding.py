@@ -38,7 +38,7 @@ from .calibrate.tuning import TuneOptions
 from .calibrate.units import calibrated_plan
 from .classify import DEFAULT_RULES, EncodablePolicy, RuleTable, plan_checkpoint
 from .codecs.parallel import check_threads
-from .pack.executor import EXECUTORS, ExecutorChoice, executor_choice
+from .pack.choice import EXECUTORS, ExecutorChoice, executor_choice
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import CheckpointError, CodecError, GateError, HhtldNote, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS

@@ -48,7 +48,8 @@ from ..errors import GateError, OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
 from ..pack.encode import tensor_unit_key
-from ..pack.executor import LocalExecutor, make_executor
+from ..pack.choice import make_executor
+from ..pack.executor import LocalExecutor
 from ..pack.plan import Unit
 from ..pack.units import UnitStore, unit_file
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats

@@ -44,7 +44,7 @@ from ..format import HF_PACK_NAME, HF_QUANT_METHOD, HF_WEIGHTS_STANDIN
 from ..kernels.vq import TABLES
 from ..pack.reader import Pack
 from .compressed import CompressedEmbedding, CompressedLinear
-from .model import _check_materialised, fill_model
+from .model import check_materialised, fill_model
 
 TESTED = ((5, 25),)  # transformers (major, minor) versions this integration is tested with
 
@@ -163,7 +163,7 @@ class HhtldQuantizer(HfQuantizer):
                 model.__dict__.pop(k, None)
             else:
                 setattr(model, k, v)
-        _check_materialised(model, self.pack.path)
+        check_materialised(model, self.pack.path)
         model.config.transformers_weights = HF_WEIGHTS_STANDIN
         return model
 

@@ -271,7 +271,7 @@ def _set_tensor(model, key: str, value, is_param: bool) -> None:
     (mod._parameters if is_param else mod._buffers)[leaf] = value
 
 
-def _check_materialised(model, where: Path) -> None:
+def check_materialised(model, where: Path) -> None:
     meta = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if meta:
         raise LoadError(f"{where}: {len(meta)} tensor(s) of the model were left unfilled: {_listed(meta)}")
@@ -377,7 +377,7 @@ def _load(p: Pack, torch, transformers, config, family, auto_class, dtype, devic
     info.family = fam
     if device is not None:
         net.to(device)
-    _check_materialised(net, p.path)
+    check_materialised(net, p.path)
     if fam == "causal" and has_file(p, "generation_config.json"):
         try:
             net.generation_config = transformers.GenerationConfig.from_dict(read_json(p, "generation_config.json"))

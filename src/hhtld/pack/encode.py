@@ -29,7 +29,8 @@ from ..codecs.registry import make_codec
 from ..errors import OptionsError
 from ..format import DEFAULT_SAMPLE_ROWS
 from ..outputs import check_output_file
-from .executor import LocalExecutor, make_executor
+from .choice import make_executor
+from .executor import LocalExecutor
 from .plan import EncodePlan, Unit, unit_memory
 from .units import UnitStore
 from .writer import MIN_SAMPLE_ROWS, EncodeResult, GroupResult, check_storable, row_stats

@@ -17,9 +17,6 @@ same order.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -139,41 +136,4 @@ def _timed(fn: Callable[[int, Any], Any], i: int, pool) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-@dataclass(frozen=True)
-class ExecutorChoice:
-    """Where an encode runs its units: ``local`` (threads here) or ``ray`` (a Ray cluster at
-    ``address``, or a local one of ``workers`` workers when None)."""
-
-    kind: str = "local"
-    address: str | None = None
-    workers: int | None = None
-    stats: dict = field(default_factory=dict, compare=False)  # what the executors of an encode counted
-
-
-EXECUTORS = ("local", "ray")
-_CHOICE: ContextVar[ExecutorChoice] = ContextVar("hhtld_executor", default=ExecutorChoice())
-
-
-@contextmanager
-def executor_choice(choice: ExecutorChoice) -> Iterator[None]:
-    """Within it, :func:`make_executor` makes executors of ``choice``."""
-    token = _CHOICE.set(choice)
-    try:
-        yield
-    finally:
-        _CHOICE.reset(token)
-
-
-def make_executor(threads: int | None = None, store: UnitStore | None = None,
-                  timings: UnitTimings | None = None) -> LocalExecutor:
-    """The executor an encode runs on: the local one, or within :func:`executor_choice` of
-    ``ray`` a :class:`~hhtld.pack.ray_executor.RayExecutor` (``threads``: its width)."""
-    choice = _CHOICE.get()
-    if choice.kind == "local":
-        return LocalExecutor(threads, store, timings)
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(threads, store, timings, address=choice.address, workers=choice.workers, stats=choice.stats)
-
-
-__all__ = ["EXECUTORS", "ExecutorChoice", "LocalExecutor", "executor_choice", "make_executor"]
+__all__ = ["LocalExecutor"]
