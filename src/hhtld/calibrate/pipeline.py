@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,9 @@ def check_batches(tok, per_kind: int, seq_len: int = CHECK_SEQ_LEN, batch: int =
     return out, kinds
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _head_hessian(lw, batches) -> tuple[np.ndarray, int]:
     """``XᵀX`` of the output head's input (the final norm of the last hidden states)."""
     import torch
@@ -214,7 +218,11 @@ class HessianStore:
         """The Hessian as stored, float32 (the encoder rotates it in float32 and widens it
         itself; a float64 copy here held 254 MB more per 5632-column tensor in flight)."""
         f = self.files.get(name)
-        return None if f is None else np.load(f)
+        if f is None:
+            return None
+        with _NPY_HEADER_LOCK:  # np.load parses the header with ast.literal_eval: not thread-safe on
+            h = np.load(f, mmap_mode="r")  # CPython 3.11 ("AST constructor recursion depth mismatch")
+        return np.array(h)  # the data read outside the lock, tensors side by side
 
     def described(self, names) -> dict[str, list]:
         """Where the Hessians of ``names`` are (file name, tokens, bytes), for :meth:`restore`."""
