@@ -226,7 +226,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     byte for byte), and keep them if this run is interrupted too; without it, an
     interrupted run leaves nothing and an earlier run's units are removed."""
     t0 = time.perf_counter()
-    choice = _executor_choice(executor, ray_address, threads)
+    choice = _executor_choice(executor, ray_address)
     c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
                  max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate,
                  gain=gain, seed=seed)
@@ -277,12 +277,12 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     return rep
 
 
-def _executor_choice(executor: str, ray_address: str | None, threads: int | None) -> ExecutorChoice:
+def _executor_choice(executor: str, ray_address: str | None) -> ExecutorChoice:
     if executor not in EXECUTORS:
         raise OptionsError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if ray_address is not None and executor != "ray":
         raise OptionsError("a Ray address is for --executor ray")
-    return ExecutorChoice(executor, ray_address, check_threads(threads))
+    return ExecutorChoice(executor, ray_address)
 
 
 def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thresholds, calibration_texts,

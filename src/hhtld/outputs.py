@@ -51,8 +51,9 @@ def _umask() -> int:
 
 
 def make_public(path: str | os.PathLike) -> None:
-    """Give a temporary file (0600) the permissions a plain ``open`` would."""
-    os.chmod(path, 0o666 & ~_umask())
+    """Give a temporary file (0600) or folder (0700) the permissions a plain ``open`` or
+    ``mkdir`` would."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
 
 
 # --- temporary files ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import LoadError, OptionsError
 from ..format import (HF_EXPORT_KEEPS_OUT, HF_PACK_NAME, HF_QUANT_METHOD, HF_SOURCE_CARD, HF_WEIGHTS_STANDIN)
-from ..outputs import forget_temp, make_temp_dir, remove_temp
+from ..outputs import forget_temp, make_public, make_temp_dir, remove_temp
 from ..pack.reader import Pack
 from .model_card import model_card
 from .sidefiles import carried_config, dominant_float_dtype, open_pack_arg
@@ -105,9 +105,7 @@ def export_hf(pack: str | os.PathLike | Pack, out_dir: str | os.PathLike, *, ver
         files = sorted(set(files) | {"config.json", HF_PACK_NAME, "README.md"})
         card = model_card(p, cfg, verify_report, command, files)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
+        make_public(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

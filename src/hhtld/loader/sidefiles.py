@@ -5,6 +5,7 @@ for the calls of transformers that want a path."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,10 +28,7 @@ def dominant_float_dtype(pack: Pack) -> str | None:
     count: dict[str, int] = {}
     for t in pack.tensors.values():
         if t["dtype"] in ("F32", "F16", "BF16", "F64"):
-            n = 1
-            for d in t["shape"]:
-                n *= int(d)
-            count[t["dtype"]] = count.get(t["dtype"], 0) + n
+            count[t["dtype"]] = count.get(t["dtype"], 0) + math.prod(int(d) for d in t["shape"])
     return max(count, key=count.get) if count else None
 
 

@@ -20,11 +20,10 @@ from .units import UnitStore
 @dataclass(frozen=True)
 class ExecutorChoice:
     """Where an encode runs its units: ``local`` (threads here) or ``ray`` (a Ray cluster at
-    ``address``, or a local one of ``workers`` workers when None)."""
+    ``address``, or a local one of the encode's ``threads`` workers when None)."""
 
     kind: str = "local"
     address: str | None = None
-    workers: int | None = None
     stats: dict = field(default_factory=dict, compare=False)  # what the executors of an encode counted
 
 
@@ -51,7 +50,7 @@ def make_executor(threads: int | None = None, store: UnitStore | None = None,
         return LocalExecutor(threads, store, timings)
     from .ray_executor import RayExecutor
 
-    return RayExecutor(threads, store, timings, address=choice.address, workers=choice.workers, stats=choice.stats)
+    return RayExecutor(threads, store, timings, address=choice.address, stats=choice.stats)
 
 
 __all__ = ["EXECUTORS", "ExecutorChoice", "executor_choice", "make_executor"]

@@ -10,7 +10,7 @@ checkpoint (the file must be reachable at the same path on every node, as a mode
 folder on shared storage is) and hands back the encoded parts. Results are taken in
 plan order, so the writes — and the pack's bytes — are those of the local executor,
 whatever the number of workers (tested). Without ``address`` a local cluster of
-``workers`` (default: the usable cores) is started and stopped with the encode.
+``threads`` workers (default: the usable cores) is started and stopped with the encode.
 
 Faults: a task whose worker is lost, or that raises anything but an
 :class:`~hhtld.errors.HhtldError`, is run once more on another worker
@@ -67,15 +67,13 @@ def _unit_task(fn: Callable[[int, Any], Any], i: int) -> tuple[str, Any, float]:
 class RayExecutor(LocalExecutor):
     """Runs the independent units on Ray (module docstring); chain units and the writes
     stay here. ``threads``: the width of a local cluster (and of this process's pool for
-    the chain units); ``address``: an existing cluster's; ``workers``: a local cluster's
-    worker count (default ``threads``)."""
+    the chain units); ``address``: an existing cluster's; ``stats``: where it adds what it
+    counted (workers, tasks, bytes handed back)."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
-                 timings: UnitTimings | None = None, address: str | None = None, workers: int | None = None,
-                 stats: dict | None = None):
+                 timings: UnitTimings | None = None, address: str | None = None, stats: dict | None = None):
         super().__init__(threads, store, timings)
         self.address = address
-        self.workers = workers or self.threads
         self.bytes_back = 0  # what the tasks handed back (encoded parts), for the benchmarks
         self.tasks = 0
         self.stats = stats if stats is not None else {}
@@ -91,7 +89,7 @@ class RayExecutor(LocalExecutor):
                 if self.address:
                     ray.init(address=self.address, runtime_env=env, log_to_driver=False, configure_logging=False)
                 else:
-                    ray.init(num_cpus=self.workers, include_dashboard=False, runtime_env=env, log_to_driver=False,
+                    ray.init(num_cpus=self.threads, include_dashboard=False, runtime_env=env, log_to_driver=False,
                              configure_logging=False)
             except Exception as e:  # ray's own errors: a wrong address, a cluster that does not answer
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
