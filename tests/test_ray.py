@@ -1,20 +1,32 @@
 """The Ray executor on a local Ray cluster of 2 workers (real Ray, real worker
-processes): the pack is the bytes of the local executor's, a unit whose worker
-dies is run again elsewhere, a second failure names the unit, and hhtld's own
-errors reach the caller unchanged."""
+processes): the pack is the bytes of the local executor's (data-free and calibrated),
+a unit whose worker dies is run again elsewhere — inside the executor and inside a
+whole encode, its worker process killed —, a second failure names the unit, hhtld's
+own errors reach the caller unchanged, and Ctrl-C leaves no pack and the units that
+``--resume`` finishes from."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
 
 from hhtld import CheckpointError, encode  # noqa: E402
+from hhtld import open as hhtld_open  # noqa: E402
 from hhtld.cli import main  # noqa: E402
+from hhtld.pack.units import partial_folder  # noqa: E402
 from hhtld.pack.plan import Unit  # noqa: E402
 from hhtld.pack.ray_executor import WORKER_ENV, ExecutorError, RayExecutor  # noqa: E402
 
@@ -45,6 +57,86 @@ def test_the_pack_is_the_same_bytes_as_the_local_executors(cluster, small_folder
     assert main(["encode", str(small_folder), "-o", str(tmp_path / "cli.hhtld"), "--codec", "hhtl-vq", "--stages",
                  "2", "--executor", "ray", "-q"]) == 0
     assert (tmp_path / "cli.hhtld").read_bytes() == (tmp_path / "local.hhtld").read_bytes()
+
+
+def test_a_calibrated_encode_is_the_same_bytes_with_fits_and_encodes_on_the_cluster(cluster, tmp_path):
+    from .test_verify_causal import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "llama", hidden=64, layers=2)
+    got = {}
+    for executor in ("local", "ray"):
+        got[executor] = encode(model, tmp_path / f"{executor}.hhtld", calibration_texts=8, max_rounds=1, threads=2,
+                               executor=executor)
+    assert (tmp_path / "ray.hhtld").read_bytes() == (tmp_path / "local.hhtld").read_bytes()
+    ran = got["ray"].info["executor"]
+    manifest = hhtld_open(tmp_path / "ray.hhtld").manifest
+    encoded = sum(1 for t in manifest["tensors"].values() if t["kind"] == "encoded")
+    # every group's fit (one per group of the pack: one round) and every tensor's encode ran on the cluster
+    assert ran["kind"] == "ray" and ran["workers"] == 2 and ran["tasks"] == encoded + len(manifest["groups"])
+
+
+SLOW = ["--stages", "4:4096+4:4096", "--encode-all", "-q"]  # about a second a tensor
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory) -> tuple[Path, bytes]:
+    """Four tensors of a slow setting, and their pack from the local executor."""
+    folder = tmp_path_factory.mktemp("slow")
+    rng = np.random.default_rng(0)
+    model = folder / "slow.safetensors"
+    save_file({f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 256)).astype(np.float32)
+               for i in range(4)}, str(model))
+    assert main(["encode", str(model), "-o", str(folder / "local.hhtld"), *SLOW]) == 0
+    return model, (folder / "local.hhtld").read_bytes()
+
+
+def test_a_worker_killed_in_the_middle_of_an_encode_changes_nothing(cluster, slow, tmp_path):
+    model, local = slow
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_one_worker() -> None:  # SIGKILL the first worker process seen running a tensor's encode
+        while not done.is_set() and not killed:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                title = (p.info["cmdline"] or [""])[0]
+                if title.startswith("ray::encode:"):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(title)
+                    break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    try:
+        assert main(["encode", str(model), "-o", str(tmp_path / "ray.hhtld"), *SLOW, "--executor", "ray"]) == 0
+    finally:
+        done.set()
+        killer.join()
+    assert killed and killed[0].startswith("ray::encode:model.layers.")
+    assert (tmp_path / "ray.hhtld").read_bytes() == local
+
+
+def test_ctrl_c_leaves_no_pack_and_resume_finishes_it_on_a_running_cluster(cluster, slow, tmp_path):
+    model, local = slow
+    out = tmp_path / "m.hhtld"
+    cmd = [sys.executable, "-m", "hhtld", "encode", str(model), "-o", str(out), *SLOW, "--resume",
+           "--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not list(partial_folder(out).glob("*.safetensors")):  # a tensor's encode is kept
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() - t0 < 120, "no unit was kept"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "hhtld: interrupted" in err, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.hhtld.partial"]  # no pack, no temporary file
+    p = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["resumed_units"] >= 1 and info["executor"]["kind"] == "ray"
+    assert out.read_bytes() == local
+    assert not partial_folder(out).exists()
 
 
 def test_a_unit_whose_worker_dies_runs_again_on_another(cluster, tmp_path):

@@ -107,7 +107,7 @@ def cmd_encode(args) -> int:
                  global_steps=args.global_steps,
                  sample_rows=args.sample_rows, threads=args.threads, include_aux=not args.no_aux_files,
                  progress=not args.quiet, log=None if (args.json or args.quiet) else print, resume=args.resume,
-                 executor=args.executor, ray_address=args.ray_address)
+                 executor=args.executor, ray_address=args.ray_address, memory_limit=args.memory_limit)
     for note in rep.notes:  # notes go to stderr whatever the output format
         print(f"hhtld: note: {note}", file=sys.stderr)
     small = [t for t in rep.result.plan.passthrough if t.reason == "below size thresholds"]
@@ -434,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the finished units an interrupted encode of the same model with the same "
                         "options kept in OUTPUT.partial/ (the same pack as an uninterrupted run), and keep them if "
                         "this run is interrupted too; without it nothing partial is left")
+    e.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="what the tensor encodes and group fits running at once here may hold together, e.g. 8G "
+                        "(fewer run side by side when they would not fit; default: the memory available when the "
+                        "encode starts, less a margin; also HHTLD_MEMORY_LIMIT); the pack is the same bytes")
     e.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="where the tensor encodes run: 'local' threads (default) or 'ray', a Ray cluster "
+                   help="where the group fits and tensor encodes run: 'local' threads (default) or 'ray', a Ray cluster "
                         "(pip install 'hhtld[ray]'; a local one of --threads workers unless --ray-address); the "
                         "pack is the same bytes")
     e.add_argument("--ray-address", default=None, metavar="ADDR",

@@ -42,6 +42,7 @@ from .pack.choice import EXECUTORS, ExecutorChoice, executor_choice
 from .codecs.registry import CODECS, DEFAULT_CODEC
 from .errors import CheckpointError, CodecError, GateError, HhtldNote, OptionsError
 from .format import DEFAULT_SAMPLE_ROWS
+from .memory import parse_size
 from .pack.encode import data_free_plan, encode_checkpoint
 from .pack.plan import EncodePlan
 from .pack.units import UnitStore, fingerprint, partial_folder
@@ -200,7 +201,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
            progress: bool = False, log: Callable[[str], None] | None = None,
            codec_options: dict[str, Any] | None = None, resume: bool = False,
            tune_steps: int | None = None, global_steps: int | None = None, executor: str = "local",
-           ray_address: str | None = None) -> EncodeReport:
+           ray_address: str | None = None, memory_limit: int | str | None = None) -> EncodeReport:
     """Encode ``model`` (a ``.safetensors`` file, a sharded index or a model folder) into the
     pack ``output``, written atomically; see the module for the paths the options choose.
 
@@ -218,7 +219,13 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     :mod:`hhtld.calibrate.tuning`) and ``global_steps`` those of the global step after it
     (:mod:`hhtld.calibrate.distill`; default none), behaviour target only; ``threads`` the worker threads (the pack is
     the same for any number); ``codec_options`` any other option of the codec (its
-    ``defaults``), beside the named ones.
+    ``defaults``), beside the named ones. ``executor``: ``local`` (threads here) or
+    ``ray`` (a Ray cluster at ``ray_address``, or a local one of ``threads`` workers;
+    :mod:`hhtld.pack.ray_executor`). ``memory_limit`` (bytes or ``"8G"``): what the tensor
+    encodes and fits in flight here may hold together — fewer run at once when they would
+    not fit (default: the limit set by :func:`hhtld.memory.set_memory_limit` or
+    ``HHTLD_MEMORY_LIMIT``, else the memory available when the encode starts); the pack is
+    the same bytes under any limit.
 
     While it runs, the finished units of the encode (:mod:`hhtld.pack.plan`) are kept in
     ``<output>.partial/``; they go when the pack is written. ``resume``: continue from the
@@ -226,7 +233,7 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     byte for byte), and keep them if this run is interrupted too; without it, an
     interrupted run leaves nothing and an earlier run's units are removed."""
     t0 = time.perf_counter()
-    choice = _executor_choice(executor, ray_address)
+    choice = _executor_choice(executor, ray_address, memory_limit)
     c = _resolve(target, bpw, codec, codec_options, policy, rules, group_by, config, thresholds, calibration_texts,
                  max_rounds, tune_steps, global_steps, k=k, leaf_lanes=leaf_lanes, stages=stages, rotate=rotate,
                  gain=gain, seed=seed)
@@ -277,12 +284,13 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     return rep
 
 
-def _executor_choice(executor: str, ray_address: str | None) -> ExecutorChoice:
+def _executor_choice(executor: str, ray_address: str | None, memory_limit: int | str | None) -> ExecutorChoice:
     if executor not in EXECUTORS:
         raise OptionsError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if ray_address is not None and executor != "ray":
         raise OptionsError("a Ray address is for --executor ray")
-    return ExecutorChoice(executor, ray_address)
+    memory = None if memory_limit is None else parse_size(memory_limit)
+    return ExecutorChoice(executor, ray_address, memory)
 
 
 def _run(model, output, path_kind, codec, opts, bpw, policy, rules, config, thresholds, calibration_texts,

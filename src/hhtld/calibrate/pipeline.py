@@ -51,7 +51,7 @@ from ..outputs import make_temp_dir, make_temp_file, publish, remove_temp
 from ..pack.encode import tensor_unit_key
 from ..pack.choice import make_executor
 from ..pack.executor import LocalExecutor
-from ..pack.plan import Unit
+from ..pack.plan import Unit, unit_memory
 from ..pack.units import UnitStore, unit_file
 from .allocation import TensorAllocation, TensorStats, allocate, tensor_stats
 from .fisher import fisher_diagonals
@@ -352,26 +352,44 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
     rung = {n: c.setting for n, c in alloc.choices.items()}
     subs: dict[tuple[str, str], _Sub] = {}
     sub_of: dict[str, _Sub] = {}
+    need: list[tuple[tuple[str, str], GroupPlan, Any]] = []  # fits not made in an earlier round
     for g in plan.groups:
-        sample = None
         for t in g.tensors:
             s = rung[t.name]
             key = (str(g.key), s.name)
             if key not in subs:
                 codec = make_codec("hhtl-vq", **{**codec_options, **s.options()})
                 if key not in fits:
-                    if sample is None:
-                        sample = sample_across([TensorRows(ckpt, x) for x in g.tensors], sample_rows)
-                    unit = Unit("fit", f"{g.key}@{s.name}", (), sample.size, setting=s.name)
-                    fits[key] = ex.run(unit, lambda: codec.fit_group(g.key, sample, ex.pool))
-                subs[key] = _Sub(GroupPlan(len(subs), g.key, []), codec, fits[key])
+                    need.append((key, g, codec))
+                subs[key] = _Sub(GroupPlan(len(subs), g.key, []), codec, None)
             subs[key].plan.tensors.append(t)
             sub_of[t.name] = subs[key]
+    # the fits are independent units: here one after another on the pool (a group's sample
+    # drawn once for its rungs), on a cluster side by side
+    fit_units = [Unit("fit", f"{g.key}@{setting}", (), min(sample_rows, g.n_rows) * g.key.shape[1],
+                      unit_memory("fit", cols=g.key.shape[1], sample_rows=min(sample_rows, g.n_rows)), setting)
+                 for (_, setting), g, _ in need]
+    drawn: dict[str, np.ndarray] = {}
+
+    def fit(j, pool):
+        _, g, codec = need[j]
+        sample = drawn.get(str(g.key))
+        if sample is None:
+            drawn.clear()  # one group's sample held at a time
+            sample = drawn[str(g.key)] = sample_across([TensorRows(ckpt, x) for x in g.tensors], sample_rows)
+        return codec.fit_group(g.key, sample, pool)
+
+    for j, fitted in ex.map(fit_units, fit, threads_inside=True):
+        fits[need[j][0]] = fitted
+    drawn.clear()
+    for key, sub in subs.items():
+        sub.fit = fits[key]
     results: dict[str, dict[str, Any]] = {}
     order = [t for g in plan.groups for t in g.tensors]
     hessian = {t.name: store is not None and t.name in store.files for t in order}
     units = [Unit("encode", t.name, (), t.row_shape[0] * t.row_shape[1],
-                  setting=("feedback " if hessian[t.name] else "") + rung[t.name].name) for t in order]
+                  unit_memory("encode", *t.row_shape, hessian=hessian[t.name]),
+                  ("feedback " if hessian[t.name] else "") + rung[t.name].name) for t in order]
     keys = [tensor_unit_key(t, sub_of[t.name].codec, True, hessian[t.name]) for t in order]
 
     def encode(i, pool):

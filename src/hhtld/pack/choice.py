@@ -20,10 +20,12 @@ from .units import UnitStore
 @dataclass(frozen=True)
 class ExecutorChoice:
     """Where an encode runs its units: ``local`` (threads here) or ``ray`` (a Ray cluster at
-    ``address``, or a local one of the encode's ``threads`` workers when None)."""
+    ``address``, or a local one of the encode's ``threads`` workers when None); ``memory``:
+    bytes the units in flight here may hold together (None: the room when it starts)."""
 
     kind: str = "local"
     address: str | None = None
+    memory: int | None = None
     stats: dict = field(default_factory=dict, compare=False)  # what the executors of an encode counted
 
 
@@ -47,10 +49,10 @@ def make_executor(threads: int | None = None, store: UnitStore | None = None,
     ``ray`` a :class:`~hhtld.pack.ray_executor.RayExecutor` (``threads``: its width)."""
     choice = _CHOICE.get()
     if choice.kind == "local":
-        return LocalExecutor(threads, store, timings)
+        return LocalExecutor(threads, store, timings, memory=choice.memory)
     from .ray_executor import RayExecutor
 
-    return RayExecutor(threads, store, timings, address=choice.address, stats=choice.stats)
+    return RayExecutor(threads, store, timings, address=choice.address, stats=choice.stats, memory=choice.memory)
 
 
 __all__ = ["EXECUTORS", "ExecutorChoice", "executor_choice", "make_executor"]

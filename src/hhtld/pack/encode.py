@@ -112,6 +112,14 @@ def encode_checkpoint(
         pw = ex.open_pack(out, ckpt, plan)
         bar = tqdm(total=len(plan.tensors), unit="tensor", desc="encode", disable=not progress,
                    dynamic_ncols=True, leave=True)
+        fitted: dict[str, Any] = {}
+        if reuse is None:  # every group's first fit, as independent units (side by side on a cluster)
+            bar.set_postfix_str("fitting the groups' shared parts", refresh=True)
+            first = [(g, make_codec(codec, **{**(codec_options or {}), **group_options.get(str(g.key), {})}))
+                     for g in plan.groups]
+            for j, fit in ex.map([eplan.group_units(g)[0] for g, _ in first],
+                                 lambda j, pool: fit_group(ckpt, *first[j], sample_rows, pool), threads_inside=True):
+                fitted[str(first[j][0].key)] = fit
         for g in plan.groups:
             bar.set_postfix_str(str(g.key), refresh=True)
             opts = {**(codec_options or {}), **group_options.get(str(g.key), {})}
@@ -120,7 +128,8 @@ def encode_checkpoint(
                 mark = pw.mark()
                 res = pw.copy_group(reuse, g, genc) if reuse is not None else None
                 if res is None:
-                    res = encode_group(ex, ckpt, g, genc, sample_rows, measure, eplan.group_units(g))
+                    res = encode_group(ex, ckpt, g, genc, sample_rows, measure, eplan.group_units(g),
+                                       fitted.pop(str(g.key), None))
                 new = check_group(res) if check_group is not None else None
                 if new is None:
                     break
@@ -144,24 +153,29 @@ def tensor_unit_key(t, genc: Codec, measure: bool, feedback: bool = False) -> st
                       default=repr)
 
 
+def fit_group(ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, pool=None) -> Any:
+    """A group's shared parts, trained on ``sample_rows`` rows drawn evenly across its
+    tensors (a value out of the codec's range is reported with the tensor that holds it)."""
+    sources = [TensorRows(ckpt, t) for t in g.tensors]
+    sample = sample_across(sources, sample_rows)
+    if sample.size and float(np.max(np.abs(sample))) > genc.max_abs:  # name the tensor, not only the group
+        for src in sources:
+            for s, e in row_blocks(*src.shape):
+                genc.check_range(src.block(s, e), src)
+    return genc.fit_group(g.key, sample, pool)
+
+
 def encode_group(ex: LocalExecutor, ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, measure: bool,
-                 units: tuple[Unit, list[Unit], Unit]) -> GroupResult:
-    """One group's units on ``ex``: fit its shared parts on a row sample, encode its
-    tensors (several at once, each on one thread, or a lone tensor's blocks side by
-    side), written in order as they arrive, then its shared arrays and manifest entry."""
+                 units: tuple[Unit, list[Unit], Unit], fitted: Any = None) -> GroupResult:
+    """One group's units on ``ex``: fit its shared parts on a row sample (unless ``fitted``
+    is given, made by :func:`fit_group` with ``genc``), encode its tensors (several at
+    once, each on one thread, or a lone tensor's blocks side by side), written in order
+    as they arrive, then its shared arrays and manifest entry."""
     t0 = time.perf_counter()
     fit_unit, enc_units, finish_unit = units
     sources = [TensorRows(ckpt, t) for t in g.tensors]
-
-    def fit():
-        sample = sample_across(sources, sample_rows)
-        if sample.size and float(np.max(np.abs(sample))) > genc.max_abs:  # name the tensor, not only the group
-            for src in sources:
-                for s, e in row_blocks(*src.shape):
-                    genc.check_range(src.block(s, e), src)
-        return genc.fit_group(g.key, sample, ex.pool)
-
-    fitted = ex.run(fit_unit, fit)
+    if fitted is None:
+        fitted = ex.run(fit_unit, lambda: fit_group(ckpt, g, genc, sample_rows, ex.pool))
     pw = ex.writer
     nbytes = 0
     cosines: dict[str, np.ndarray] = {}
@@ -210,4 +224,4 @@ def data_free_plan(plan: Plan, sample_rows: int, width: int, codec: str, codec_o
     return EncodePlan(path, units, check_threads(width))
 
 
-__all__ = ["data_free_plan", "encode_checkpoint", "encode_group", "tensor_unit_key"]
+__all__ = ["data_free_plan", "encode_checkpoint", "encode_group", "fit_group", "tensor_unit_key"]

@@ -9,6 +9,14 @@ threads, and the pack is the same bytes. With a :class:`~hhtld.pack.units.UnitSt
 result is kept is read back instead of run. The time of every unit that ran goes to
 :class:`~hhtld.pack.plan.UnitTimings` (what ``inspect --plan`` predicts from).
 
+Memory: independent units are admitted while the memory they are predicted to hold
+(``Unit.memory``) fits the room — the limit set by ``--memory-limit`` /
+``HHTLD_MEMORY_LIMIT``, else what the system has available when the executor starts
+(:func:`~hhtld.memory.memory_room`). A unit larger than the room runs alone. So the
+peak follows the largest units, a few at a time, and never the width of the pool times
+them: a 7B down projection with error feedback holds about 3.4 GB while its Hessian is
+factored, and sixteen of them at once would not fit a 24 GB machine.
+
 The executor is the one place that decides where a unit runs; another executor (a
 cluster) runs the same units with the same inputs and must hand results back in the
 same order.
@@ -16,12 +24,13 @@ same order.
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..codecs.base import ordered_map
 from ..codecs.parallel import check_threads, encode_pool
+from ..memory import memory_room
 from .plan import Unit, UnitTimings
 from .units import UnitStore
 from .writer import PackWriter
@@ -31,13 +40,15 @@ class LocalExecutor:
     """Runs units on this machine (module docstring). A context manager: the pool
     opens on entry; on exit after an error the pack being written is aborted (nothing
     partial at the target; what becomes of the kept units is the caller's decision), and
-    the measured unit times are saved."""
+    the measured unit times are saved. ``memory``: bytes the independent units in flight
+    may hold together (default: :func:`~hhtld.memory.memory_room` when it starts)."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
-                 timings: UnitTimings | None = None):
+                 timings: UnitTimings | None = None, memory: int | None = None):
         self.threads = check_threads(threads)
         self.store = store
         self.timings = timings if timings is not None else UnitTimings()
+        self.memory = memory
         self.writer = None
         self.pool = None
         self._pool_cm = None
@@ -47,6 +58,8 @@ class LocalExecutor:
         return self.pool.width if self.pool is not None else 1
 
     def __enter__(self) -> "LocalExecutor":
+        if self.memory is None:
+            self.memory = memory_room().bytes  # None: nothing known limits this process
         self._pool_cm = encode_pool(self.threads)
         self.pool = self._pool_cm.__enter__()
         return self
@@ -126,8 +139,46 @@ class LocalExecutor:
                  threads_inside: bool) -> Iterator[tuple[Any, float]]:
         """``(fn(i, pool), seconds)`` for every ``i`` of ``todo``, in order (what another
         executor replaces to run them elsewhere)."""
-        return ordered_map(lambda i: _timed(fn, i, self.pool if threads_inside else None), todo,
-                           None if threads_inside else self.pool, window=self.width)
+        if threads_inside or self.pool is None:
+            pool = self.pool if threads_inside else None
+            return (_timed(fn, i, pool) for i in todo)
+        return in_order(todo, lambda i: self.pool.submit(_timed, fn, i, None), lambda i, f: f.result(),
+                        lambda i, f: f.cancel(), self.width, lambda i: units[i].memory, self.memory)
+
+
+def in_order(todo: Sequence[int], start: Callable[[int], Any], take: Callable[[int, Any], Any],
+             cancel: Callable[[int, Any], Any], width: int, memory: Callable[[int], int],
+             room: int | None) -> Iterator[Any]:
+    """``take(i, start(i))`` for every ``i`` of ``todo``, in order, with units started ahead
+    while fewer than ``width`` are in flight and their ``memory`` together stays within
+    ``room`` (None: no limit; one unit is always let in, however large). The next units
+    start before a result is handed on, so they run while the caller writes it. On an
+    error or when the caller stops early, the units still in flight are cancelled (``cancel``)."""
+    waiting = iter(todo)
+    nxt = next(waiting, None)
+    flight: collections.deque = collections.deque()
+    held = 0
+
+    def fill() -> None:
+        nonlocal nxt, held
+        while nxt is not None and (not flight or (len(flight) < width and (
+                room is None or held + memory(nxt) <= room))):
+            flight.append((nxt, start(nxt)))
+            held += memory(nxt)
+            nxt = next(waiting, None)
+
+    try:
+        fill()
+        while flight:
+            i, handle = flight[0]
+            out = take(i, handle)
+            flight.popleft()
+            held -= memory(i)
+            fill()
+            yield out
+    finally:
+        for i, handle in flight:
+            cancel(i, handle)
 
 
 def _timed(fn: Callable[[int, Any], Any], i: int, pool) -> tuple[Any, float]:
@@ -136,4 +187,4 @@ def _timed(fn: Callable[[int, Any], Any], i: int, pool) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-__all__ = ["LocalExecutor"]
+__all__ = ["LocalExecutor", "in_order"]

@@ -177,7 +177,7 @@ def unit_memory(kind: str, rows: int = 0, cols: int = 0, sample_rows: int = 0, h
     if kind in ("fit", "trials"):
         return 3 * sample_rows * cols * FLOAT32
     if kind == "encode":
-        return 2 * rows * cols * FLOAT32 + (3 * cols * cols * FLOAT64 if hessian else 0)
+        return 2 * rows * cols * FLOAT32 + ((FLOAT32 + 3 * FLOAT64) * cols * cols if hessian else 0)
     return 0
 
 

@@ -1,9 +1,14 @@
 """The Ray executor: an encode plan's independent units on a Ray cluster.
 
 ``hhtld encode ... --executor ray [--ray-address ADDR]`` (extra ``ray``). The driver —
-this process — plans, runs the chain units (group fits, finishes, the calibrated
-analysis and tuning, the manifest) and is the only writer of the pack; the independent
-units (tensor encodes) go to Ray tasks, at most twice the cluster's width in flight.
+this process — plans, runs the chain units (the calibrated analysis, Fisher pass, block
+step and checks; group finishes; the manifest) and is the only writer of the pack; the
+independent units (group fits, tensor encodes) go to Ray tasks, at most twice the
+cluster's width in flight, each asking Ray for the memory it is predicted to hold
+(``Unit.memory``), so that a node runs only the units that fit it together. A lone
+unit (a group of one tensor, one fit) runs here instead, its blocks on this process's
+pool, where one task would run them on one core.
+
 A task gets the unit's function, which holds the checkpoint's *path and headers* and
 the group's fitted parts, never weights: each worker reads its own rows of the
 checkpoint (the file must be reachable at the same path on every node, as a model
@@ -24,12 +29,11 @@ units kept so far, which the driver keeps as results arrive).
 
 from __future__ import annotations
 
-import collections
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import HhtldError, MissingDependencyError, first_line
-from .executor import LocalExecutor
+from .executor import LocalExecutor, in_order
 from .plan import Unit, UnitTimings
 from .units import UnitStore
 
@@ -71,8 +75,9 @@ class RayExecutor(LocalExecutor):
     counted (workers, tasks, bytes handed back)."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
-                 timings: UnitTimings | None = None, address: str | None = None, stats: dict | None = None):
-        super().__init__(threads, store, timings)
+                 timings: UnitTimings | None = None, address: str | None = None, stats: dict | None = None,
+                 memory: int | None = None):
+        super().__init__(threads, store, timings, memory)
         self.address = address
         self.bytes_back = 0  # what the tasks handed back (encoded parts), for the benchmarks
         self.tasks = 0
@@ -117,31 +122,42 @@ class RayExecutor(LocalExecutor):
 
     def _run_all(self, units: Sequence[Unit], todo: list[int], fn: Callable[[int, Any], Any],
                  threads_inside: bool) -> Iterator[tuple[Any, float]]:
+        if threads_inside and len(todo) == 1:
+            # a lone unit (a group of one tensor: an embedding, a head): its row blocks on this
+            # process's pool, where one task would run them on one core of one worker
+            return super()._run_all(units, todo, fn, threads_inside)
+        return self._run_on_cluster(units, todo, fn)
+
+    def _run_on_cluster(self, units: Sequence[Unit], todo: list[int],
+                        fn: Callable[[int, Any], Any]) -> Iterator[tuple[Any, float]]:
         ray = _ray()
         fn_ref = ray.put(fn)  # once per call: the function and what it holds (a group's fit, the tensors' plans)
-        waiting = iter(todo)
-        flight: collections.deque = collections.deque()
+        node_memory = self._node_memory(ray)
 
-        def submit() -> None:
-            j = next(waiting, None)
-            if j is not None:
-                flight.append((j, self._task.options(name=units[j].id).remote(fn_ref, j)))
+        def start(j: int):
+            # Ray places a task where its memory is free: the units a node runs at once fit it
+            # (a unit larger than every node asks for the largest node's, and runs there alone)
+            memory = min(units[j].memory, node_memory) if units[j].memory and node_memory else None
+            return self._task.options(name=units[j].id, memory=memory).remote(fn_ref, j)
 
+        def take(j: int, ref) -> tuple[Any, float]:
+            status, out, sec = self._result(ray, units[j], ref)
+            if status == "error":
+                raise out
+            self.bytes_back += _nbytes(out)
+            self.tasks += 1
+            return out, sec
+
+        return in_order(todo, start, take, lambda j, ref: ray.cancel(ref, force=True),
+                        IN_FLIGHT * self._cluster_width, lambda j: 0, None)
+
+    @staticmethod
+    def _node_memory(ray) -> int:
+        """The largest memory any node of the cluster offers tasks (Ray's ``memory`` resource)."""
         try:
-            for _ in range(IN_FLIGHT * self._cluster_width):
-                submit()
-            while flight:
-                j, ref = flight.popleft()
-                status, out, sec = self._result(ray, units[j], ref)
-                submit()
-                if status == "error":
-                    raise out
-                self.bytes_back += _nbytes(out)
-                self.tasks += 1
-                yield out, sec
-        finally:
-            for _, ref in flight:  # an error or an interrupt: nothing more runs for this encode
-                ray.cancel(ref, force=True)
+            return int(max(n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive", True)))
+        except ValueError:  # no node answered
+            return 0
 
     @staticmethod
     def _result(ray, unit: Unit, ref) -> tuple[str, Any, float]:
