@@ -455,6 +455,14 @@ def _default_and_rows(model, ckpt, folder, pol, log) -> list[Candidate]:
 
 
 # -- the run ----------------------------------------------------------------------------------
+def _portable(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results never name this machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return Path(path).name
+
+
 def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candidates: list[Candidate] = (),
         log: Callable[[str], None] = print) -> dict[str, Any]:
     t_all = time.perf_counter()
@@ -495,7 +503,7 @@ def run(model_dir: Path, methods: list[str], n_texts: int, n_calib: int, candida
                      "kinds": {k: {x: v[x] for x in ("kl_mean", "kl_p99", "ppl_ratio", "top1", "positions")}
                                for k, v in r["kinds"].items()}})
     return {
-        "model": str(model_dir), "matrices": len(mats), "matrix_weights": n_weights,
+        "model": _portable(model_dir), "matrices": len(mats), "matrix_weights": n_weights,
         "texts": len(texts), "texts_per_kind": n_texts, "kinds": list(dict.fromkeys(kinds)),
         "positions": first["positions"], "tokens_per_text": runner.max_tokens,
         "calibration_passages": len(calib), "calibration_tokens": CALIB_TOKENS,

@@ -10,8 +10,9 @@ workers are in it), sampled every 0.2 s; the tasks and the bytes they handed bac
 (the encode JSON's ``executor``). The three packs must be the same bytes (checked).
 
 From the two Ray runs, a model of the time: ``T(w) = C + P / w`` for ``w`` workers,
-``C`` what stays on the driver (planning, group fits and trials, the writes, the
-cluster's start) and ``P`` the tensor encodes; ``P = 2 (T(1) − T(2))``. It is
+``C`` what stays on the driver (planning, a lone tensor's encode — a group of one, as
+an embedding or a head — on the driver's pool, the writes, the cluster's start) and
+``P`` the group fits and tensor encodes; ``P = 2 (T(1) − T(2))``. It is
 projected to 70 B (the 7B shape's per-weight figures × 10.4) on N nodes of 16 cores.
 
     python bench/executors.py --sizes 0.1b,1.1b,7b:2 --dir "$SCRATCH"

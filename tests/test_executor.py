@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from hhtld import encode
+from hhtld import OptionsError, encode
 from hhtld.cli import main
+from hhtld.memory import memory_room
 from hhtld.pack.executor import LocalExecutor, in_order
 from hhtld.pack.plan import Unit
 
@@ -51,6 +52,20 @@ def test_in_order_cancels_what_is_in_flight_when_the_caller_stops():
     assert started == [0, 1, 2, 3] and cancelled == [1, 2, 3]
 
 
+def test_a_failing_unit_cancels_those_in_flight_and_reaches_the_caller():
+    cancelled = []
+
+    def take(i, h):
+        if i == 1:
+            raise ValueError("unit 1 failed")
+        return h
+
+    with pytest.raises(ValueError, match="unit 1 failed"):
+        list(in_order(range(6), lambda i: i, take, lambda i, h: cancelled.append(i), width=3, memory=lambda i: 0,
+                      room=None))
+    assert cancelled == [1, 2, 3]  # the failed one (finished) and the two started after it
+
+
 def test_the_pack_is_the_same_bytes_under_any_memory_limit(small_folder, tmp_path):
     encode(small_folder, tmp_path / "room.hhtld", codec="hhtl-vq", stages="2", threads=2)
     encode(small_folder, tmp_path / "tight.hhtld", codec="hhtl-vq", stages="2", threads=2, memory_limit=1)
@@ -58,12 +73,13 @@ def test_the_pack_is_the_same_bytes_under_any_memory_limit(small_folder, tmp_pat
     assert main(["encode", str(small_folder), "-o", str(tmp_path / "cli.hhtld"), "--codec", "hhtl-vq", "--stages",
                  "2", "--memory-limit", "64MiB", "-q"]) == 0
     assert (tmp_path / "cli.hhtld").read_bytes() == (tmp_path / "room.hhtld").read_bytes()
+    assert memory_room().source != "--memory-limit"  # the command's limit lasted for the command
 
 
 def test_a_memory_limit_that_is_not_a_size_is_refused(small_folder, tmp_path, capsys):
     assert main(["encode", str(small_folder), "-o", str(tmp_path / "x.hhtld"), "--memory-limit", "lots"]) == 1
     assert capsys.readouterr().err == ("hhtld: error: memory limit 'lots' is not a size (examples: 4G, 512MiB, "
                                        "1.5GB, 1073741824)\n")
-    with pytest.raises(Exception, match="must be more than 0 bytes"):
+    with pytest.raises(OptionsError, match="must be more than 0 bytes"):
         encode(small_folder, tmp_path / "x.hhtld", memory_limit=0)
     assert not (tmp_path / "x.hhtld").exists()

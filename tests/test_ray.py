@@ -25,6 +25,7 @@ psutil = pytest.importorskip("psutil")
 
 from hhtld import CheckpointError, encode  # noqa: E402
 from hhtld import open as hhtld_open  # noqa: E402
+from hhtld.encoding import plan  # noqa: E402
 from hhtld.cli import main  # noqa: E402
 from hhtld.pack.units import partial_folder  # noqa: E402
 from hhtld.pack.plan import Unit  # noqa: E402
@@ -71,8 +72,11 @@ def test_a_calibrated_encode_is_the_same_bytes_with_fits_and_encodes_on_the_clus
     ran = got["ray"].info["executor"]
     manifest = hhtld_open(tmp_path / "ray.hhtld").manifest
     encoded = sum(1 for t in manifest["tensors"].values() if t["kind"] == "encoded")
-    # every group's fit (one per group of the pack: one round) and every tensor's encode ran on the cluster
-    assert ran["kind"] == "ray" and ran["workers"] == 2 and ran["tasks"] == encoded + len(manifest["groups"])
+    trials = sum(1 for u in plan(model, calibration_texts=8, max_rounds=1).units if u.kind == "trials")
+    # every group's rung trials, every fit (one per group of the pack: one round) and every tensor's
+    # encode ran on the cluster
+    assert ran["kind"] == "ray" and ran["workers"] == 2
+    assert trials > 0 and ran["tasks"] == trials + len(manifest["groups"]) + encoded
 
 
 SLOW = ["--stages", "4:4096+4:4096", "--encode-all", "-q"]  # about a second a tensor
@@ -80,12 +84,12 @@ SLOW = ["--stages", "4:4096+4:4096", "--encode-all", "-q"]  # about a second a t
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory) -> tuple[Path, bytes]:
-    """Four tensors of a slow setting, and their pack from the local executor."""
+    """Six tensors of a slow setting, and their pack from the local executor."""
     folder = tmp_path_factory.mktemp("slow")
     rng = np.random.default_rng(0)
     model = folder / "slow.safetensors"
     save_file({f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 256)).astype(np.float32)
-               for i in range(4)}, str(model))
+               for i in range(6)}, str(model))
     assert main(["encode", str(model), "-o", str(folder / "local.hhtld"), *SLOW]) == 0
     return model, (folder / "local.hhtld").read_bytes()
 
@@ -100,7 +104,10 @@ def test_a_worker_killed_in_the_middle_of_an_encode_changes_nothing(cluster, slo
             for p in psutil.process_iter(["pid", "cmdline"]):
                 title = (p.info["cmdline"] or [""])[0]
                 if title.startswith("ray::encode:"):
-                    os.kill(p.info["pid"], signal.SIGKILL)
+                    try:
+                        os.kill(p.info["pid"], signal.SIGKILL)
+                    except ProcessLookupError:  # it ended between the look and the kill: try the next
+                        continue
                     killed.append(title)
                     break
             time.sleep(0.02)
@@ -153,6 +160,12 @@ def test_a_unit_whose_worker_dies_runs_again_on_another(cluster, tmp_path):
     assert [i for i, _ in got] == list(range(5)) and [int(r[0]) for _, r in got] == list(range(5))
     tries = sorted(marks.glob("2.*"))
     assert len(tries) == 2 and tries[0].suffix != tries[1].suffix  # two worker processes
+
+
+def test_a_unit_larger_than_every_node_still_runs(cluster):
+    units = [Unit("encode", "huge", memory=1 << 60), Unit("encode", "small", memory=1 << 20)]
+    with RayExecutor(2) as ex:  # the task asks for the largest node's memory, not for more than any has
+        assert [(i, out) for i, out in ex.map(units, lambda i, pool: i * 7)] == [(0, 0), (1, 7)]
 
 
 def test_a_second_failure_ends_it_naming_the_unit(cluster):

@@ -29,7 +29,7 @@ from .outputs import check_output_file, remove_all_temps, write_json
 from .format import DEFAULT_MIN_BYTES, DEFAULT_MIN_ROWS, DEFAULT_SAMPLE_ROWS
 from .display import human_bytes
 from .inspection import format_inspect, format_plan, inspect_path
-from .memory import set_memory_limit, system_room
+from .memory import memory_limit, system_room
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -435,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "options kept in OUTPUT.partial/ (the same pack as an uninterrupted run), and keep them if "
                         "this run is interrupted too; without it nothing partial is left")
     e.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="what the tensor encodes and group fits running at once here may hold together, e.g. 8G "
-                        "(fewer run side by side when they would not fit; default: the memory available when the "
-                        "encode starts, less a margin; also HHTLD_MEMORY_LIMIT); the pack is the same bytes")
+                   help="what the tensor encodes running at once in this process may hold together, e.g. 8G "
+                        "(fewer run side by side when they would not fit; default: the memory available, less a "
+                        "margin; also HHTLD_MEMORY_LIMIT; with --executor ray each task asks Ray for its own "
+                        "memory instead); the pack is the same bytes")
     e.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where the group fits and tensor encodes run: 'local' threads (default) or 'ray', a Ray cluster "
                         "(pip install 'hhtld[ray]'; a local one of --threads workers unless --ray-address); the "
@@ -642,10 +643,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
-        if getattr(args, "memory_limit", None) is not None:
-            set_memory_limit(args.memory_limit)
-        _check_outputs(args)
-        return int(args.func(args) or 0)
+        with memory_limit(getattr(args, "memory_limit", None)):  # for this command only
+            _check_outputs(args)
+            return int(args.func(args) or 0)
     except HhtldError as e:
         print(f"hhtld: error: {e}", file=sys.stderr)
         return 1

@@ -222,10 +222,11 @@ def encode(model, output, *, target: str | None = None, bpw: float | None = None
     ``defaults``), beside the named ones. ``executor``: ``local`` (threads here) or
     ``ray`` (a Ray cluster at ``ray_address``, or a local one of ``threads`` workers;
     :mod:`hhtld.pack.ray_executor`). ``memory_limit`` (bytes or ``"8G"``): what the tensor
-    encodes and fits in flight here may hold together — fewer run at once when they would
-    not fit (default: the limit set by :func:`hhtld.memory.set_memory_limit` or
-    ``HHTLD_MEMORY_LIMIT``, else the memory available when the encode starts); the pack is
-    the same bytes under any limit.
+    encodes in flight in this process may hold together — fewer run at once when they
+    would not fit (default: the limit set by :func:`hhtld.memory.set_memory_limit` or
+    ``HHTLD_MEMORY_LIMIT``, else the memory available as each batch of units starts; on
+    Ray each task asks the cluster for its own memory instead); the pack is the same
+    bytes under any limit.
 
     While it runs, the finished units of the encode (:mod:`hhtld.pack.plan`) are kept in
     ``<output>.partial/``; they go when the pack is written. ``resume``: continue from the

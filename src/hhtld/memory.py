@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def set_memory_limit(limit: int | str | None) -> None:
     ``HHTLD_MEMORY_LIMIT`` environment variable, for every later decode."""
     global _user_limit
     _user_limit = None if limit is None else parse_size(limit)
+
+
+@contextmanager
+def memory_limit(limit: int | str | None):
+    """Within it, :func:`set_memory_limit` ``(limit)`` (None: the limit stays as it is);
+    the limit before it is put back after (the command line's ``--memory-limit`` lasts
+    for its command, also when ``main`` runs inside another program)."""
+    global _user_limit
+    before = _user_limit
+    if limit is not None:
+        set_memory_limit(limit)
+    try:
+        yield
+    finally:
+        _user_limit = before
 
 
 def _meminfo_available() -> int | None:
@@ -236,5 +252,5 @@ def release_heap() -> None:
 
 _LIBC = None
 
-__all__ = ["ENV_LIMIT", "Room", "address_space_room", "file_size_limit", "format_bytes", "memory_room", "parse_size",
-           "release_heap", "set_memory_limit", "system_room", "threads_that_fit"]
+__all__ = ["ENV_LIMIT", "Room", "address_space_room", "file_size_limit", "format_bytes", "memory_limit", "memory_room",
+           "parse_size", "release_heap", "set_memory_limit", "system_room", "threads_that_fit"]

@@ -664,15 +664,32 @@ class Calibration:
             self.tokens = info["tokens"]
             self.seconds["analyse"] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            self.rel = {}
+            # the rung trials of each group: independent units (one after another here, side by
+            # side on a cluster); the function holds the checkpoint and the groups, not this object
+            rel, todo = {}, []
             for g in self.plan.groups:
-                def trials(g=g):
-                    tr = GroupTrials(sample_group_rows(self.ckpt, g), seed=seed)
-                    return {s.name: tr(s).rel_mse for s in LADDER}
+                load, save = _kept_json(keep, keep_key("trials", str(g.key)))
+                got = load() if load is not None else None
+                if got is None:
+                    todo.append((g, save))
+                else:
+                    rel[str(g.key)] = got
+            ckpt, groups = self.ckpt, [g for g, _ in todo]
 
-                m = min(TRIAL_ROWS, g.n_rows) * g.key.shape[1]
-                self.rel[str(g.key)] = self._run(Unit("trials", str(g.key), (), m), trials,
-                                                 *_kept_json(keep, keep_key("trials", str(g.key))))
+            def trials(j, pool):
+                tr = GroupTrials(sample_group_rows(ckpt, groups[j]), seed=seed)
+                return {s.name: tr(s).rel_mse for s in LADDER}
+
+            units = [Unit("trials", str(g.key), (), min(TRIAL_ROWS, g.n_rows) * g.key.shape[1],
+                          unit_memory("trials", cols=g.key.shape[1], sample_rows=min(TRIAL_ROWS, g.n_rows)))
+                     for g in groups]
+            done = (executor.map(units, trials, threads_inside=True) if executor is not None
+                    else ((j, trials(j, None)) for j in range(len(units))))
+            for j, got in done:
+                rel[str(groups[j].key)] = got
+                if todo[j][1] is not None:
+                    todo[j][1](got)
+            self.rel = {str(g.key): rel[str(g.key)] for g in self.plan.groups}
             self.seconds["trials"] = time.perf_counter() - t1
             for g in self.plan.groups:
                 for t in g.tensors:

@@ -38,6 +38,7 @@ from .writer import MIN_SAMPLE_ROWS, EncodeResult, GroupResult, check_storable, 
 # A group callback: given the encoded group (cosines measured), return None to
 # keep it or new codec options to encode it again (the writer rolls back).
 GroupCheck = Callable[[GroupResult], "dict[str, Any] | None"]
+NOT_FITTED = object()  # encode_group fits the group itself
 
 
 def encode_checkpoint(
@@ -129,7 +130,7 @@ def encode_checkpoint(
                 res = pw.copy_group(reuse, g, genc) if reuse is not None else None
                 if res is None:
                     res = encode_group(ex, ckpt, g, genc, sample_rows, measure, eplan.group_units(g),
-                                       fitted.pop(str(g.key), None))
+                                       fitted.pop(str(g.key), NOT_FITTED))
                 new = check_group(res) if check_group is not None else None
                 if new is None:
                     break
@@ -166,7 +167,7 @@ def fit_group(ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, poo
 
 
 def encode_group(ex: LocalExecutor, ckpt: Checkpoint, g: GroupPlan, genc: Codec, sample_rows: int, measure: bool,
-                 units: tuple[Unit, list[Unit], Unit], fitted: Any = None) -> GroupResult:
+                 units: tuple[Unit, list[Unit], Unit], fitted: Any = NOT_FITTED) -> GroupResult:
     """One group's units on ``ex``: fit its shared parts on a row sample (unless ``fitted``
     is given, made by :func:`fit_group` with ``genc``), encode its tensors (several at
     once, each on one thread, or a lone tensor's blocks side by side), written in order
@@ -174,7 +175,7 @@ def encode_group(ex: LocalExecutor, ckpt: Checkpoint, g: GroupPlan, genc: Codec,
     t0 = time.perf_counter()
     fit_unit, enc_units, finish_unit = units
     sources = [TensorRows(ckpt, t) for t in g.tensors]
-    if fitted is None:
+    if fitted is NOT_FITTED:
         fitted = ex.run(fit_unit, lambda: fit_group(ckpt, g, genc, sample_rows, ex.pool))
     pw = ex.writer
     nbytes = 0

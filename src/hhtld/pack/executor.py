@@ -11,8 +11,9 @@ result is kept is read back instead of run. The time of every unit that ran goes
 
 Memory: independent units are admitted while the memory they are predicted to hold
 (``Unit.memory``) fits the room — the limit set by ``--memory-limit`` /
-``HHTLD_MEMORY_LIMIT``, else what the system has available when the executor starts
-(:func:`~hhtld.memory.memory_room`). A unit larger than the room runs alone. So the
+``HHTLD_MEMORY_LIMIT``, else what the system has available when each batch of units
+starts (:func:`~hhtld.memory.memory_room`, read then: what the process already holds —
+a model being calibrated — is not in it). A unit larger than the room runs alone. So the
 peak follows the largest units, a few at a time, and never the width of the pool times
 them: a 7B down projection with error feedback holds about 3.4 GB while its Hessian is
 factored, and sixteen of them at once would not fit a 24 GB machine.
@@ -41,7 +42,7 @@ class LocalExecutor:
     opens on entry; on exit after an error the pack being written is aborted (nothing
     partial at the target; what becomes of the kept units is the caller's decision), and
     the measured unit times are saved. ``memory``: bytes the independent units in flight
-    may hold together (default: :func:`~hhtld.memory.memory_room` when it starts)."""
+    may hold together (default: :func:`~hhtld.memory.memory_room` as each batch starts)."""
 
     def __init__(self, threads: int | None = None, store: UnitStore | None = None,
                  timings: UnitTimings | None = None, memory: int | None = None):
@@ -49,6 +50,7 @@ class LocalExecutor:
         self.store = store
         self.timings = timings if timings is not None else UnitTimings()
         self.memory = memory
+        self._running: set = set()  # the batches of units in flight (closed on exit: their units cancelled)
         self.writer = None
         self.pool = None
         self._pool_cm = None
@@ -58,14 +60,14 @@ class LocalExecutor:
         return self.pool.width if self.pool is not None else 1
 
     def __enter__(self) -> "LocalExecutor":
-        if self.memory is None:
-            self.memory = memory_room().bytes  # None: nothing known limits this process
         self._pool_cm = encode_pool(self.threads)
         self.pool = self._pool_cm.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            for batch in list(self._running):  # an error in the caller: nothing more of them runs
+                batch.close()
             if exc_type is not None:
                 self.abort_pack()
         finally:
@@ -113,12 +115,22 @@ class LocalExecutor:
     def map(self, units: Sequence[Unit], fn: Callable[[int, Any], Any], *, keys: Sequence[str] | None = None,
             threads_inside: bool = False) -> Iterator[tuple[int, Any]]:
         """Independent units: ``(i, fn(i))`` for every unit ``i`` in order, at most the
-        pool's width in flight. ``keys``: the keys their results (encoded tensors) are
+        pool's width in flight and, together, no more predicted memory than the room
+        (module docstring; one unit always runs). ``keys``: the keys their results (encoded tensors) are
         kept under with the store. ``fn(i, pool)`` gets None, or with ``threads_inside``
         (a lone unit) the pool for its own blocks, the units then running one by one."""
         store = self.store if keys is not None else None
         todo = [i for i in range(len(units)) if store is None or not store.has(keys[i])]
-        pending = iter(zip(todo, self._run_all(units, todo, fn, threads_inside)))
+        batch = self._run_all(units, todo, fn, threads_inside) if todo else (x for x in ())
+        self._running.add(batch)
+        try:
+            yield from self._in_plan_order(units, fn, keys, store, todo, batch)
+        finally:
+            batch.close()  # a caller that stopped early or failed: the units in flight are cancelled
+            self._running.discard(batch)
+
+    def _in_plan_order(self, units, fn, keys, store, todo, batch) -> Iterator[tuple[int, Any]]:
+        pending = iter(zip(todo, batch))
         wanted = set(todo)
         for i in range(len(units)):
             if i not in wanted:
@@ -142,8 +154,9 @@ class LocalExecutor:
         if threads_inside or self.pool is None:
             pool = self.pool if threads_inside else None
             return (_timed(fn, i, pool) for i in todo)
+        room = self.memory if self.memory is not None else memory_room().bytes  # None: no known limit
         return in_order(todo, lambda i: self.pool.submit(_timed, fn, i, None), lambda i, f: f.result(),
-                        lambda i, f: f.cancel(), self.width, lambda i: units[i].memory, self.memory)
+                        lambda i, f: f.cancel(), self.width, lambda i: units[i].memory, room)
 
 
 def in_order(todo: Sequence[int], start: Callable[[int], Any], take: Callable[[int, Any], Any],

@@ -12,9 +12,9 @@ memory. Two kinds of dependency exist, and only two:
   Hessian, the checkpoint) and may run beside any other independent unit: the rung
   trials of every group, the fit of each group (at each rung), the encode of each
   tensor. The local executor runs the tensor encodes side by side on its workers
-  (:data:`SIDE_BY_SIDE`) and the fits and trials one at a time, each spreading its own
-  work over the workers; it takes results in plan order, so the pack's bytes never
-  depend on how many ran at once.
+  (:data:`SIDE_BY_SIDE`) while their predicted memory fits, and the fits (each
+  spreading its k-means over the workers) and trials one at a time; it takes results
+  in plan order, so the pack's bytes never depend on how many ran at once.
 
 Writes (a tensor's arrays, a group's shared arrays and manifest entry, passthrough
 tensors, the manifest) are done by the executor itself, in plan order, as results
@@ -172,7 +172,8 @@ class EncodePlan:
 def unit_memory(kind: str, rows: int = 0, cols: int = 0, sample_rows: int = 0, hessian: bool = False) -> int:
     """Bytes a unit holds at once, from its arrays: ``fit`` the float32 sample and two
     working copies (rotated, residual); ``encode`` the tensor's float32 rows, a residual of
-    the same size and, with error feedback, the float64 Hessian and its factor;
+    the same size and, with error feedback, what is held while its Hessian is factored:
+    the Hessian as read (float32), its rotation, LAPACK's copy and the inverse (float64);
     ``trials`` as ``fit``; ``passthrough`` nothing (memory-mapped)."""
     if kind in ("fit", "trials"):
         return 3 * sample_rows * cols * FLOAT32

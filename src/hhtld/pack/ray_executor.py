@@ -3,7 +3,7 @@
 ``hhtld encode ... --executor ray [--ray-address ADDR]`` (extra ``ray``). The driver —
 this process — plans, runs the chain units (the calibrated analysis, Fisher pass, block
 step and checks; group finishes; the manifest) and is the only writer of the pack; the
-independent units (group fits, tensor encodes) go to Ray tasks, at most twice the
+independent units (rung trials, group fits, tensor encodes) go to Ray tasks, at most twice the
 cluster's width in flight, each asking Ray for the memory it is predicted to hold
 (``Unit.memory``), so that a node runs only the units that fit it together. A lone
 unit (a group of one tensor, one fit) runs here instead, its blocks on this process's
@@ -11,8 +11,9 @@ pool, where one task would run them on one core.
 
 A task gets the unit's function, which holds the checkpoint's *path and headers* and
 the group's fitted parts, never weights: each worker reads its own rows of the
-checkpoint (the file must be reachable at the same path on every node, as a model
-folder on shared storage is) and hands back the encoded parts. Results are taken in
+checkpoint, and an encode with error feedback its Hessian from the encode's working
+folder (both must be reachable at the same path on every node, as a model folder on
+shared storage is), and hands back the encoded parts. Results are taken in
 plan order, so the writes — and the pack's bytes — are those of the local executor,
 whatever the number of workers (tested). Without ``address`` a local cluster of
 ``threads`` workers (default: the usable cores) is started and stopped with the encode.
@@ -153,11 +154,10 @@ class RayExecutor(LocalExecutor):
 
     @staticmethod
     def _node_memory(ray) -> int:
-        """The largest memory any node of the cluster offers tasks (Ray's ``memory`` resource)."""
-        try:
-            return int(max(n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive", True)))
-        except ValueError:  # no node answered
-            return 0
+        """The largest memory a node that runs tasks (one with a CPU) offers them (Ray's
+        ``memory`` resource): a task asking for more would wait for ever."""
+        res = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+        return int(max((r.get("memory", 0) for r in res if r.get("CPU", 0) >= 1), default=0))
 
     @staticmethod
     def _result(ray, unit: Unit, ref) -> tuple[str, Any, float]:
