@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 from ..codecs.vq.codec import rotation_block
-from ..codecs.vq.quantiser import parse_stages
+from ..codecs.vq.quantiser import KRONECKER_FROM, kronecker_factors, parse_stages, sylvester
 
 
 @lru_cache(maxsize=32)
@@ -79,15 +81,12 @@ def decode_rows_vq(params, group, tensor, idx=None):
     (n,) bf16, ``leaf`` (n, lanes) int8, ``leaf_scale`` (1,) float32)."""
     import torch
 
-    n_cols = int(params["n_cols"])
     out = gather_stages(params, group, tensor, idx)
     if "gain" in tensor:
         g = tensor["gain"] if idx is None else tensor["gain"].index_select(0, idx)
         out *= g.to(torch.float32)[:, None]
     if "rotation" in group:
-        m = out.shape[0]
-        b = rotation_block(params)
-        out = (out.reshape(m * (n_cols // b), b) @ hadamard(b, str(out.device))).reshape(m, n_cols)
+        out = hadamard_rows(out, rotation_block(params))
         out *= group["rotation"].to(torch.float32)
     if "leaf" in tensor:
         q = tensor["leaf"] if idx is None else tensor["leaf"].index_select(0, idx)
@@ -98,6 +97,32 @@ def decode_rows_vq(params, group, tensor, idx=None):
             leaf += c[:, lane:lane + 1] * basis[lane]
         out += leaf
     return out
+
+
+@lru_cache(maxsize=32)
+def _sylvester64(b: int, device: str):
+    import torch
+
+    return torch.from_numpy(sylvester(b).astype(np.float64)).to(device)
+
+
+def hadamard_rows(x, b: int):
+    """Every length-b block of every row of ``x`` (m, c) float32 times H_b / sqrt(b), with
+    the sums in float64 rounded once to float32 — the bits of ``codecs.vq``'s numpy
+    transform (``quantiser._hadamard_blocks``), whatever the rows, threads or BLAS."""
+    import torch
+
+    m, c = x.shape
+    dev = str(x.device)
+    x64 = x.to(torch.float64)
+    if b < KRONECKER_FROM:
+        y = (x64.reshape(-1, b) @ _sylvester64(b, dev)).reshape(m, c).to(torch.float32)
+    else:
+        p, q = kronecker_factors(b)
+        y64 = x64.reshape(-1, q) @ _sylvester64(q, dev)
+        y = torch.matmul(_sylvester64(p, dev), y64.reshape(-1, p, q)).reshape(m, c).to(torch.float32)
+    y *= float(np.float32(1.0 / np.sqrt(b)))  # a float32 product, as numpy's
+    return y
 
 
 def rotate_inputs(x, signs, block: int):

@@ -126,6 +126,11 @@ def hadamard_block(n_cols: int, max_block: int = ROTATION_MAX_BLOCK) -> int:
 
 
 @lru_cache(maxsize=16)
+def _sylvester64(b: int) -> np.ndarray:
+    return sylvester(b).astype(np.float64)
+
+
+@lru_cache(maxsize=16)
 def sylvester(b: int) -> np.ndarray:
     """(b, b) float32 Sylvester Hadamard matrix of ±1 (b a power of two)."""
     h = np.ones((1, 1), dtype=np.float32)
@@ -134,7 +139,7 @@ def sylvester(b: int) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def _factors(b: int) -> tuple[int, int]:
+def kronecker_factors(b: int) -> tuple[int, int]:
     """b = p * q with p, q powers of two and p >= q as close as possible (1024 = 32 * 32)."""
     q = 1
     while q * q * 4 <= b:
@@ -154,24 +159,26 @@ KRONECKER_FROM = 512  # Hadamard blocks from this size are applied as H_p ⊗ H_
 def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     """Every length-b block of every row times H_b / sqrt(b); x (n, c) float32, a new array.
 
+    The sums run in float64 and are rounded to float32 once: a float32 BLAS product
+    rounds in an order that depends on the number of rows in the call on some CPUs
+    (seen on AVX2 machines: one row transformed alone differed by an ulp from the same
+    row in a block), while the float64 sums of at most b float32 terms are exact or
+    within far less than a float32 ulp of it — so each row's bits do not depend on the
+    other rows, the thread count or the library (torch decodes the same way).
+
     H_b = H_p ⊗ H_q (Sylvester), so a block seen as a (p, q) matrix X becomes
     H_p X H_q: one (n c/q, q) @ (q, q) product and one batched (p, p) @ (p, q)
-    product, 2 (p + q) flops a weight instead of 2 b (64 instead of 2048 for
-    b = 1024; measured 250-700 against 31-137 M weights/s). Each row is
-    transformed on its own: its bits do not depend on the other rows.
-
-    Blocks of at most ``KRONECKER_FROM // 2`` columns take one (n c/b, b) @ (b, b)
-    product instead: with p, q <= 16 the batched product is dominated by its
-    per-matrix overhead (measured at b = 64 and 128: 120-190 against 25-70 M
-    weights/s; at 256 even, from 512 the two-factor form wins)."""
+    product, 2 (p + q) flops a weight instead of 2 b. Blocks of at most
+    ``KRONECKER_FROM // 2`` columns take one (n c/b, b) @ (b, b) product instead:
+    with p, q <= 16 the batched product is dominated by its per-matrix overhead."""
     n, c = x.shape
+    x64 = np.asarray(x, dtype=np.float64)
     if b < KRONECKER_FROM:
-        y = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1, b) @ sylvester(b)).reshape(n, c)
-        y *= np.float32(1.0 / np.sqrt(b))
-        return y
-    p, q = _factors(b)
-    y = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, q) @ sylvester(q)
-    y = np.matmul(sylvester(p), y.reshape(-1, p, q)).reshape(n, c)
+        y = (x64.reshape(-1, b) @ _sylvester64(b)).reshape(n, c).astype(np.float32)
+    else:
+        p, q = kronecker_factors(b)
+        y64 = x64.reshape(-1, q) @ _sylvester64(q)
+        y = np.matmul(_sylvester64(p), y64.reshape(-1, p, q)).reshape(n, c).astype(np.float32)
     y *= np.float32(1.0 / np.sqrt(b))
     return y
 
@@ -509,7 +516,7 @@ def twig_row_bytes(stages: tuple[Stage, ...], n_cols: int) -> int:
 
 __all__ = [
     "Layout", "Stage", "VqBlock", "VqModel", "VqResult", "assign", "decode_rows", "encode_block", "encode_rows",
-    "fit_model", "hadamard_block",
+    "fit_model", "hadamard_block", "kronecker_factors", "KRONECKER_FROM",
     "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "sylvester", "train_palette",
     "twig_row_bytes",
 ]
