@@ -128,9 +128,12 @@ def test_ctrl_c_leaves_no_pack_and_resume_finishes_it_on_a_running_cluster(clust
     out = tmp_path / "m.hhtld"
     cmd = [sys.executable, "-m", "hhtld", "encode", str(model), "-o", str(out), *SLOW, "--resume",
            "--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
-    # Ctrl-C's default action (a test run started in the background inherits SIGINT ignored)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # with Ctrl-C's default action (a test run started in the background inherits SIGINT ignored),
+    # set by a small Python that then becomes the encode (no code between fork and exec here)
+    reset = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    p = subprocess.Popen([sys.executable, "-c", reset, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     t0 = time.monotonic()
     while not list(partial_folder(out).glob("*.safetensors")):  # a tensor's encode is kept
         assert p.poll() is None, p.communicate()
