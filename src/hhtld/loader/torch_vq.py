@@ -103,7 +103,7 @@ def decode_rows_vq(params, group, tensor, idx=None):
 def _sylvester64(b: int, device: str):
     import torch
 
-    return torch.from_numpy(sylvester(b).astype(np.float64)).to(device)
+    return torch.tensor(sylvester(b, np.float64), device=device)  # a copy: numpy's is read-only
 
 
 def hadamard_rows(x, b: int):

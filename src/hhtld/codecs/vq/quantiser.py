@@ -125,18 +125,16 @@ def hadamard_block(n_cols: int, max_block: int = ROTATION_MAX_BLOCK) -> int:
     return int(min(n_cols & -n_cols, max_block))
 
 
-@lru_cache(maxsize=16)
-def _sylvester64(b: int) -> np.ndarray:
-    return sylvester(b).astype(np.float64)
-
-
-@lru_cache(maxsize=16)
-def sylvester(b: int) -> np.ndarray:
-    """(b, b) float32 Sylvester Hadamard matrix of ±1 (b a power of two)."""
-    h = np.ones((1, 1), dtype=np.float32)
+@lru_cache(maxsize=32)
+def sylvester(b: int, dtype=np.float32) -> np.ndarray:
+    """(b, b) Sylvester Hadamard matrix of ±1 (b a power of two), float32 unless ``dtype``
+    says otherwise; cached, so read-only."""
+    h = np.ones((1, 1), dtype=np.float64)
     while h.shape[0] < b:
         h = np.block([[h, h], [h, -h]])
-    return h.astype(np.float32)
+    h = h.astype(dtype)
+    h.flags.writeable = False
+    return h
 
 
 def kronecker_factors(b: int) -> tuple[int, int]:
@@ -174,11 +172,11 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     n, c = x.shape
     x64 = np.asarray(x, dtype=np.float64)
     if b < KRONECKER_FROM:
-        y = (x64.reshape(-1, b) @ _sylvester64(b)).reshape(n, c).astype(np.float32)
+        y = (x64.reshape(-1, b) @ sylvester(b, np.float64)).reshape(n, c).astype(np.float32)
     else:
         p, q = kronecker_factors(b)
-        y64 = x64.reshape(-1, q) @ _sylvester64(q)
-        y = np.matmul(_sylvester64(p), y64.reshape(-1, p, q)).reshape(n, c).astype(np.float32)
+        y64 = x64.reshape(-1, q) @ sylvester(q, np.float64)
+        y = np.matmul(sylvester(p, np.float64), y64.reshape(-1, p, q)).reshape(n, c).astype(np.float32)
     y *= np.float32(1.0 / np.sqrt(b))
     return y
 
