@@ -49,7 +49,7 @@ demo-llm: $(STAMP) llm
 	$(BIN)/hhtld generate $(OUT)/smollm2.hhtld "The capital of France is" --max-new-tokens 24
 
 test: $(STAMP) llm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP) llm
 	$(BIN)/python bench/rate_distortion.py

@@ -2,8 +2,8 @@
 processes): the pack is the bytes of the local executor's (data-free and calibrated),
 a unit whose worker dies is run again elsewhere — inside the executor and inside a
 whole encode, its worker process killed —, a second failure names the unit, hhtld's
-own errors reach the caller unchanged, and Ctrl-C leaves no pack and the units that
-``--resume`` finishes from."""
+own errors reach the caller unchanged, and a killed driver or Ctrl-C leaves no pack
+and the units that ``--resume`` finishes from."""
 
 from __future__ import annotations
 
@@ -123,7 +123,26 @@ def test_a_worker_killed_in_the_middle_of_an_encode_changes_nothing(cluster, slo
     assert (tmp_path / "ray.hhtld").read_bytes() == local
 
 
-def test_ctrl_c_leaves_no_pack_and_resume_finishes_it_on_a_running_cluster(cluster, slow, tmp_path):
+def _kept(out: Path) -> int:
+    return len(list(partial_folder(out).glob("*.safetensors")))
+
+
+def _stop_after_more_kept(p: subprocess.Popen, out: Path, sig: int) -> tuple[int, str]:
+    """Send ``sig`` once one more unit than now is kept in the working folder; the exit and stderr."""
+    before, t0 = _kept(out), time.monotonic()
+    while _kept(out) <= before:
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() - t0 < 120, "no unit was kept"
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err
+
+
+def test_a_lost_driver_or_ctrl_c_leaves_no_pack_and_resume_finishes_it_on_a_running_cluster(cluster, slow,
+                                                                                               tmp_path):
+    """The driver killed (SIGKILL), then the resumed run interrupted (Ctrl-C), then resumed to the end,
+    all on one running cluster: no pack until the end, and the end is the uninterrupted bytes."""
     model, local = slow
     out = tmp_path / "m.hhtld"
     cmd = [sys.executable, "-m", "hhtld", "encode", str(model), "-o", str(out), *SLOW, "--resume",
@@ -132,21 +151,23 @@ def test_ctrl_c_leaves_no_pack_and_resume_finishes_it_on_a_running_cluster(clust
     # set by a small Python that then becomes the encode (no code between fork and exec here)
     reset = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
-    p = subprocess.Popen([sys.executable, "-c", reset, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    t0 = time.monotonic()
-    while not list(partial_folder(out).glob("*.safetensors")):  # a tensor's encode is kept
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() - t0 < 120, "no unit was kept"
-        time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "hhtld: interrupted" in err, err
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", reset, *cmd[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    code, err = _stop_after_more_kept(start(), out, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.hhtld.partial"]  # no pack
+    killed_with = _kept(out)
+    code, err = _stop_after_more_kept(start(), out, signal.SIGINT)
+    assert code == 130 and "hhtld: interrupted" in err, err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.hhtld.partial"]  # no pack, no temporary file
+    assert _kept(out) > killed_with  # the resumed run kept what the killed one had, and more
     p = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
-    assert info["resumed_units"] >= 1 and info["executor"]["kind"] == "ray"
+    assert info["resumed_units"] >= 2 and info["executor"]["kind"] == "ray"
     assert out.read_bytes() == local
     assert not partial_folder(out).exists()
 
