@@ -71,6 +71,37 @@ def test_sizes_parse_and_print():
         parse_size("0")
 
 
+def _tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_the_cgroup_room_leaves_out_the_inactive_file_cache(tmp_path):
+    """Limit less usage less the inactive file cache, the tightest from the process's cgroup up
+    (v2 and v1 trees written here, the layouts the kernel shows)."""
+    from hhtld.memory import _cgroup_room
+
+    v2, v1, proc = tmp_path / "v2", tmp_path / "v1", tmp_path / "cgroup"
+    _tree(v2, {"app/job/memory.max": f"{8 * GIB}\n", "app/job/memory.current": f"{6 * GIB}\n",
+               "app/job/memory.stat": f"anon {2 * GIB}\nactive_file {GIB}\ninactive_file {3 * GIB}\n",
+               "app/memory.max": "max\n", "app/memory.current": f"{7 * GIB}\n"})
+    proc.write_text("0::/app/job\n")
+    assert _cgroup_room(proc, v2) == 8 * GIB - 3 * GIB  # the 3 GiB of inactive file pages are room
+    (v2 / "app/memory.max").write_text(f"{9 * GIB}\n")  # the parent's limit, with no memory.stat: all counted
+    assert _cgroup_room(proc, v2) == 2 * GIB
+    _tree(v1, {"memory/docker/c1/memory.limit_in_bytes": f"{4 * GIB}\n",
+               "memory/docker/c1/memory.usage_in_bytes": f"{3 * GIB}\n",
+               "memory/docker/c1/memory.stat": f"inactive_file {GIB // 2}\ntotal_inactive_file {2 * GIB}\n",
+               "memory/docker/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+               "memory/docker/memory.usage_in_bytes": f"{3 * GIB}\n"})
+    proc.write_text("4:memory:/docker/c1\n3:cpu,cpuacct:/docker/c1\n")
+    assert _cgroup_room(proc, v1) == 4 * GIB - GIB  # v1 counts the hierarchy's total_inactive_file
+    (v1 / "memory/docker/c1/memory.usage_in_bytes").write_text(f"{9 * GIB}\n")
+    assert _cgroup_room(proc, v1) == 0  # over the limit: no room, never negative
+    assert _cgroup_room(tmp_path / "missing", v1) is None
+
+
 def test_a_wide_pack_opens_small_and_is_refused_before_allocating(small_pack, tmp_path):
     path = wide(small_pack, (65536, 65536), tmp_path)
     assert path.stat().st_size < 700_000

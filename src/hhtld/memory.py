@@ -8,7 +8,7 @@ room is the smallest of what the operating system says:
 
 * available memory (``MemAvailable`` in ``/proc/meminfo``);
 * the cgroup's memory limit less its usage (cgroup v2 ``memory.max``, v1
-  ``memory.limit_in_bytes``);
+  ``memory.limit_in_bytes``), not counting its inactive file cache;
 * the address-space and data-segment limits (``RLIMIT_AS``,
   ``RLIMIT_DATA``, as ``ulimit -v`` / ``ulimit -d`` set them) less what the
   process already maps (``VmSize``, ``VmData``);
@@ -123,19 +123,36 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max" (v2 without a limit): None
 
 
-def _cgroup_room() -> int | None:
-    """The tightest cgroup limit less usage, from this process's own cgroup up to the root."""
+def _stat_value(path: Path, key: str) -> int:
+    """A counter of a cgroup's ``memory.stat`` (0 when missing)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_room(cgroup_file: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The tightest cgroup limit less what it holds, from this process's own cgroup up to
+    the root. What it holds is its usage less its inactive file cache (``memory.stat``'s
+    ``inactive_file``, v1 ``total_inactive_file``), as ``docker stats`` counts it: the
+    checkpoint's pages read through a memory map count in the usage, and the kernel takes
+    them back before it runs out."""
     best = None
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = cgroup_file.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, rel = line.split(":", 2)
         if controllers == "":  # v2
-            base, limit_file, usage_file = Path("/sys/fs/cgroup"), "memory.max", "memory.current"
+            base, limit_file, usage_file, cache_key = root, "memory.max", "memory.current", "inactive_file"
         elif "memory" in controllers.split(","):  # v1
-            base, limit_file, usage_file = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+            base, limit_file, usage_file = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            cache_key = "total_inactive_file"
         else:
             continue
         d = base / rel.lstrip("/")
@@ -144,7 +161,8 @@ def _cgroup_room() -> int | None:
                 break
             limit, used = _read_int(folder / limit_file), _read_int(folder / usage_file)
             if limit is not None and used is not None and limit < (1 << 60):  # v1 writes "no limit" as ~2**63
-                room = max(0, limit - used)
+                held = max(0, used - _stat_value(folder / "memory.stat", cache_key))
+                room = max(0, limit - held)
                 best = room if best is None else min(best, room)
     return best
 
