@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from timing import median_time  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STAGES = "2+4"
@@ -65,16 +66,6 @@ def peak_rss(code: str, pack: Path, decoded: Path) -> int:
         raise SystemExit(f"child failed: {code}\n{r.stderr[-2000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     return int(m.group(1)) * 1024
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def mb(n: float) -> str:

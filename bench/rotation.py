@@ -17,41 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from threadpoolctl import threadpool_limits
 
-from hhtld.codecs.vq.quantiser import (KRONECKER_FROM, hadamard_block, kronecker_factors, rotate, rotation_signs,
-                                       sylvester)
+from hhtld.codecs.vq.quantiser import hadamard_block, hadamard_factors, rotate, rotation_signs, sylvester
+from timing import median_time
 
 HERE = Path(__file__).resolve().parent
 
 
 def float32_rotation(x: np.ndarray, signs: np.ndarray, b: int) -> np.ndarray:
-    """The same transform as float32 BLAS products (the same Kronecker split)."""
+    """The same transform as float32 BLAS products on the whole array (the same Kronecker split)."""
     n, c = x.shape
-    x = x * signs.astype(np.float32)
-    if b < KRONECKER_FROM:
-        y = (x.reshape(-1, b) @ sylvester(b)).reshape(n, c)
-    else:
-        p, q = kronecker_factors(b)
-        y = np.matmul(sylvester(p), (x.reshape(-1, q) @ sylvester(q)).reshape(-1, p, q)).reshape(n, c)
+    p, q = hadamard_factors(b)
+    y = (x * signs.astype(np.float32)).reshape(-1, q) @ sylvester(q)
+    if p > 1:
+        y = np.matmul(sylvester(p), y.reshape(-1, p, q))
+    y = y.reshape(n, c)
     y *= np.float32(1.0 / np.sqrt(b))
     return y
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -66,8 +53,8 @@ def main() -> None:
         x = np.random.default_rng(cols).standard_normal((args.rows, cols)).astype(np.float32)
         signs = rotation_signs(cols, 0)
         with threadpool_limits(1):
-            t64 = median_seconds(lambda: rotate(x, signs, block=b), args.repeats)
-            t32 = median_seconds(lambda: float32_rotation(x, signs, b), args.repeats)
+            t64 = median_time(lambda: rotate(x, signs, block=b), args.repeats)
+            t32 = median_time(lambda: float32_rotation(x, signs, b), args.repeats)
         diff = float(np.max(np.abs(rotate(x, signs, block=b) - float32_rotation(x, signs, b))))
         row = {"cols": cols, "block": b, "rows": args.rows, "float64_sums_mw_s": round(x.size / t64 / 1e6, 1),
                "float32_blas_mw_s": round(x.size / t32 / 1e6, 1), "float64_time_ratio": round(t64 / t32, 2),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,19 +32,10 @@ from hhtld.classify import EncodablePolicy, plan_checkpoint  # noqa: E402
 from hhtld.pack import decode_pack, encode_checkpoint, open_pack  # noqa: E402
 from hhtld import encode  # noqa: E402
 from hhtld.pack.writer import read_rows  # noqa: E402
+from timing import median_time  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 POLICY = EncodablePolicy(encode_all=True)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (page cache, checksum verification, lazy imports)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..codecs.vq.codec import rotation_block
-from ..codecs.vq.quantiser import HADAMARD_CHUNK, KRONECKER_FROM, kronecker_factors, parse_stages, sylvester
+from ..codecs.vq.quantiser import HADAMARD_CHUNK, hadamard_factors, parse_stages, sylvester
 
 
 @lru_cache(maxsize=32)
@@ -113,18 +113,17 @@ def hadamard_rows(x, b: int):
     import torch
 
     m, c = x.shape
-    dev = str(x.device)
+    p, q = hadamard_factors(b)
+    h_p, h_q = _sylvester64(p, str(x.device)), _sylvester64(q, str(x.device))
     y = torch.empty((m, c), dtype=torch.float32, device=x.device)
     step = max(1, HADAMARD_CHUNK // max(c, 1))  # float64 copies of a few MB, as numpy's
     for r in range(0, m, step):
         x64 = x[r:r + step].to(torch.float64)
         k = x64.shape[0]
-        if b < KRONECKER_FROM:
-            y[r:r + k] = (x64.reshape(-1, b) @ _sylvester64(b, dev)).reshape(k, c)
-        else:
-            p, q = kronecker_factors(b)
-            y64 = x64.reshape(-1, q) @ _sylvester64(q, dev)
-            y[r:r + k] = torch.matmul(_sylvester64(p, dev), y64.reshape(-1, p, q)).reshape(k, c)
+        y64 = x64.reshape(-1, q) @ h_q
+        if p > 1:
+            y64 = torch.matmul(h_p, y64.reshape(-1, p, q))
+        y[r:r + k] = y64.reshape(k, c)
     y *= float(np.float32(1.0 / np.sqrt(b)))  # a float32 product, as numpy's
     return y
 

@@ -152,6 +152,12 @@ def rotation_signs(n_cols: int, seed: int) -> np.ndarray:
 
 
 KRONECKER_FROM = 512  # Hadamard blocks from this size are applied as H_p ⊗ H_q
+
+
+def hadamard_factors(b: int) -> tuple[int, int]:
+    """(p, q) with H_b applied as H_p ⊗ H_q: :func:`kronecker_factors` from ``KRONECKER_FROM``
+    columns, else (1, b) — one (b, b) product."""
+    return kronecker_factors(b) if b >= KRONECKER_FROM else (1, b)
 HADAMARD_CHUNK = 1 << 18  # weights a float64 slice of the rotation holds at a time (2 MiB)
 
 
@@ -174,17 +180,17 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     ``KRONECKER_FROM // 2`` columns take one (n c/b, b) @ (b, b) product instead:
     with p, q <= 16 the batched product is dominated by its per-matrix overhead."""
     n, c = x.shape
+    p, q = hadamard_factors(b)
+    h_p, h_q = sylvester(p, np.float64), sylvester(q, np.float64)
     y = np.empty((n, c), dtype=np.float32)
     step = max(1, HADAMARD_CHUNK // max(c, 1))  # float64 copies of a few MB, not of the tensor
     for r in range(0, n, step):
         x64 = np.asarray(x[r:r + step], dtype=np.float64)
         m = x64.shape[0]
-        if b < KRONECKER_FROM:
-            y[r:r + m] = (x64.reshape(-1, b) @ sylvester(b, np.float64)).reshape(m, c)
-        else:
-            p, q = kronecker_factors(b)
-            y64 = x64.reshape(-1, q) @ sylvester(q, np.float64)
-            y[r:r + m] = np.matmul(sylvester(p, np.float64), y64.reshape(-1, p, q)).reshape(m, c)
+        y64 = x64.reshape(-1, q) @ h_q
+        if p > 1:
+            y64 = np.matmul(h_p, y64.reshape(-1, p, q))
+        y[r:r + m] = y64.reshape(m, c)
     y *= np.float32(1.0 / np.sqrt(b))
     return y
 
@@ -522,7 +528,7 @@ def twig_row_bytes(stages: tuple[Stage, ...], n_cols: int) -> int:
 
 __all__ = [
     "Layout", "Stage", "VqBlock", "VqModel", "VqResult", "assign", "decode_rows", "encode_block", "encode_rows",
-    "fit_model", "hadamard_block", "kronecker_factors", "HADAMARD_CHUNK", "KRONECKER_FROM",
+    "fit_model", "hadamard_block", "hadamard_factors", "kronecker_factors", "HADAMARD_CHUNK", "KRONECKER_FROM",
     "palette_bytes", "parse_stages", "rotate", "rotation_signs", "stages_str", "sylvester", "train_palette",
     "twig_row_bytes",
 ]
