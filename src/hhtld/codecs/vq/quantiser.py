@@ -170,7 +170,7 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     row in a block), while the float64 sums of at most b float32 terms are exact or
     within far less than a float32 ulp of it — so each row's bits do not depend on the
     other rows, the thread count or the library (torch decodes the same way). It costs
-    1.2-2.3x the time of the float32 product (62-180 against 115-366 M weights/s a core,
+    1.4-2.1x the time of the float32 product (143-235 against 222-465 M weights/s a core,
     ``bench/rotation.py``); the float64 copies are made a few hundred thousand weights
     at a time.
 
@@ -180,8 +180,8 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     ``KRONECKER_FROM // 2`` columns take one (n c/b, b) @ (b, b) product instead:
     there the batched product's per-matrix overhead outweighs the flops it saves
     (float64, one core, AVX2: the one product runs 370-470 M weights/s at b = 16-32
-    against 140-190 split; at b = 128 and 256 it is flop-bound, 145 and 76 against
-    about 250 split)."""
+    against 140-190 split, and as fast at 64; at b = 128 and 256 it is flop-bound,
+    136 and 68 against 229 and 201 split, ``bench/rotation.py``)."""
     n, c = x.shape
     p, q = hadamard_factors(b)
     h_p, h_q = sylvester(p, np.float64), sylvester(q, np.float64)
