@@ -30,10 +30,10 @@ units kept so far, which the driver keeps as results arrive).
 The tasks in flight then are *not* cancelled with ``ray.cancel``: a cancel that crosses
 the reply of a task just finishing ends the driver in a Ray check failure ("Tried to
 complete task that was not pending"; 4 of 20 runs of the second-failure test, on Ray
-2.60). The driver drops their results and leaves the cluster it started
-(``ray.shutdown``), which ends its tasks; on a cluster the caller joined itself, those
-tasks (at most twice the cluster's width) run to their end and their results are
-dropped.
+2.60). The driver drops their results and disconnects (``ray.shutdown``; Ray ends a
+finished job's workers, on a local cluster or at ``--ray-address``); when the caller
+had connected to Ray before the encode, those tasks (at most twice the cluster's
+width) run to their end and their results are dropped.
 """
 
 from __future__ import annotations
