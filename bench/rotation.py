@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from hhtld.codecs.vq import quantiser
 from hhtld.codecs.vq.quantiser import hadamard_block, hadamard_factors, rotate, rotation_signs, sylvester
+from timing import take_turns
 
 HERE = Path(__file__).resolve().parent
 WIDTHS = (384, 576, 896, 1536, 2048, 5632, 11008)
@@ -68,19 +67,6 @@ def with_split(split: int, fn):
     return run
 
 
-def take_turns(forms: dict, repeats: int) -> dict:
-    """Median seconds of each of ``forms`` (name -> callable), the forms taking turns."""
-    for fn in forms.values():
-        fn()
-    times: dict = {k: [] for k in forms}
-    for _ in range(repeats):
-        for k, fn in forms.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
@@ -100,15 +86,15 @@ def main() -> None:
                 "float64": lambda: rotate(x, signs, block=b),
                 "float64_split_before": with_split(SPLIT_BEFORE, lambda: rotate(x, signs, block=b)),
                 "float32": lambda: float32_rotation(x, signs, b)}, args.repeats)
+            y = rotate(x, signs, block=b)
             before = with_split(SPLIT_BEFORE, lambda: rotate(x, signs, block=b))()
-            diff = float(np.max(np.abs(rotate(x, signs, block=b) - float32_rotation(x, signs, b))))
+            diff = float(np.max(np.abs(y - float32_rotation(x, signs, b))))
             row = {"cols": c, "block": b, "rows": args.rows, "factors": list(hadamard_factors(b)),
                    "float64_sums_mw_s": round(x.size / t["float64"] / 1e6, 1),
                    "float64_split_from_512_mw_s": round(x.size / t["float64_split_before"] / 1e6, 1),
                    "float32_blas_mw_s": round(x.size / t["float32"] / 1e6, 1),
                    "float64_time_ratio": round(t["float64"] / t["float32"], 2),
-                   "same_bits_as_split_from_512": bool(np.array_equal(before.view(np.uint32),
-                                                                      rotate(x, signs, block=b).view(np.uint32))),
+                   "same_bits_as_split_from_512": bool(np.array_equal(before.view(np.uint32), y.view(np.uint32))),
                    "max_abs_difference_to_float32": diff}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -158,6 +158,8 @@ def hadamard_factors(b: int) -> tuple[int, int]:
     """(p, q) with H_b applied as H_p ⊗ H_q: :func:`kronecker_factors` from ``KRONECKER_FROM``
     columns, else (1, b) — one (b, b) product."""
     return kronecker_factors(b) if b >= KRONECKER_FROM else (1, b)
+
+
 HADAMARD_CHUNK = 1 << 18  # weights a float64 slice of the rotation holds at a time (2 MiB)
 
 
