@@ -17,7 +17,7 @@ from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey
 from hhtld.codecs.base import DictParts
 from hhtld.codecs.vq.codec import HhtlVqCodec
-from hhtld.codecs.vq.feedback import output_error
+from hhtld.codecs.vq.feedback import FeedbackPlan, output_error
 
 ALL = EncodablePolicy(encode_all=True)
 
@@ -48,6 +48,22 @@ def test_error_feedback_lowers_the_output_error_and_predicts_it(stages):
                 a.nbytes for a in eg.arrays.values())  # the same stored format and bytes
         errs.append(err)
     assert errs[1] < 0.5 * errs[0]
+
+
+def test_a_hessian_rotated_in_place_gives_the_same_plan_and_only_when_allowed():
+    w, h = correlated(c=384)
+    fit = HhtlVqCodec(stages="2").fit_group(GroupKey("x", "up", w.shape), w)
+    h32 = h.astype(np.float32)
+    want = FeedbackPlan.build(fit.model, h32)
+    assert np.array_equal(h32, h.astype(np.float32))  # not overwritten unless allowed
+    own = h32.copy()
+    got = FeedbackPlan.build(fit.model, own, overwrite=True)
+    assert np.shares_memory(got.h_rot, own)  # the rotation took the Hessian's own memory
+    assert got.u_chol.tobytes() == want.u_chol.tobytes()
+    assert np.ascontiguousarray(got.h_rot).tobytes() == np.ascontiguousarray(want.h_rot).tobytes()
+    h64 = h.copy()  # a float64 Hessian is never taken over: it is rotated in float32
+    FeedbackPlan.build(fit.model, h64, overwrite=True)
+    assert np.array_equal(h64, h)
 
 
 def test_allocation_spends_bits_where_the_predicted_change_falls_most():

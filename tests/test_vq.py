@@ -95,6 +95,17 @@ def test_rotation_is_undone():
     np.testing.assert_allclose(rotate(y, s, inverse=True), x, atol=1e-5)
 
 
+@pytest.mark.parametrize("c", [384, 576, 1536])
+def test_rotation_in_place_gives_the_same_bits_in_either_memory_order(c):
+    x = np.random.default_rng(c).standard_normal((c, c)).astype(np.float32)
+    s = rotation_signs(c, 7)
+    for inverse in (False, True):
+        want = rotate(x, s, inverse=inverse)
+        for a in (x.copy(), np.asfortranarray(x)):
+            got = rotate(a, s, inverse=inverse, out=a)
+            assert np.shares_memory(got, a) and got.tobytes() == want.tobytes()
+
+
 def test_bad_options_are_clear_errors():
     for bad in ("", "1", "4:0", "4:70000", "x", "2+2+2+2+2+2+2+2+2"):
         with pytest.raises(CodecError):

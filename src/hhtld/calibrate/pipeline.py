@@ -395,8 +395,9 @@ def encode_pass(ckpt, plan, alloc: TensorAllocation, store: HessianStore | None,
     def encode(i, pool):
         t = order[i]
         sub = sub_of[t.name]
-        h = store.get(t.name) if hessian[t.name] else None
-        return sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), pool, measure=True, hessian=h)
+        h = store.get(t.name) if hessian[t.name] else None  # a fresh copy: rotated in place
+        return sub.codec.encode_tensor(sub.fit, TensorRows(ckpt, t), pool, measure=True, hessian=h,
+                                       overwrite_hessian=True)
 
     pw = ex.writer
     for k, (i, et) in enumerate(ex.map(units, encode, keys=keys)):

@@ -173,12 +173,12 @@ def unit_memory(kind: str, rows: int = 0, cols: int = 0, sample_rows: int = 0, h
     """Bytes a unit holds at once, from its arrays: ``fit`` the float32 sample and two
     working copies (rotated, residual); ``encode`` the tensor's float32 rows, a residual of
     the same size and, with error feedback, what is held while its Hessian is factored:
-    the Hessian as read (float32), its rotation, LAPACK's copy and the inverse (float64);
-    ``trials`` as ``fit``; ``passthrough`` nothing (memory-mapped)."""
+    the Hessian as read and rotated in place (float32), LAPACK's copy and the inverse
+    (float64); ``trials`` as ``fit``; ``passthrough`` nothing (memory-mapped)."""
     if kind in ("fit", "trials"):
         return 3 * sample_rows * cols * FLOAT32
     if kind == "encode":
-        return 2 * rows * cols * FLOAT32 + ((FLOAT32 + 3 * FLOAT64) * cols * cols if hessian else 0)
+        return 2 * rows * cols * FLOAT32 + ((FLOAT32 + 2 * FLOAT64) * cols * cols if hessian else 0)
     return 0
 
 

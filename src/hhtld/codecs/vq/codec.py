@@ -183,12 +183,14 @@ class HhtlVqCodec(Codec):
         return fit
 
     def encode_tensor(self, fit: "_VqFit", rows, pool=None, measure: bool = False,
-                      hessian: np.ndarray | None = None) -> EncodedTensor:
+                      hessian: np.ndarray | None = None, overwrite_hessian: bool = False) -> EncodedTensor:
         """``hessian`` (cols, cols): the inputs' ``XᵀX`` on calibration tokens; the
         rows are then quantised with error feedback (``codecs/vq/feedback.py``) and
-        ``stats["output_error"]`` is the predicted ``tr(ΔW H ΔWᵀ)``."""
+        ``stats["output_error"]`` is the predicted ``tr(ΔW H ΔWᵀ)``. With
+        ``overwrite_hessian`` a float32 ``hessian`` is rotated in place (its contents lost),
+        which saves a copy of it."""
         leaf = fit.basis is not None
-        plan = FeedbackPlan.build(fit.model, hessian) if hessian is not None else None
+        plan = FeedbackPlan.build(fit.model, hessian, overwrite=overwrite_hessian) if hessian is not None else None
 
         def one(x, s, e):
             self.check_range(x, rows)

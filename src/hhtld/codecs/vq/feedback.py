@@ -34,22 +34,30 @@ DEFAULT_DAMP = 0.01  # fraction of the mean diagonal added to H (GPTQ's default)
 LAZY_COLS = 128  # columns per lazy update block (rounded up to whole units)
 
 
-def rotated_hessian(h: np.ndarray, model: VqModel) -> np.ndarray:
-    """``R H Rᵀ`` (c, c) float64 for the model's rotation (H itself without one). The
-    rotation runs in float32 (a float32 H is not copied for it)."""
+def rotated_hessian(h: np.ndarray, model: VqModel, overwrite: bool = False) -> np.ndarray:
+    """``R H Rᵀ`` (c, c) float32 for the model's rotation; ``h`` itself without one.
+
+    The rotation runs in float32, in place on one (c, c) float32 array: a copy of ``h``,
+    or with ``overwrite`` ``h``'s own memory when it is a writeable float32 array (its
+    contents are then lost). The rows are turned, then the rows of the transpose
+    (``R H Rᵀ = rotate(rotate(H)ᵀ)``, H symmetric), so the result is that array seen
+    transposed: Fortran order, which is the order LAPACK factors in."""
     if model.signs is None:
-        return np.asarray(h, dtype=np.float64)
-    # rotate() turns rows: R H Rᵀ = rotate(rotate(H)ᵀ) (H is symmetric)
-    a = np.ascontiguousarray(rotate(np.asarray(h, dtype=np.float32), model.signs, block=model.block).T)
-    return rotate(a, model.signs, block=model.block).astype(np.float64)
+        return h
+    own = overwrite and h.dtype == np.float32 and h.flags.writeable
+    a = h if own else np.array(h, dtype=np.float32)
+    rotate(a, model.signs, block=model.block, out=a)
+    t = a.T
+    return rotate(t, model.signs, block=model.block, out=t)
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     """Upper-triangular ``U`` (c, c) float64 with ``UᵀU = (H + damp · mean(diag H) · I)⁻¹``.
 
-    Inputs that never fire (zero diagonal) get a unit diagonal, as in GPTQ. One copy of
-    ``h`` is made, in LAPACK's (Fortran) order, so that every factorisation runs in place:
-    at most two (c, c) float64 arrays at a time besides the caller's (c = 5632: 254 MB each)."""
+    Inputs that never fire (zero diagonal) get a unit diagonal, as in GPTQ. One float64
+    copy of ``h`` is made, in LAPACK's (Fortran) order, so that every factorisation runs in
+    place: at most two (c, c) float64 arrays at a time besides the caller's (c = 11008:
+    969 MB each)."""
     h = np.array(h, dtype=np.float64, order="F")
     c = h.shape[0]
     d = np.diag(h).copy()
@@ -89,15 +97,19 @@ class FeedbackPlan:
     lazy: int
 
     @classmethod
-    def build(cls, model: VqModel, hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> "FeedbackPlan":
+    def build(cls, model: VqModel, hessian: np.ndarray, damp: float = DEFAULT_DAMP,
+              overwrite: bool = False) -> "FeedbackPlan":
+        """The plan for ``hessian`` (c, c); ``overwrite``: a float32 ``hessian`` may be
+        rotated in place (:func:`rotated_hessian`), so that at most one float32 and two
+        float64 (c, c) arrays are held while ``U`` is computed."""
         c = model.n_cols
         if hessian.shape != (c, c):
             raise CodecError(f"the Hessian has shape {list(hessian.shape)}, the rows have {c} columns")
         u = unit_cols(model)
         lazy = max(u, -(-LAZY_COLS // u) * u)
-        h_rot = rotated_hessian(hessian, model)
+        h_rot = rotated_hessian(hessian, model, overwrite)
         chol = inverse_cholesky(h_rot, damp).astype(np.float32)
-        return cls(model, chol, h_rot.astype(np.float32), u, lazy)
+        return cls(model, chol, np.asarray(h_rot, dtype=np.float32), u, lazy)
 
 
 def _quantise_unit(resid: np.ndarray, model: VqModel, a: int, unit: int) -> tuple[list[np.ndarray], np.ndarray]:

@@ -163,8 +163,10 @@ def hadamard_factors(b: int) -> tuple[int, int]:
 HADAMARD_CHUNK = 1 << 18  # weights a float64 slice of the rotation holds at a time (2 MiB)
 
 
-def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
-    """Every length-b block of every row times H_b / sqrt(b); x (n, c) float32, a new array.
+def _hadamard_blocks(x: np.ndarray, b: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Every length-b block of every row times H_b / sqrt(b); x (n, c) float32, into a new
+    array or ``out`` (n, c) float32, which may be ``x``: each slice of rows is read into
+    float64 before its result is written back.
 
     The sums run in float64 and are rounded to float32 once: a float32 BLAS product
     rounds in an order that depends on the number of rows in the call on some CPUs
@@ -187,7 +189,7 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     n, c = x.shape
     p, q = hadamard_factors(b)
     h_p, h_q = sylvester(p, np.float64), sylvester(q, np.float64)
-    y = np.empty((n, c), dtype=np.float32)
+    y = np.empty((n, c), dtype=np.float32) if out is None else out
     step = max(1, HADAMARD_CHUNK // max(c, 1))  # float64 copies of a few MB, not of the tensor
     for r in range(0, n, step):
         x64 = np.asarray(x[r:r + step], dtype=np.float64)
@@ -200,16 +202,21 @@ def _hadamard_blocks(x: np.ndarray, b: int) -> np.ndarray:
     return y
 
 
-def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int | None = None) -> np.ndarray:
+def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
     """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H_b)``; inverse undoes it
     (H is symmetric and orthonormal). x: (n, c) float32; ``block`` b: the Hadamard block
-    (default :func:`hadamard_block` of c)."""
+    (default :func:`hadamard_block` of c); ``out``: a writeable (n, c) float32 array for the
+    result, which may be ``x`` itself (rotated in place, in any memory order; same bits)."""
     c = x.shape[1]
     b = hadamard_block(c) if block is None else int(block)
     s = signs.astype(np.float32)
     if not inverse:
-        return _hadamard_blocks(x * s, b)
-    y = _hadamard_blocks(x, b)
+        if out is None:
+            return _hadamard_blocks(x * s, b)
+        np.multiply(x, s, out=out)
+        return _hadamard_blocks(out, b, out=out)
+    y = _hadamard_blocks(x, b, out=out)
     y *= s
     return y
 
