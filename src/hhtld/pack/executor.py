@@ -15,7 +15,7 @@ Memory: independent units are admitted while the memory they are predicted to ho
 starts (:func:`~hhtld.memory.memory_room`, read then: what the process already holds —
 a model being calibrated — is not in it). A unit larger than the room runs alone. So the
 peak follows the largest units, a few at a time, and never the width of the pool times
-them: a 7B down projection with error feedback holds about 3.4 GB while its Hessian is
+them: a 7B down projection with error feedback holds about 2.4 GB while its Hessian is
 factored, and sixteen of them at once would not fit a 24 GB machine.
 
 The executor is the one place that decides where a unit runs; another executor (a
