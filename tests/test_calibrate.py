@@ -17,7 +17,8 @@ from hhtld.classify import EncodablePolicy
 from hhtld.classify.groups import GroupKey
 from hhtld.codecs.base import DictParts
 from hhtld.codecs.vq.codec import HhtlVqCodec
-from hhtld.codecs.vq.feedback import FeedbackPlan, output_error
+from hhtld.codecs.vq.feedback import FeedbackPlan, output_error, rotated_hessian
+from hhtld.codecs.vq.quantiser import rotate
 
 ALL = EncodablePolicy(encode_all=True)
 
@@ -53,16 +54,22 @@ def test_error_feedback_lowers_the_output_error_and_predicts_it(stages):
 def test_a_hessian_rotated_in_place_gives_the_same_plan_and_only_when_allowed():
     w, h = correlated(c=384)
     fit = HhtlVqCodec(stages="2").fit_group(GroupKey("x", "up", w.shape), w)
+    m = fit.model
     h32 = h.astype(np.float32)
-    want = FeedbackPlan.build(fit.model, h32)
+    # R H Rᵀ turned the plain way: rows, then a C-order copy of the transpose
+    plain = rotate(np.ascontiguousarray(rotate(h32, m.signs, block=m.block).T), m.signs, block=m.block)
+    r = rotated_hessian(h32, m)
+    assert r.flags.f_contiguous and np.ascontiguousarray(r).tobytes() == plain.tobytes()  # LAPACK's order, same bits
+    want = FeedbackPlan.build(m, h32)
     assert np.array_equal(h32, h.astype(np.float32))  # not overwritten unless allowed
     own = h32.copy()
-    got = FeedbackPlan.build(fit.model, own, overwrite=True)
-    assert np.shares_memory(got.h_rot, own)  # the rotation took the Hessian's own memory
+    got = FeedbackPlan.build(m, own, overwrite=True)
+    assert not np.array_equal(own, h32)  # the rotation took the Hessian's own memory
     assert got.u_chol.tobytes() == want.u_chol.tobytes()
-    assert np.ascontiguousarray(got.h_rot).tobytes() == np.ascontiguousarray(want.h_rot).tobytes()
+    # widened once, in C order: a one-row block's product then sums as it does for more rows
+    assert got.h_rot.flags.c_contiguous and got.h_rot.tobytes() == plain.astype(np.float64).tobytes()
     h64 = h.copy()  # a float64 Hessian is never taken over: it is rotated in float32
-    FeedbackPlan.build(fit.model, h64, overwrite=True)
+    FeedbackPlan.build(m, h64, overwrite=True)
     assert np.array_equal(h64, h)
 
 

@@ -215,8 +215,9 @@ class HessianStore:
         self.tokens[name] = tokens
 
     def get(self, name: str) -> np.ndarray | None:
-        """The Hessian as stored, float32 (the encoder rotates it in float32 and widens it
-        itself; a float64 copy here held 254 MB more per 5632-column tensor in flight)."""
+        """The Hessian as stored, float32, in a fresh array of its own: the encoder rotates
+        it in place (a float64 copy here held 254 MB more per 5632-column tensor in flight;
+        the file itself is never written)."""
         f = self.files.get(name)
         if f is None:
             return None

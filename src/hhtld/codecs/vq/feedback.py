@@ -35,7 +35,7 @@ LAZY_COLS = 128  # columns per lazy update block (rounded up to whole units)
 
 
 def rotated_hessian(h: np.ndarray, model: VqModel, overwrite: bool = False) -> np.ndarray:
-    """``R H Rᵀ`` (c, c) float32 for the model's rotation; ``h`` itself without one.
+    """``R H Rᵀ`` (c, c) float32 for the model's rotation; ``h`` itself (any dtype) without one.
 
     The rotation runs in float32, in place on one (c, c) float32 array: a copy of ``h``,
     or with ``overwrite`` ``h``'s own memory when it is a writeable float32 array (its
@@ -92,7 +92,7 @@ class FeedbackPlan:
 
     model: VqModel
     u_chol: np.ndarray  # (c, c) float32, upper triangular
-    h_rot: np.ndarray  # (c, c) float32, R H Rᵀ without damping (for the output error)
+    h_rot: np.ndarray  # (c, c) float64, C order: R H Rᵀ (its float32 values) without damping, for the output error
     unit: int
     lazy: int
 
@@ -101,7 +101,9 @@ class FeedbackPlan:
               overwrite: bool = False) -> "FeedbackPlan":
         """The plan for ``hessian`` (c, c); ``overwrite``: a float32 ``hessian`` may be
         rotated in place (:func:`rotated_hessian`), so that at most one float32 and two
-        float64 (c, c) arrays are held while ``U`` is computed."""
+        float64 (c, c) arrays are held while ``U`` is computed. ``h_rot`` is widened once
+        here, in C order, not in every row block (a one-row block's product would take
+        another summation order from a Fortran-order matrix)."""
         c = model.n_cols
         if hessian.shape != (c, c):
             raise CodecError(f"the Hessian has shape {list(hessian.shape)}, the rows have {c} columns")
@@ -109,7 +111,8 @@ class FeedbackPlan:
         lazy = max(u, -(-LAZY_COLS // u) * u)
         h_rot = rotated_hessian(hessian, model, overwrite)
         chol = inverse_cholesky(h_rot, damp).astype(np.float32)
-        return cls(model, chol, np.asarray(h_rot, dtype=np.float32), u, lazy)
+        h64 = np.asarray(h_rot, dtype=np.float32).astype(np.float64, order="C")
+        return cls(model, chol, h64, u, lazy)
 
 
 def _quantise_unit(resid: np.ndarray, model: VqModel, a: int, unit: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -189,7 +192,7 @@ def encode_block_feedback(plan: FeedbackPlan, x: np.ndarray, cosines: bool = Fal
         twigs.append(t.astype(np.uint8 if max(st.ks) <= 256 else np.uint16))
     approx = q_all[:, :c] * (g[:, None] if g is not None else np.float32(1.0))
     d = (y - approx).astype(np.float64)
-    out = VqBlock(twigs, g, output_error=float(np.einsum("ij,ij->", d @ plan.h_rot.astype(np.float64), d)))
+    out = VqBlock(twigs, g, output_error=float(np.einsum("ij,ij->", d @ plan.h_rot, d)))
     if cosines:
         from ...cosine import row_cosines
 

@@ -207,7 +207,8 @@ def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int |
     """Randomised block Hadamard: forward ``(x * signs) @ blockdiag(H_b)``; inverse undoes it
     (H is symmetric and orthonormal). x: (n, c) float32; ``block`` b: the Hadamard block
     (default :func:`hadamard_block` of c); ``out``: a writeable (n, c) float32 array for the
-    result, which may be ``x`` itself (rotated in place, in any memory order; same bits)."""
+    result, either ``x`` itself (rotated in place, in any memory order; same bits) or one
+    that does not overlap it."""
     c = x.shape[1]
     b = hadamard_block(c) if block is None else int(block)
     s = signs.astype(np.float32)
