@@ -213,10 +213,8 @@ def rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False, block: int |
     b = hadamard_block(c) if block is None else int(block)
     s = signs.astype(np.float32)
     if not inverse:
-        if out is None:
-            return _hadamard_blocks(x * s, b)
-        np.multiply(x, s, out=out)
-        return _hadamard_blocks(out, b, out=out)
+        y = np.multiply(x, s, out=out)  # a new array unless ``out`` is given; a float32 one is turned in place
+        return _hadamard_blocks(y, b, out=y if y.dtype == np.float32 else None)
     y = _hadamard_blocks(x, b, out=out)
     y *= s
     return y
